@@ -1,0 +1,1 @@
+"""The papers' math in plain torch: no ComfyUI or diffusers import here."""

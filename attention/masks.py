@@ -1,0 +1,105 @@
+"""Foreground masks on token grids, and SynCD's automatic masks for deformable subjects (§3.2).
+
+Automatic masks follow the official ``AttentionStore`` (``dataset/src/editor.py``):
+per layer, the attention between image tokens and the text tokens, softmaxed
+over the text tokens, averaged over heads, summed over the subject word's
+tokens; averaged over layers within a step and over the steps so far; then
+Otsu-thresholded per image and dilated with a 3×3 box, re-estimated after
+every step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def resize_to_grid(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H, W) masks in [0, 1] → (B, h·w) bool: a token is foreground when at least half its area is.
+
+    Area resampling handles any ratio, non-square grids included; used for every
+    layer's token grid (UNet levels, Flux 2×2 patches)."""
+    if masks.ndim == 2:
+        masks = masks.unsqueeze(0)
+    grid = F.interpolate(masks.unsqueeze(1).float(), size=(h, w), mode="area")
+    return (grid >= 0.5).flatten(1)
+
+
+def subject_attention(image_vectors: torch.Tensor, text_vectors: torch.Tensor,
+                      token_positions: Sequence[int]) -> torch.Tensor:
+    """(B, heads, P, D) image and (B, heads, T, D) text vectors → (B, P): softmax over text tokens of the
+    scaled dot products, summed over the subject's token positions and averaged over heads."""
+    scale = image_vectors.shape[-1] ** -0.5
+    logits = torch.einsum("bhpd,bhtd->bhpt", image_vectors.float(), text_vectors.float()) * scale
+    probs = logits.softmax(dim=-1)[..., list(token_positions)].sum(-1)
+    return probs.mean(1)
+
+
+def otsu_binarize(maps: torch.Tensor, levels: int = 10) -> torch.Tensor:
+    """Per-image Otsu threshold as in the official code: min-max normalize, try thresholds t/levels,
+    maximize p_lo·p_hi·(μ_lo − μ_hi)². (B, P) → (B, P) float in {0, 1}.
+
+    Deviation: values equal to the threshold become 1 (the official code leaves them fractional)."""
+    lo, hi = maps.min(-1, keepdim=True).values, maps.max(-1, keepdim=True).values
+    norm = (maps - lo) / (hi - lo).clamp_min(1e-12)
+    out = torch.zeros_like(norm)
+    for b in range(norm.shape[0]):
+        best_g, best_t = 0.0, 0.0
+        for t in range(levels):
+            thr = t / levels
+            low, high = norm[b][norm[b] < thr], norm[b][norm[b] >= thr]
+            if low.numel() == 0 or high.numel() == 0:
+                continue
+            g = (low.numel() / norm.shape[1]) * (high.numel() / norm.shape[1]) * float(low.mean() - high.mean()) ** 2
+            if g > best_g:
+                best_g, best_t = g, thr
+        out[b] = (norm[b] >= best_t).float()
+    return out
+
+
+def dilate(masks: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """Binary dilation of (B, h, w) masks with a size×size box (conv with ones, clamped, as upstream)."""
+    return F.max_pool2d(masks.unsqueeze(1).float(), size, stride=1, padding=size // 2).squeeze(1)
+
+
+class AutomaticMaskEstimator:
+    """Running estimate of per-image subject masks over a sampling run (SynCD §3.2).
+
+    ``add`` takes one layer's (B, P) subject attention at its (h, w) grid; ``finish_step`` folds the step's
+    layer average into the running mean over steps; ``masks`` is the Otsu + dilation of that mean at the
+    canonical grid, or None before the first step has finished."""
+
+    def __init__(self, grid: tuple[int, int]):
+        self.grid = grid
+        self._step_sum: Optional[torch.Tensor] = None
+        self._step_layers = 0
+        self._history_sum: Optional[torch.Tensor] = None
+        self._history_steps = 0
+        self._masks: Optional[torch.Tensor] = None
+
+    def add(self, maps: torch.Tensor, hw: tuple[int, int]) -> None:
+        b = maps.shape[0]
+        grid_maps = maps.reshape(b, 1, *hw).float()
+        if hw != self.grid:
+            grid_maps = F.interpolate(grid_maps, size=self.grid, mode="bilinear", align_corners=False)
+        grid_maps = grid_maps.flatten(1).detach()
+        self._step_sum = grid_maps if self._step_sum is None else self._step_sum + grid_maps
+        self._step_layers += 1
+
+    def finish_step(self) -> None:
+        if self._step_layers == 0:
+            return
+        step_mean = self._step_sum / self._step_layers
+        self._history_sum = step_mean if self._history_sum is None else self._history_sum + step_mean
+        self._history_steps += 1
+        self._step_sum, self._step_layers = None, 0
+        mean = self._history_sum / self._history_steps
+        binary = otsu_binarize(mean).reshape(-1, *self.grid)
+        self._masks = dilate(binary).clamp(0, 1)
+
+    @property
+    def masks(self) -> Optional[torch.Tensor]:
+        """(B, h, w) float masks in {0, 1}, or None."""
+        return self._masks

@@ -1,0 +1,110 @@
+"""Masked Shared Attention (SynCD eq. 1) and JeDi coupled self-attention.
+
+One subject group holds N images. Image i's sequence is ``[text_i | image_i]``
+(``n_text`` = 0 for UNet self-attention). Queries of image i attend to
+
+* text queries: image i's own tokens only (text never crosses images);
+* image queries (background included, the mask is key-side only): image i's
+  own tokens plus the *foreground image tokens* of the other N-1 images.
+
+Other images' text is never a key. With ``foreground`` = None every image
+token of every other image is a key: JeDi's coupled self-attention.
+
+Tensors are ``(N, heads, L, head_dim)``; ``foreground`` is ``(N, P)`` bool over
+the P = L - n_text image tokens of each image.
+
+``shared_attention`` never builds an (N·L)×(N·L) mask: per image, one SDPA over
+``[own tokens ‖ the others' foreground tokens gathered]``, so memory grows
+linearly in N. ``shared_attention_reference`` builds the dense additive mask
+the way the official code does (``dataset/src/editor.py``: allowed 1, blocked
+-65504, others appended in ``torch.roll`` order) and is kept for tests and the
+benchmark only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+# Moves another image's (already position-encoded) keys to where that image sits
+# relative to the query image: ``shift(keys, slot)`` with slot = 1..N-1 the
+# image's place in the upstream roll order. Identity when positions are shared.
+KeyShift = Callable[[torch.Tensor, int], torch.Tensor]
+
+BLOCKED = -65504.0  # the official code's bf16-safe "minus infinity"
+ALLOWED = 1.0
+
+
+def roll_slot(i: int, j: int, n: int) -> int:
+    """Slot of image j's tokens among image i's keys: upstream appends ``torch.roll(x, s)`` for s = 1..N-1,
+    which puts image (i - s) mod N in slot s."""
+    return (i - j) % n
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, foreground: Optional[torch.Tensor], n_text: int):
+    if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"expected q, k, v of one shape (N, heads, L, head_dim); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    n_image = q.shape[2] - n_text
+    if n_image <= 0:
+        raise ValueError(f"n_text={n_text} leaves no image tokens in sequences of length {q.shape[2]}")
+    if foreground is not None and tuple(foreground.shape) != (q.shape[0], n_image):
+        raise ValueError(f"foreground must be (N, image tokens) = {(q.shape[0], n_image)}; got "
+                         f"{tuple(foreground.shape)}")
+
+
+def shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, foreground: Optional[torch.Tensor] = None,
+                     n_text: int = 0, key_shift: Optional[KeyShift] = None) -> torch.Tensor:
+    """SynCD eq. 1 for one group, memory linear in N (see the module docstring)."""
+    _check(q, k, v, foreground, n_text)
+    n = q.shape[0]
+    if n == 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    image_k, image_v = k[:, :, n_text:], v[:, :, n_text:]
+    out = torch.empty_like(q)
+    for i in range(n):
+        keys, values = [k[i]], [v[i]]
+        for j in range(n):
+            if j == i:
+                continue
+            kj, vj = image_k[j], image_v[j]
+            if foreground is not None:
+                idx = foreground[j].nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                kj, vj = kj.index_select(1, idx), vj.index_select(1, idx)
+            if key_shift is not None:
+                kj = key_shift(kj, roll_slot(i, j, n))
+            keys.append(kj)
+            values.append(vj)
+        if n_text:
+            out[i, :, :n_text] = F.scaled_dot_product_attention(q[i, :, :n_text], k[i], v[i])
+        out[i, :, n_text:] = F.scaled_dot_product_attention(q[i, :, n_text:], torch.cat(keys, 1), torch.cat(values, 1))
+    return out
+
+
+def shared_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               foreground: Optional[torch.Tensor] = None, n_text: int = 0,
+                               key_shift: Optional[KeyShift] = None) -> torch.Tensor:
+    """The official construction (``editor.py``): keys ``[own text | own image | torch.roll(images, s), s=1..N-1]``
+    and one dense additive mask of shape (N, 1, L, L + (N-1)·P) for the whole group: memory quadratic in N.
+    For tests and benchmarks only."""
+    _check(q, k, v, foreground, n_text)
+    n, _, seq, _ = q.shape
+    p = seq - n_text
+    fg = torch.ones(n, p, dtype=torch.bool, device=q.device) if foreground is None else foreground.bool()
+    image_k, image_v = k[:, :, n_text:], v[:, :, n_text:]
+    keys, values, key_fg = [k], [v], []
+    for s in range(1, n):
+        rolled = torch.roll(image_k, s, dims=0)
+        keys.append(rolled if key_shift is None else key_shift(rolled, s))
+        values.append(torch.roll(image_v, s, dims=0))
+        key_fg.append(torch.roll(fg, s, dims=0))
+    mask = torch.full((n, 1, seq, seq + (n - 1) * p), ALLOWED, dtype=q.dtype, device=q.device)
+    if n > 1:
+        others = torch.cat(key_fg, dim=1)  # (N, (N-1)·P): row i = foreground of image i's other-image keys
+        mask[:, 0, :, seq:] = torch.where(others, ALLOWED, BLOCKED).to(q.dtype).unsqueeze(1)
+        mask[:, 0, :n_text, seq:] = BLOCKED  # own text never sees other images
+    return F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask)

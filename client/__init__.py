@@ -1,0 +1,1 @@
+"""Talking to a ComfyUI server: HTTP/websocket client, workflow format conversion, embedded server."""

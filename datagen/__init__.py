@@ -1,0 +1,1 @@
+"""SynCD synthetic dataset generation (not yet implemented)."""

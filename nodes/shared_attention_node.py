@@ -1,0 +1,102 @@
+"""SynCDSharedAttention: Masked Shared Attention (SynCD eq. 1) / JeDi coupled attention as a MODEL patch."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import tiny_models
+from .shared_attention import SharedAttentionConfig, apply_shared_attention
+from .tokens import clip_tokenizer, subject_token_positions
+
+MASK_MODES = ["foreground_masks", "none", "automatic"]
+IMPLEMENTATIONS = ["efficient", "reference"]
+FLUX_ROPE_LAYOUTS = ["stacked", "shared"]
+
+
+class SynCDSharedAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SynCDSharedAttention",
+            display_name="SynCD Masked Shared Attention",
+            category="SynCD/attention",
+            description="Every image of a subject group attends to its own tokens and to the foreground tokens of "
+                        "the other images in its group (SynCD eq. 1). With mask_mode 'none' this is JeDi's coupled "
+                        "self-attention. Works on SD1.5/SDXL (self-attention) and Flux (joint attention).",
+            inputs=[
+                io.Model.Input("model"),
+                io.Int.Input("images_per_subject", default=3, min=1, max=64,
+                             tooltip="The latent batch is split into consecutive groups of this size; each group is "
+                                     "one subject and shares attention. The batch size must be a multiple of it."),
+                io.Combo.Input("mask_mode", options=MASK_MODES, default="foreground_masks",
+                               tooltip="foreground_masks: other images are seen only where their mask is set. "
+                                       "none: JeDi coupled attention over all image tokens. automatic: masks "
+                                       "estimated every step from the attention to subject_word (deformable subjects)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Sampling progress at which sharing starts."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Sampling progress at which sharing ends."),
+                io.Boolean.Input("unmasked_first_step", default=True,
+                                 tooltip="Share all image tokens (no masks) on the first sampling step, as the "
+                                         "official SynCD code does at sigma = 1."),
+                io.String.Input("blocks", default="all",
+                                tooltip="Which blocks share attention: 'all', or a comma list of input, middle, "
+                                        "output (UNet) or double, single (Flux), each optionally with .N or .A-B "
+                                        "block numbers, e.g. 'output, middle' or 'double.0-9'."),
+                io.Mask.Input("foreground_masks", optional=True,
+                              tooltip="One mask per latent image, any resolution (mask_mode foreground_masks)."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="automatic mode: the CLIP that encoded the prompt, to find subject_word's "
+                                      "tokens. Not needed with the tiny demo text encoding."),
+                io.String.Input("prompt", multiline=True, default="", optional=True,
+                                tooltip="automatic mode: the positive prompt, exactly as encoded."),
+                io.String.Input("subject_word", default="", optional=True,
+                                tooltip="automatic mode: the word naming the subject in the prompt, e.g. 'dog'."),
+                io.Combo.Input("flux_rope_layout", options=FLUX_ROPE_LAYOUTS, default="stacked", optional=True,
+                               tooltip="Flux: positions of the other images' keys. stacked: below the own image "
+                                       "(official code). shared: at the own image's positions."),
+                io.Combo.Input("attention_implementation", options=IMPLEMENTATIONS, default="efficient", optional=True,
+                               tooltip="efficient: memory linear in the group size. reference: the official dense "
+                                       "mask, memory quadratic in the group size (for verification)."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL")],
+        )
+
+    @classmethod
+    def execute(cls, model, images_per_subject, mask_mode, start_percent, end_percent, unmasked_first_step, blocks,
+                foreground_masks=None, clip=None, prompt="", subject_word="", flux_rope_layout="stacked",
+                attention_implementation="efficient") -> io.NodeOutput:
+        if start_percent > end_percent:
+            raise ValueError(f"SynCD Masked Shared Attention: start_percent ({start_percent}) is after "
+                             f"end_percent ({end_percent})")
+        masks = None
+        if mask_mode == "foreground_masks":
+            if foreground_masks is None:
+                raise ValueError("SynCD Masked Shared Attention: mask_mode is 'foreground_masks' but no "
+                                 "foreground_masks are connected; connect one MASK per latent image, or choose "
+                                 "mask_mode 'none' (JeDi coupled attention) or 'automatic'")
+            masks = foreground_masks if foreground_masks.ndim == 3 else foreground_masks.unsqueeze(0)
+            masks = masks.float().cpu()
+        tokens = ()
+        if mask_mode == "automatic":
+            if clip is not None:
+                tokenize = clip_tokenizer(clip)
+            elif model.model_options.get(tiny_models.TINY_DEMO_KEY):
+                tokenize = tiny_models.token_ids
+            else:
+                raise ValueError("SynCD Masked Shared Attention: automatic masks need the CLIP that encoded the "
+                                 "prompt (to find subject_word's tokens); connect it to the 'clip' input")
+            tokens = subject_token_positions(tokenize, prompt, subject_word)
+        sampling = model.get_model_object("model_sampling")
+        config = SharedAttentionConfig(
+            images_per_subject=images_per_subject,
+            mask_mode=mask_mode,
+            sigma_start=sampling.percent_to_sigma(start_percent),
+            sigma_end=sampling.percent_to_sigma(end_percent),
+            unmasked_first_step=unmasked_first_step,
+            implementation=attention_implementation,
+            flux_rope_layout=flux_rope_layout,
+            foreground_masks=masks,
+            subject_tokens=tokens,
+        )
+        return io.NodeOutput(apply_shared_attention(model, config, blocks))

@@ -1,0 +1,176 @@
+"""Tiny real-architecture ComfyUI models with seeded random weights.
+
+The pack's demo workflows and its tests run on these: ComfyUI's own model
+classes (``comfy.supported_models`` configs, ``ModelPatcher``, ``comfy.sd.VAE``)
+at a width small enough for a CPU, so every code path is the one a real
+checkpoint takes, only the numbers are random. Recipe: comfyui-internals.md §4.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sd
+import comfy.sd1_clip
+import comfy.supported_models
+import comfy.taesd.taesd
+
+FAMILIES = ("sd15", "sdxl", "flux")
+
+# Text-conditioning sizes of the tiny families: (context dim, pooled dim or 0).
+CONTEXT_DIMS = {"sd15": (768, 0), "sdxl": (64, 64), "flux": (64, 32)}
+SDXL_SIZE_EMBED_DIM = 6 * 256  # model_base.SDXL.encode_adm: six Timestep(256) size/crop embeddings
+LATENT_CHANNELS = {"sd15": 4, "sdxl": 4, "flux": 16}
+TINY_DEMO_KEY = "syncd_tiny_demo"  # model_options flag: conditioning comes from encode_text's tokenizer
+
+
+def _unet_base(width: int) -> dict:
+    if width % 32:
+        raise ValueError(f"width must be a multiple of 32 for a UNet (GroupNorm of 32 groups); got {width}")
+    return {
+        "use_checkpoint": False,
+        "image_size": 32,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": width,
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+        "dtype": torch.float32,
+    }
+
+
+def model_config(family: str, width: int):
+    """The ``comfy.supported_models`` config of a tiny model of ``family``."""
+    if family == "sd15":
+        unet = _unet_base(width) | {
+            "num_res_blocks": [1, 1],
+            "channel_mult": [1, 2],
+            "transformer_depth": [1, 1],
+            "transformer_depth_output": [1, 1, 1, 1],
+            "transformer_depth_middle": 1,
+            "context_dim": CONTEXT_DIMS["sd15"][0],
+            "use_linear_in_transformer": False,
+            "adm_in_channels": None,
+        }
+        return comfy.supported_models.SD15(unet)
+    if family == "sdxl":
+        # SDXL's shape: no attention at the first level, deeper transformers lower down,
+        # linear projections, head size fixed (num_head_channels) instead of head count.
+        unet = _unet_base(width) | {
+            "num_res_blocks": [1, 1, 1],
+            "channel_mult": [1, 2, 2],
+            "transformer_depth": [0, 1, 2],
+            "transformer_depth_output": [0, 0, 1, 1, 2, 2],
+            "transformer_depth_middle": 2,
+            "context_dim": CONTEXT_DIMS["sdxl"][0],
+            "use_linear_in_transformer": True,
+            "adm_in_channels": CONTEXT_DIMS["sdxl"][1] + SDXL_SIZE_EMBED_DIM,
+            "num_classes": "sequential",
+            "num_head_channels": 16,
+            "num_heads": -1,
+        }
+        return comfy.supported_models.SDXL(unet)
+    if family == "flux":
+        if width % 16:
+            raise ValueError(f"width must be a multiple of 16 for Flux (head size 16); got {width}")
+        dit = {
+            "image_model": "flux",
+            "in_channels": 16,
+            "out_channels": 16,
+            "vec_in_dim": CONTEXT_DIMS["flux"][1],
+            "context_in_dim": CONTEXT_DIMS["flux"][0],
+            "hidden_size": width,
+            "mlp_ratio": 2.0,
+            "num_heads": width // 16,
+            "depth": 2,
+            "depth_single_blocks": 2,
+            "axes_dim": [4, 6, 6],
+            "theta": 10000,
+            "qkv_bias": True,
+            "guidance_embed": True,
+            "patch_size": 2,
+        }
+        return comfy.supported_models.Flux(dit)
+    raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+def _seeded_normal_(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """ComfyUI's ops skip weight init (they hold torch.empty): fill every parameter deterministically."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * std)
+
+
+def build_model(family: str, seed: int = 0, width: int = 32) -> comfy.model_patcher.ModelPatcher:
+    """A tiny ``family`` diffusion model with seeded random weights, wrapped like a loaded checkpoint."""
+    cfg = model_config(family, width)
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({})
+    _seeded_normal_(model.diffusion_model, seed)
+    patcher = comfy.model_patcher.ModelPatcher(
+        model,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+    patcher.model_options[TINY_DEMO_KEY] = family
+    return patcher
+
+
+def build_vae(family: str, seed: int = 0) -> comfy.sd.VAE:
+    """A TAESD-architecture VAE (ComfyUI loads it from its state-dict keys) with seeded random weights."""
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=LATENT_CHANNELS[family])
+    _seeded_normal_(taesd, seed + 1, std=0.1)
+    sd = taesd.state_dict()
+    sd["vae_scale"] = torch.tensor(1.0)
+    sd["vae_shift"] = torch.tensor(0.0)
+    return comfy.sd.VAE(sd=sd)
+
+
+_TOKENIZER = None
+
+
+def tokenizer() -> comfy.sd1_clip.SDTokenizer:
+    """ComfyUI's CLIP-L tokenizer (shipped with ComfyUI): the tiny demo text encoding's tokens."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = comfy.sd1_clip.SDTokenizer()
+    return _TOKENIZER
+
+
+def token_ids(text: str) -> list[int]:
+    """The 77 CLIP-L token ids of ``text`` (start, words, end, padding) as ComfyUI tokenizes them."""
+    batches = tokenizer().tokenize_with_weights(text)
+    return [int(t[0]) for t in batches[0]]
+
+
+def _vector(key: str, dim: int) -> torch.Tensor:
+    digest = hashlib.sha256(key.encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.randn(dim, generator=gen)
+
+
+def encode_text(family: str, text: str, seed: int = 0) -> list:
+    """CONDITIONING for a tiny ``family`` model without a text encoder.
+
+    Each of the 77 CLIP-L tokens becomes a seeded random vector of its token id
+    plus one of its position, so equal prompts give equal conditioning and the
+    token positions are the real tokenizer's (automatic masks find the subject
+    word there).
+    """
+    ctx_dim, pooled_dim = CONTEXT_DIMS[family]
+    ids = token_ids(text)
+    ctx = torch.stack([_vector(f"{seed}/tok/{t}", ctx_dim) + 0.5 * _vector(f"{seed}/pos/{i}", ctx_dim)
+                       for i, t in enumerate(ids)]).unsqueeze(0)
+    extra = {}
+    if pooled_dim:
+        extra["pooled_output"] = ctx[:, :, :pooled_dim].mean(1)
+    if family == "flux":
+        extra["guidance"] = 3.5
+    return [[ctx, extra]]

@@ -1,0 +1,70 @@
+"""Token-grid masks, Otsu, dilation and the automatic mask estimator (SynCD §3.2)."""
+
+import pytest
+import torch
+
+from comfyui_syncd.attention.masks import (AutomaticMaskEstimator, dilate, otsu_binarize, resize_to_grid,
+                                           subject_attention)
+
+pytestmark = pytest.mark.unit
+
+
+def test_resize_to_grid_any_ratio_and_majority_rule():
+    mask = torch.zeros(1, 64, 96)
+    mask[:, :32, :48] = 1  # top-left quarter
+    grid = resize_to_grid(mask, 4, 6).reshape(4, 6)
+    expected = torch.zeros(4, 6, dtype=torch.bool)
+    expected[:2, :3] = True
+    assert torch.equal(grid, expected)
+    # a token less than half covered is background, more than half is foreground
+    m = torch.zeros(1, 8, 8)
+    m[:, :, :1] = 1  # a quarter of the left token
+    assert resize_to_grid(m, 1, 2).tolist() == [[False, False]]
+    m[:, :, :6] = 1  # the left token and half of the right one
+    assert resize_to_grid(m, 1, 2).tolist() == [[True, True]]
+
+
+def test_otsu_separates_bimodal_maps_per_image():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(2, 100, generator=g) * 0.1
+    maps[0, :30] += 1.0
+    maps[1, 50:] += 5.0
+    out = otsu_binarize(maps)
+    assert out[0, :30].eq(1).all() and out[0, 30:].eq(0).all()
+    assert out[1, 50:].eq(1).all() and out[1, :50].eq(0).all()
+
+
+def test_dilate_grows_by_one_token():
+    m = torch.zeros(1, 5, 5)
+    m[0, 2, 2] = 1
+    d = dilate(m)
+    assert d[0, 1:4, 1:4].eq(1).all() and d.sum() == 9
+
+
+def test_subject_attention_softmax_over_text_and_token_sum():
+    img = torch.randn(2, 3, 6, 4)
+    txt = torch.randn(2, 3, 5, 4)
+    probs = (torch.einsum("bhpd,bhtd->bhpt", img, txt) / 2).softmax(-1)
+    expected = probs[..., [1, 2]].sum(-1).mean(1)
+    torch.testing.assert_close(subject_attention(img, txt, [1, 2]), expected)
+
+
+def test_estimator_running_mean_over_steps_and_layers():
+    est = AutomaticMaskEstimator((4, 4))
+    assert est.masks is None
+    step0 = torch.zeros(1, 16)
+    step0[0, 0] = 1.0  # top-left corner hot
+    est.add(step0, (4, 4))
+    est.add(torch.zeros(1, 4), (2, 2))  # a coarser layer is resized to the canonical grid
+    est.finish_step()
+    first = est.masks
+    assert first.shape == (1, 4, 4)
+    assert first[0, 0, 0] == 1 and first[0, 3, 3] == 0  # otsu + dilation around the hot corner
+    hot = torch.zeros(1, 16)
+    hot[0, 15] = 10.0  # bottom-right hot in the next step
+    est.add(hot, (4, 4))
+    est.finish_step()
+    # running mean of both steps: the later, stronger corner dominates, the first still counted
+    assert est.masks[0, 3, 3] == 1
+    est.finish_step()  # a step with no recorded layers changes nothing
+    assert est.masks[0, 3, 3] == 1
