@@ -90,6 +90,8 @@ class SharedAttentionRun:
             shape = transformer_options.get("original_shape") or (batch_rows, 0, 0, 0)
             self.reset(torch.Size([latent_batch_size(batch_rows, transformer_options), *shape[1:]]))
         step = current_step(transformer_options)
+        if step == 0 and self.step > 0:  # a new sampling run that bypassed OUTER_SAMPLE
+            self.reset(self.latent_shape)
         if step != self.step:
             if self.estimator is not None and step > self.step:
                 self.estimator.finish_step()
@@ -286,7 +288,7 @@ def select_blocks(spec: str, available: list[tuple[str, int]]) -> list[tuple[str
 
 
 def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "all"):
-    """A clone of ``model`` (a ModelPatcher) with Masked Shared Attention patched in."""
+    """A clone of ``model`` (a ModelPatcher) with Masked Shared Attention patched in, and its run state."""
     m = model.clone()
     diffusion_model = m.get_model_object("diffusion_model")
     is_flux = hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")
@@ -294,11 +296,8 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
 
     def outer_sample(executor, noise, *args, **kwargs):
         run.validate(noise.shape[0])
-        run.reset(noise.shape)
-        try:
-            return executor(noise, *args, **kwargs)
-        finally:
-            run.reset(None)
+        run.reset(noise.shape)  # the state of the previous run never leaks into this one
+        return executor(noise, *args, **kwargs)
 
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY, outer_sample)
 
@@ -314,7 +313,7 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
             run, list(params.axes_dim), params.theta, to.get("optimized_attention_override"))
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY,
                                flux_token_info_wrapper)
-        return m
+        return m, run
 
     available = unet_attention_blocks(diffusion_model)
     if not available:
@@ -327,4 +326,4 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
         attn2 = make_unet_attn2(run)
         for name, i in available:
             m.set_model_attn2_replace(attn2, name, i)
-    return m
+    return m, run

@@ -99,4 +99,5 @@ class SynCDSharedAttention(io.ComfyNode):
             foreground_masks=masks,
             subject_tokens=tokens,
         )
-        return io.NodeOutput(apply_shared_attention(model, config, blocks))
+        patched, _ = apply_shared_attention(model, config, blocks)
+        return io.NodeOutput(patched)
