@@ -62,23 +62,21 @@ def shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, foregrou
     n = q.shape[0]
     if n == 1:
         return F.scaled_dot_product_attention(q, k, v)
-    image_k, image_v = k[:, :, n_text:], v[:, :, n_text:]
+    # Gather each image's shareable keys/values once: (heads, P_j, D) with P_j its foreground token count.
+    shared_k, shared_v = [], []
+    for j in range(n):
+        kj, vj = k[j, :, n_text:], v[j, :, n_text:]
+        if foreground is not None:
+            idx = foreground[j].nonzero().squeeze(1)
+            kj, vj = kj.index_select(1, idx), vj.index_select(1, idx)
+        shared_k.append(kj)
+        shared_v.append(vj)
     out = torch.empty_like(q)
     for i in range(n):
-        keys, values = [k[i]], [v[i]]
-        for j in range(n):
-            if j == i:
-                continue
-            kj, vj = image_k[j], image_v[j]
-            if foreground is not None:
-                idx = foreground[j].nonzero().squeeze(1)
-                if idx.numel() == 0:
-                    continue
-                kj, vj = kj.index_select(1, idx), vj.index_select(1, idx)
-            if key_shift is not None:
-                kj = key_shift(kj, roll_slot(i, j, n))
-            keys.append(kj)
-            values.append(vj)
+        others = [j for j in range(n) if j != i and shared_k[j].shape[1]]
+        keys = [k[i]] + [shared_k[j] if key_shift is None else key_shift(shared_k[j], roll_slot(i, j, n))
+                         for j in others]
+        values = [v[i]] + [shared_v[j] for j in others]
         if n_text:
             out[i, :, :n_text] = F.scaled_dot_product_attention(q[i, :, :n_text], k[i], v[i])
         out[i, :, n_text:] = F.scaled_dot_product_attention(q[i, :, n_text:], torch.cat(keys, 1), torch.cat(values, 1))

@@ -248,12 +248,13 @@ def flux_token_info_wrapper(executor, x, timestep, context, *args, **kwargs):
     return executor(x, timestep, context, *args, **kwargs)
 
 
-def make_flux_block_marker() -> Callable:
+def make_flux_block_marker(previous: Optional[Callable]) -> Callable:
+    """A dit block-replace patch that switches sharing on inside the block (chaining any earlier patch)."""
     def mark(args, extra):
         to = args.get("transformer_options")
         to[SHARE_MARKER] = True
         try:
-            return extra["original_block"](args)
+            return previous(args, extra) if previous is not None else extra["original_block"](args)
         finally:
             to[SHARE_MARKER] = False
     return mark
@@ -304,10 +305,11 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
     if is_flux:
         available = [("double", i) for i in range(len(diffusion_model.double_blocks))]
         available += [("single", i) for i in range(len(diffusion_model.single_blocks))]
-        marker = make_flux_block_marker()
+        existing = dict(m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}))
         for name, i in select_blocks(blocks, available):
-            m.set_model_patch_replace(marker, "dit", f"{name}_block", i)
-        to = m.model_options["transformer_options"]
+            key = (f"{name}_block", i)
+            m.set_model_patch_replace(make_flux_block_marker(existing.get(key)), "dit", *key)
+        to = m.model_options["transformer_options"]  # after the replace patches: setting them copies the dict
         params = diffusion_model.params
         to["optimized_attention_override"] = make_flux_override(
             run, list(params.axes_dim), params.theta, to.get("optimized_attention_override"))

@@ -301,3 +301,15 @@ def test_bad_inputs_give_clear_errors(tiny, models):
         patch(model, blocks="input.2")
     with pytest.raises(ValueError, match="start_percent"):
         patch(model, start=0.8, end=0.2)
+
+
+def test_flux_keeps_earlier_block_replace_patches(tiny, models):
+    calls = []
+
+    def earlier(args, extra):
+        calls.append(1)
+        return extra["original_block"](args)
+    m = models["flux"].clone()
+    m.set_model_patch_replace(earlier, "dit", "double_block", 0)
+    d = influence(tiny, "flux", patch(m, mask_mode="none"), source=1)
+    assert calls and d[0] > 1e-6
