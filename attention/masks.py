@@ -44,19 +44,17 @@ def otsu_binarize(maps: torch.Tensor, levels: int = 10) -> torch.Tensor:
     Deviation: values equal to the threshold become 1 (the official code leaves them fractional)."""
     lo, hi = maps.min(-1, keepdim=True).values, maps.max(-1, keepdim=True).values
     norm = (maps - lo) / (hi - lo).clamp_min(1e-12)
-    out = torch.zeros_like(norm)
-    for b in range(norm.shape[0]):
-        best_g, best_t = 0.0, 0.0
-        for t in range(levels):
-            thr = t / levels
-            low, high = norm[b][norm[b] < thr], norm[b][norm[b] >= thr]
-            if low.numel() == 0 or high.numel() == 0:
-                continue
-            g = (low.numel() / norm.shape[1]) * (high.numel() / norm.shape[1]) * float(low.mean() - high.mean()) ** 2
-            if g > best_g:
-                best_g, best_t = g, thr
-        out[b] = (norm[b] >= best_t).float()
-    return out
+    thresholds = torch.arange(levels, device=maps.device, dtype=norm.dtype) / levels
+    low = norm.unsqueeze(1) < thresholds.view(1, -1, 1)                      # (B, levels, P)
+    n_low = low.sum(-1).to(norm.dtype)
+    n_high = norm.shape[1] - n_low
+    sum_low = (norm.unsqueeze(1) * low).sum(-1)
+    mean_low = sum_low / n_low.clamp_min(1)
+    mean_high = (norm.sum(-1, keepdim=True) - sum_low) / n_high.clamp_min(1)
+    g = (n_low / norm.shape[1]) * (n_high / norm.shape[1]) * (mean_low - mean_high) ** 2
+    g = torch.where((n_low > 0) & (n_high > 0), g, torch.zeros_like(g))      # an empty side never wins
+    best = torch.where(g.amax(1) > 0, g.argmax(1), torch.zeros_like(g.argmax(1)))  # first maximum, else t = 0
+    return (norm >= thresholds[best].unsqueeze(1)).to(maps.dtype)
 
 
 def dilate(masks: torch.Tensor, size: int = 3) -> torch.Tensor:

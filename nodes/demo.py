@@ -19,7 +19,7 @@ class SynCDTinyDemoModel(io.ComfyNode):
             inputs=[
                 io.Combo.Input("family", options=list(tiny_models.FAMILIES), default="sd15",
                                tooltip="Which ComfyUI model class to build: sd15, sdxl (UNets) or flux (DiT)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the random weights; the same seed gives the same model."),
                 io.Int.Input("width", default=32, min=16, max=512, step=16,
                              tooltip="Channel width (UNet model_channels, multiple of 32; Flux hidden size, multiple of 16)."),
@@ -49,8 +49,8 @@ class SynCDTinyDemoTextEncode(io.ComfyNode):
                                tooltip="Must match the SynCD Tiny Demo Model's family."),
                 io.String.Input("text", multiline=True, default="a photo of a dog",
                                 tooltip="The prompt; an empty text gives the empty-prompt conditioning."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="Seed of the token embedding table."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of the token embedding table (keep it equal for positive and negative)."),
             ],
             outputs=[io.Conditioning.Output(display_name="CONDITIONING")],
         )

@@ -313,3 +313,27 @@ def test_flux_keeps_earlier_block_replace_patches(tiny, models):
     m.set_model_patch_replace(earlier, "dit", "double_block", 0)
     d = influence(tiny, "flux", patch(m, mask_mode="none"), source=1)
     assert calls and d[0] > 1e-6
+
+
+@pytest.mark.parametrize("tokenizer_path,prompt,expected_key", [
+    ("comfy.sd1_clip.SD1Tokenizer", "a photo of a dog on the beach", "l"),
+    ("comfy.text_encoders.flux.FluxTokenizer", "a photo of a dog on the beach", "t5xxl"),
+])
+def test_clip_tokenizer_reads_the_tokens_that_condition_the_model(tokenizer_path, prompt, expected_key):
+    import importlib
+
+    import comfy.sd
+
+    from comfyui_syncd.nodes.tokens import clip_tokenizer, subject_token_positions
+
+    module, name = tokenizer_path.rsplit(".", 1)
+    clip = comfy.sd.CLIP(no_init=True)  # tokenizer only: CLIP.tokenize without text-encoder weights
+    clip.tokenizer, clip.tokenizer_options = getattr(importlib.import_module(module), name)(), {}
+    tokenize = clip_tokenizer(clip)
+    ids = tokenize(prompt)
+    direct = [t[0] for t in clip.tokenize(prompt)[expected_key][0]]
+    assert ids == direct
+    (pos,) = subject_token_positions(tokenize, prompt, "dog")
+    word = [t for t in tokenize("dog") if t not in set(tokenize(""))]
+    assert ids[pos] == word[0]
+    assert subject_token_positions(tokenize, "Dog running", "dog") == (subject_token_positions(tokenize, "Dog running", "Dog"))

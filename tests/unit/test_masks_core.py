@@ -68,3 +68,27 @@ def test_estimator_running_mean_over_steps_and_layers():
     assert est.masks[0, 3, 3] == 1
     est.finish_step()  # a step with no recorded layers changes nothing
     assert est.masks[0, 3, 3] == 1
+
+
+def _otsu_loop(maps, levels=10):
+    """The official per-image loop (with values at the threshold set to 1)."""
+    norm = (maps - maps.min(-1, keepdim=True).values) / (maps.max(-1, keepdim=True).values
+                                                          - maps.min(-1, keepdim=True).values)
+    out = torch.zeros_like(norm)
+    for b in range(norm.shape[0]):
+        best_g, best_t = 0.0, 0.0
+        for t in range(levels):
+            low, high = norm[b][norm[b] < t / levels], norm[b][norm[b] >= t / levels]
+            if len(low) and len(high):
+                g = len(low) / norm.shape[1] * len(high) / norm.shape[1] * float(low.mean() - high.mean()) ** 2
+                if g > best_g:
+                    best_g, best_t = g, t / levels
+        out[b] = (norm[b] >= best_t).float()
+    return out
+
+
+def test_vectorized_otsu_equals_the_official_loop():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        maps = torch.rand(3, 64, generator=g, dtype=torch.float64) ** 3
+        assert torch.equal(otsu_binarize(maps), _otsu_loop(maps))
