@@ -126,7 +126,14 @@ def build_model(family: str, seed: int = 0, width: int = 32) -> comfy.model_patc
 def build_vae(family: str, seed: int = 0) -> comfy.sd.VAE:
     """A TAESD-architecture VAE (ComfyUI loads it from its state-dict keys) with seeded random weights."""
     taesd = comfy.taesd.taesd.TAESD(latent_channels=LATENT_CHANNELS[family])
-    _seeded_normal_(taesd, seed + 1, std=0.1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # fan-in scaled weights, zero biases: decoded images are mid-grey textures, not clipped
+        for p in taesd.parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+            else:
+                p.zero_()
+        taesd.taesd_decoder[-1].bias.fill_(0.5)  # TAESD decodes to [0, 1]
     sd = taesd.state_dict()
     sd["vae_scale"] = torch.tensor(1.0)
     sd["vae_shift"] = torch.tensor(0.0)
