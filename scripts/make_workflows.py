@@ -73,14 +73,14 @@ class UIGraph:
 def demo_workflow(object_info: dict, family: str, mask_mode: str, latent: str, cfg: float, prefix: str) -> dict:
     g = UIGraph(object_info)
     model = g.add("SynCDTinyDemoModel", (50, 100), (340, 150), family=family)
-    shared = g.add("SynCDSharedAttention", (450, 100), (360, 500), images_per_subject=3, mask_mode=mask_mode,
+    shared = g.add("SynCDSharedAttention", (450, 100), (400, 680), images_per_subject=3, mask_mode=mask_mode,
                    prompt=PROMPT, subject_word="dog")
     positive = g.add("SynCDTinyDemoTextEncode", (50, 310), (340, 230), family=family, text=PROMPT)
     negative = g.add("SynCDTinyDemoTextEncode", (50, 590), (340, 230), family=family, text="")
     empty = g.add(latent, (50, 870), (340, 130), width=64, height=64, batch_size=3)
-    sampler = g.add("KSampler", (870, 100), (315, 280), steps=4, cfg=cfg, sampler_name="euler", scheduler="normal")
-    decode = g.add("VAEDecode", (1240, 100), (210, 50))
-    save = g.add("SaveImage", (1500, 100), (400, 320), filename_prefix=prefix)
+    sampler = g.add("KSampler", (900, 100), (315, 280), steps=4, cfg=cfg, sampler_name="euler", scheduler="normal")
+    decode = g.add("VAEDecode", (1260, 100), (210, 50))
+    save = g.add("SaveImage", (1520, 100), (400, 320), filename_prefix=prefix)
     g.connect(model, 0, shared, "model")
     g.connect(shared, 0, sampler, "model")
     g.connect(positive, 0, sampler, "positive")
