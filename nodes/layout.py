@@ -21,6 +21,12 @@ class SubjectGroup:
     cond_index: int      # cond_or_uncond value of the chunk: 0 is the guider's first cond (positive)
 
 
+def check_group_size(latent_batch: int, images_per_subject: int) -> None:
+    if latent_batch % images_per_subject:
+        raise ValueError(f"SynCD Masked Shared Attention: the latent batch of {latent_batch} images is not divisible "
+                         f"by images_per_subject={images_per_subject}; make the batch size a multiple of it")
+
+
 def subject_groups(batch_rows: int, transformer_options: dict, images_per_subject: int) -> list[SubjectGroup]:
     """Split a model batch of ``batch_rows`` rows into subject groups (see the module docstring)."""
     cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
@@ -29,9 +35,7 @@ def subject_groups(batch_rows: int, transformer_options: dict, images_per_subjec
         raise RuntimeError(f"SynCD: a batch of {batch_rows} rows cannot hold {chunks} conditioning chunks "
                            f"(cond_or_uncond={cond_or_uncond})")
     latent_batch = batch_rows // chunks
-    if latent_batch % images_per_subject:
-        raise ValueError(f"SynCD Masked Shared Attention: the latent batch of {latent_batch} images is not divisible "
-                         f"by images_per_subject={images_per_subject}; make the batch size a multiple of it")
+    check_group_size(latent_batch, images_per_subject)
     groups = []
     for c, cond_index in enumerate(cond_or_uncond):
         for start in range(0, latent_batch, images_per_subject):

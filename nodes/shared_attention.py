@@ -4,9 +4,11 @@ UNet (SD1.5/SDXL): an ``attn1`` replace patch on every selected transformer
 block; in automatic mask mode also an ``attn2`` replace patch that records the
 image→subject-token attention. Flux: ``optimized_attention_override`` on the
 joint attention, switched on per selected block by ``dit`` block-replace
-patches that set a marker, and a ``DIFFUSION_MODEL`` wrapper that records the
-text length and token grid of the call. An ``OUTER_SAMPLE`` wrapper validates
-the batch and starts a fresh :class:`SharedAttentionRun` for every sampling.
+patches that set a marker. An ``APPLY_MODEL`` wrapper works out, once per
+forward pass, the step, whether sharing is on, and (Flux) the text length and
+token grid; the attention hooks only read them. An ``OUTER_SAMPLE`` wrapper
+validates the batch and starts a fresh :class:`SharedAttentionRun` for every
+sampling.
 
 The patch callables are closures over the run, so ``ModelPatcher.clone()``
 (which deep-copies ``model_options``) shares them instead of copying state.
@@ -27,10 +29,11 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from ..attention.masks import AutomaticMaskEstimator, resize_to_grid, subject_attention
 from ..attention.rope import shift_axis
 from ..attention.shared import shared_attention, shared_attention_reference
-from .layout import conditioning_chunks, latent_batch_size, subject_groups
+from .layout import check_group_size, conditioning_chunks, latent_batch_size, subject_groups
 
 PATCH_KEY = "syncd_shared_attention"
 SHARE_MARKER = "syncd_share"      # transformer_options flag set inside a selected Flux block
+ACTIVE = "syncd_share_active"     # transformer_options: sharing is on for this forward pass
 FLUX_INFO = "syncd_flux_tokens"   # transformer_options: (text tokens, grid h, grid w) of the Flux call
 
 IMPLEMENTATIONS = {"efficient": shared_attention, "reference": shared_attention_reference}
@@ -69,9 +72,7 @@ class SharedAttentionRun:
     def validate(self, latent_batch: int) -> None:
         """Errors the user can fix, raised before the first step."""
         cfg = self.config
-        if latent_batch % cfg.images_per_subject:
-            raise ValueError(f"SynCD Masked Shared Attention: the latent batch of {latent_batch} images is not "
-                             f"divisible by images_per_subject={cfg.images_per_subject}")
+        check_group_size(latent_batch, cfg.images_per_subject)
         if cfg.mask_mode != "foreground_masks":
             return
         masks = cfg.foreground_masks
@@ -84,11 +85,11 @@ class SharedAttentionRun:
                                  f"images {start}..{start + cfg.images_per_subject - 1} is empty, so nothing would "
                                  f"be shared; check the masks (white = subject)")
 
-    def sync(self, transformer_options: dict, batch_rows: int) -> None:
-        """Track the step from the current sigma; closing a step updates the automatic masks."""
+    def sync(self, transformer_options: dict, x: torch.Tensor) -> None:
+        """Track the step from the current sigma (once per forward pass); closing a step updates the automatic
+        masks."""
         if self.latent_shape is None:  # sampled without our OUTER_SAMPLE wrapper (e.g. a custom loop)
-            shape = transformer_options.get("original_shape") or (batch_rows, 0, 0, 0)
-            self.reset(torch.Size([latent_batch_size(batch_rows, transformer_options), *shape[1:]]))
+            self.reset(torch.Size([latent_batch_size(x.shape[0], transformer_options), *x.shape[1:]]))
         step = current_step(transformer_options)
         if step == 0 and self.step > 0:  # a new sampling run that bypassed OUTER_SAMPLE
             self.reset(self.latent_shape)
@@ -167,8 +168,7 @@ def unet_attention_blocks(diffusion_model) -> list[tuple[str, int]]:
 def make_unet_attn1(run: SharedAttentionRun) -> Callable:
     def attn1(q, k, v, extra_options):
         heads = extra_options["n_heads"]
-        run.sync(extra_options, q.shape[0])
-        if not run.active(extra_options):
+        if not extra_options.get(ACTIVE):
             return comfy.ldm.modules.attention.optimized_attention(
                 q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
         _, _, h, w = extra_options["activations_shape"]
@@ -182,7 +182,6 @@ def make_unet_attn2(run: SharedAttentionRun) -> Callable:
     """Cross-attention unchanged; records the image→subject-token attention of positive chunks."""
     def attn2(q, k, v, extra_options):
         heads = extra_options["n_heads"]
-        run.sync(extra_options, q.shape[0])
         _record_subject_attention(run, _heads_first(q, heads), _heads_first(k, heads), extra_options,
                                   tuple(extra_options["activations_shape"][-2:]))
         return comfy.ldm.modules.attention.optimized_attention(
@@ -213,10 +212,9 @@ def make_flux_override(run: SharedAttentionRun, axes_dim, theta, previous: Optio
         if info is None or not skip_reshape:
             return _fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
         n_text, gh, gw = info
-        run.sync(to, q.shape[0])
         # Official AttentionStore: text queries × own image keys, softmaxed over the text tokens.
         _record_subject_attention(run, k[:, :, n_text:], q[:, :, :n_text], to, (gh, gw))
-        if not to.get(SHARE_MARKER) or not run.active(to):
+        if not to.get(SHARE_MARKER) or not to.get(ACTIVE):
             return _fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
         if mask is not None:
             raise ValueError("SynCD Masked Shared Attention cannot be combined with a Flux attention mask "
@@ -240,12 +238,19 @@ def _fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_outpu
                 transformer_options=to, **kwargs)
 
 
-def flux_token_info_wrapper(executor, x, timestep, context, *args, **kwargs):
-    """DIFFUSION_MODEL wrapper: the text length and token grid of this Flux call (Flux._forward patchifies 2×2)."""
-    to = kwargs["transformer_options"] if "transformer_options" in kwargs else args[4]
-    h, w = x.shape[-2:]
-    to[FLUX_INFO] = (context.shape[1], (h + 1) // 2, (w + 1) // 2)
-    return executor(x, timestep, context, *args, **kwargs)
+def make_apply_model_wrapper(run: SharedAttentionRun) -> Callable:
+    """APPLY_MODEL wrapper (``BaseModel._apply_model(x, t, c_concat, c_crossattn, control, transformer_options)``):
+    per forward pass, sync the step and decide whether sharing is on; for Flux also record the text length and
+    the 2×2-patch token grid. The attention hooks read these instead of recomputing them on every call."""
+    def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        to = transformer_options
+        run.sync(to, x)
+        to[ACTIVE] = run.active(to)
+        if run.is_flux:
+            h, w = x.shape[-2:]
+            to[FLUX_INFO] = (c_crossattn.shape[1], (h + 1) // 2, (w + 1) // 2)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    return wrapper
 
 
 def make_flux_block_marker(previous: Optional[Callable]) -> Callable:
@@ -301,6 +306,7 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
         return executor(noise, *args, **kwargs)
 
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY, outer_sample)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PATCH_KEY, make_apply_model_wrapper(run))
 
     if is_flux:
         available = [("double", i) for i in range(len(diffusion_model.double_blocks))]
@@ -313,8 +319,6 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
         params = diffusion_model.params
         to["optimized_attention_override"] = make_flux_override(
             run, list(params.axes_dim), params.theta, to.get("optimized_attention_override"))
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY,
-                               flux_token_info_wrapper)
         return m, run
 
     available = unet_attention_blocks(diffusion_model)
