@@ -53,3 +53,21 @@ def conditioning_chunks(batch_rows: int, transformer_options: dict) -> list[tupl
     cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
     size = batch_rows // len(cond_or_uncond)
     return [(c, slice(i * size, (i + 1) * size)) for i, c in enumerate(cond_or_uncond)]
+
+
+BLIND_UUIDS = "syncd_blind_uuids"  # transformer_options: uuids of conds that must not see reference features
+
+
+def chunk_reference_access(batch_rows: int, transformer_options: dict) -> list[tuple[bool, slice]]:
+    """(has reference access, rows) of every conditioning chunk.
+
+    A guider that needs branches without references (SynCD's unconditional branch, JeDi's ε⁰) lists the uuids of
+    those conds under ``BLIND_UUIDS`` in the model options it passes to ``calc_cond_batch``; ComfyUI puts the uuid
+    of every chunk's cond in ``transformer_options["uuids"]``. Without such a guider every chunk has access.
+    """
+    blind = transformer_options.get(BLIND_UUIDS) or ()
+    uuids = list(transformer_options.get("uuids") or [])
+    chunks = conditioning_chunks(batch_rows, transformer_options)
+    if len(uuids) != len(chunks):
+        uuids = [None] * len(chunks)
+    return [(uuid not in blind if uuid is not None else True, rows) for uuid, (_, rows) in zip(uuids, chunks)]
