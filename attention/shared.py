@@ -106,3 +106,52 @@ def shared_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         mask[:, 0, :, seq:] = torch.where(others, ALLOWED, BLOCKED).to(q.dtype).unsqueeze(1)
         mask[:, 0, :n_text, seq:] = BLOCKED  # own text never sees other images
     return F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask)
+
+
+# --- Reference-feature injection (SynCD §4.2, the customization model) ----------------------------------------
+#
+# The target's self-attention attends to [own tokens ‖ reference foreground tokens]: eq. 1 with the references as
+# the other images of the group, seen one way (references never attend to the target). The key-side mask is a
+# gather: only foreground reference tokens become keys, so a reference without foreground changes nothing.
+
+
+def gather_foreground(tokens: torch.Tensor, foreground: torch.Tensor, token_dim: int = 1) -> torch.Tensor:
+    """The foreground tokens of every reference, concatenated along the token axis.
+
+    ``tokens`` is (R, …, P, …) with the P token positions on ``token_dim``; ``foreground`` (R, P) bool.
+    Returns the references' foreground tokens with the R axis folded into the token axis: (…, ΣP_fg, …)."""
+    if foreground.shape != (tokens.shape[0], tokens.shape[token_dim]):
+        raise ValueError(f"foreground must be (references, tokens) = {(tokens.shape[0], tokens.shape[token_dim])}; "
+                         f"got {tuple(foreground.shape)}")
+    parts = [tokens[r].index_select(token_dim - 1, foreground[r].nonzero().squeeze(1)) for r in range(tokens.shape[0])]
+    return torch.cat(parts, dim=token_dim - 1)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_own: int,
+                        access: torch.Tensor) -> torch.Tensor:
+    """Attention of (B, H, Lq, D) queries over keys/values (B, H, n_own + P, D) whose first ``n_own`` tokens are the
+    row's own and the rest gathered reference foreground tokens; rows with ``access[b]`` False (guidance branches
+    without references) attend to their own tokens only."""
+    if access.all():
+        return F.scaled_dot_product_attention(q, k, v)
+    out = torch.empty_like(q)
+    blind = ~access
+    out[blind] = F.scaled_dot_product_attention(q[blind], k[blind, :, :n_own], v[blind, :, :n_own])
+    if access.any():
+        out[access] = F.scaled_dot_product_attention(q[access], k[access], v[access])
+    return out
+
+
+def reference_attention_reference(q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor, k_refs: torch.Tensor,
+                                  v_refs: torch.Tensor, foreground: torch.Tensor,
+                                  access: torch.Tensor) -> torch.Tensor:
+    """The official construction (``method/`` SDXL processor): keys ``[own | every reference token]`` and a dense
+    additive mask, ALLOWED on own tokens and reference foreground, BLOCKED (−65504) elsewhere and for rows without
+    access (upstream's zero MSA mask). ``k_refs``/``v_refs`` are (B, H, R·P, D), ``foreground`` (R, P). For tests."""
+    b, _, lq, _ = q.shape
+    ref_ok = foreground.reshape(1, -1).bool() & access.view(b, 1).bool()
+    own_ok = torch.ones(b, k_own.shape[2], dtype=torch.bool, device=q.device)
+    allowed = torch.cat([own_ok, ref_ok], dim=1)
+    mask = torch.where(allowed, ALLOWED, BLOCKED).to(q.dtype)[:, None, None, :].expand(b, 1, lq, allowed.shape[1])
+    return F.scaled_dot_product_attention(q, torch.cat([k_own, k_refs], 2), torch.cat([v_own, v_refs], 2),
+                                          attn_mask=mask)

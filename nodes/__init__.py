@@ -3,9 +3,13 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .demo import SynCDTinyDemoModel, SynCDTinyDemoTextEncode
+from .guiders import JeDiImageGuider, SynCDCustomizationSampler, SynCDNormalizedGuider
+from .jedi import JeDiJointImageSet
+from .reference_nodes import SynCDApplyReferences, SynCDReferenceImages
 from .shared_attention_node import SynCDSharedAttention
 
-NODES = [SynCDSharedAttention, SynCDTinyDemoModel, SynCDTinyDemoTextEncode]
+NODES = [SynCDSharedAttention, SynCDReferenceImages, SynCDApplyReferences, SynCDNormalizedGuider, JeDiImageGuider,
+         SynCDCustomizationSampler, JeDiJointImageSet, SynCDTinyDemoModel, SynCDTinyDemoTextEncode]
 
 
 class SynCDExtension(ComfyExtension):

@@ -29,7 +29,9 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from ..attention.masks import AutomaticMaskEstimator, resize_to_grid, subject_attention
 from ..attention.rope import shift_axis
 from ..attention.shared import shared_attention, shared_attention_reference
-from .layout import check_group_size, conditioning_chunks, latent_batch_size, subject_groups
+from .layout import (check_group_size, chunk_reference_access, conditioning_chunks, latent_batch_size,
+                     subject_groups)
+from .reference_pass import REFERENCE_PASS
 
 PATCH_KEY = "syncd_shared_attention"
 SHARE_MARKER = "syncd_share"      # transformer_options flag set inside a selected Flux block
@@ -144,9 +146,13 @@ def share_groups(run: SharedAttentionRun, q, k, v, transformer_options: dict, n_
     attend = IMPLEMENTATIONS[cfg.implementation]
     out = torch.empty_like(q)
     n_tokens = q.shape[2] - n_text
+    blind = [rows for ok, rows in chunk_reference_access(q.shape[0], transformer_options) if not ok]
     for group in subject_groups(q.shape[0], transformer_options, cfg.images_per_subject):
-        fg = run.foreground(group.latent_index, cfg.images_per_subject, grid, n_tokens)
         r = group.rows
+        if any(b.start <= r.start < b.stop for b in blind):  # a guidance branch without coupling (JeDi ε⁰)
+            out[r] = torch.nn.functional.scaled_dot_product_attention(q[r], k[r], v[r])
+            continue
+        fg = run.foreground(group.latent_index, cfg.images_per_subject, grid, n_tokens)
         out[r] = attend(q[r], k[r], v[r], fg, n_text, key_shift)
     return out
 
@@ -244,6 +250,9 @@ def make_apply_model_wrapper(run: SharedAttentionRun) -> Callable:
     the 2×2-patch token grid. The attention hooks read these instead of recomputing them on every call."""
     def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         to = transformer_options
+        if to.get(REFERENCE_PASS):  # the reference-injection pass over reference images: no group sharing
+            to[ACTIVE] = False
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         run.sync(to, x)
         to[ACTIVE] = run.active(to)
         if run.is_flux:

@@ -1,0 +1,237 @@
+"""Guiders for SamplerCustomAdvanced: SynCD's normalized text + image guidance (eq. 4) and JeDi's image guidance
+(eq. 3), plus one all-in-one sampler node.
+
+Each guider evaluates its branches with one ``calc_cond_batch`` call (ComfyUI batches them into as few forward
+passes as memory allows) and tells the reference patches which branches must not see the references by listing
+their conds' uuids under ``BLIND_UUIDS`` in the model options. ComfyUI's pre-CFG and post-CFG hooks run as in
+``sampling_function``. The combination is computed on x − x̂₀ (noise-like, as ComfyUI's cfg functions do), which is
+the ε/v combination exactly: each branch differs from it by the same per-sample scalar.
+"""
+
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import node_helpers
+from comfy_api.latest import io
+
+from ..attention.guidance import (brooks_guidance, guidance_rescale, jedi_image_guidance, linear_image_scale,
+                                  normalized_guidance)
+from .layout import BLIND_UUIDS
+from .shared_attention import current_step
+
+COMBINATIONS = {"normalized": normalized_guidance, "brooks": brooks_guidance}
+
+
+def _blind_options(model_options: dict, blind_conds: list) -> dict:
+    options = model_options.copy()
+    to = dict(options.get("transformer_options", {}))
+    to[BLIND_UUIDS] = frozenset(c["uuid"] for c in blind_conds)
+    options["transformer_options"] = to
+    return options
+
+
+def _calc(inner_model, conds, x, timestep, model_options):
+    """``calc_cond_batch``, or the model's ``sampler_calc_cond_batch_function`` hook as ``sampling_function`` does."""
+    if "sampler_calc_cond_batch_function" in model_options:
+        return model_options["sampler_calc_cond_batch_function"](
+            {"conds": conds, "input": x, "sigma": timestep, "model": inner_model, "model_options": model_options})
+    return comfy.samplers.calc_cond_batch(inner_model, conds, x, timestep, model_options)
+
+
+def _pre_cfg(model_options, conds, outs, scale, x, timestep, inner_model):
+    for fn in model_options.get("sampler_pre_cfg_function", []):
+        outs = fn({"conds": conds, "conds_out": outs, "cond_scale": scale, "timestep": timestep, "input": x,
+                   "sigma": timestep, "model": inner_model, "model_options": model_options})
+    return outs
+
+
+def _post_cfg(model_options, denoised, cond, uncond, cond_out, uncond_out, scale, x, timestep, inner_model):
+    for fn in model_options.get("sampler_post_cfg_function", []):
+        denoised = fn({"denoised": denoised, "cond": cond, "uncond": uncond, "cond_scale": scale,
+                       "model": inner_model, "uncond_denoised": uncond_out, "cond_denoised": cond_out,
+                       "sigma": timestep, "model_options": model_options, "input": x})
+    return denoised
+
+
+def check_scale(name: str, value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 (got {value}); a negative guidance scale pushes away from the "
+                         f"condition")
+
+
+class NormalizedGuider(comfy.samplers.CFGGuider):
+    """SynCD eq. 4: branches unconditional (negative text, no references), image (negative text with references)
+    and full (positive text with references); image scale linear from ``image_scale_start`` to ``image_scale_end``
+    over the steps."""
+
+    def __init__(self, model_patcher, text_scale: float, image_scale_start: float, image_scale_end: float,
+                 combination: str = "normalized", rescale: float = 0.0):
+        super().__init__(model_patcher)
+        for name, value in (("text_scale", text_scale), ("image_scale_start", image_scale_start),
+                            ("image_scale_end", image_scale_end), ("guidance_rescale", rescale)):
+            check_scale(name, value)
+        if combination not in COMBINATIONS:
+            raise ValueError(f"combination must be one of {list(COMBINATIONS)}; got {combination!r}")
+        self.text_scale, self.image_scale_start, self.image_scale_end = text_scale, image_scale_start, image_scale_end
+        self.combination, self.rescale = combination, rescale
+        self.image_scales: list[tuple[int, float]] = []  # (step, image scale) of every evaluation, for inspection
+
+    def set_conds(self, positive, negative):
+        image = node_helpers.conditioning_set_values(negative, {"prompt_type": "negative"})
+        self.inner_set_conds({"positive": positive, "image": image, "negative": negative})
+
+    def image_scale(self, model_options: dict, timestep) -> float:
+        to = model_options.get("transformer_options", {})
+        sample_sigmas = to.get("sample_sigmas")
+        steps = len(sample_sigmas) - 1 if sample_sigmas is not None else 1
+        step = current_step({"sample_sigmas": sample_sigmas, "sigmas": timestep})
+        scale = linear_image_scale(self.image_scale_start, self.image_scale_end, step, steps)
+        self.image_scales.append((step, scale))
+        return scale
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        conds = [self.conds.get("negative"), self.conds.get("image"), self.conds.get("positive")]
+        options = _blind_options(model_options, conds[0])
+        outs = _calc(self.inner_model, conds, x, timestep, options)
+        outs = _pre_cfg(options, conds, outs, self.text_scale, x, timestep, self.inner_model)
+        uncond, image, full = (x - o for o in outs)
+        guided = COMBINATIONS[self.combination](uncond, image, full, self.image_scale(options, timestep),
+                                                self.text_scale)
+        guided = guidance_rescale(guided, full, self.rescale)
+        return _post_cfg(options, x - guided, conds[2], conds[0], outs[2], outs[0], self.text_scale, x, timestep,
+                         self.inner_model)
+
+
+class JeDiGuider(comfy.samplers.CFGGuider):
+    """JeDi eq. 3: ε̃ = ε⁰ + λ(ε − ε⁰) with ε⁰ from the negative text and no reference access (coupled attention or
+    reference features off)."""
+
+    def __init__(self, model_patcher, image_scale: float):
+        super().__init__(model_patcher)
+        check_scale("image_scale", image_scale)
+        self.image_scale = image_scale
+
+    def set_conds(self, positive, negative):
+        self.inner_set_conds({"positive": positive, "negative": negative})
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        conds = [self.conds.get("negative"), self.conds.get("positive")]
+        options = _blind_options(model_options, conds[0])
+        outs = _calc(self.inner_model, conds, x, timestep, options)
+        outs = _pre_cfg(options, conds, outs, self.image_scale, x, timestep, self.inner_model)
+        guided = jedi_image_guidance(x - outs[0], x - outs[1], self.image_scale)
+        return _post_cfg(options, x - guided, conds[1], conds[0], outs[1], outs[0], self.image_scale, x, timestep,
+                         self.inner_model)
+
+
+# --- Nodes -------------------------------------------------------------------------------------------------------
+
+COMBINATION_TOOLTIP = ("normalized: SynCD eq. 4, the larger guidance vector shrunk to the norm of the smaller "
+                       "(avoids overexposure). brooks: the un-normalized InstructPix2Pix combination, to compare.")
+
+
+def _normalized_inputs() -> list:
+    return [
+        io.Float.Input("text_scale", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="s_txt: strength of the text guidance (upstream 7.5)."),
+        io.Float.Input("image_scale_start", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="s_img on the first step (upstream SDXL: 8 for background changes, lower for "
+                               "property/shape changes)."),
+        io.Float.Input("image_scale_end", default=13.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="s_img on the last step; linear in between (upstream: start + 5). May be below start."),
+        io.Combo.Input("combination", options=list(COMBINATIONS), default="normalized", tooltip=COMBINATION_TOOLTIP),
+        io.Float.Input("guidance_rescale", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Guidance rescale φ (Lin et al.): 0 is off; SynCD compares 0.7 with Brooks et al."),
+    ]
+
+
+class SynCDNormalizedGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SynCDNormalizedGuider",
+            display_name="SynCD Normalized Text+Image Guider",
+            category="SynCD/sampling",
+            description="SynCD eq. 4 for SamplerCustomAdvanced: three evaluations per step (negative text without "
+                        "references, negative text with references, positive text with references). Use a model "
+                        "patched by SynCD Apply References (or SynCD Masked Shared Attention).",
+            inputs=[io.Model.Input("model", tooltip="A model with SynCD reference injection applied."),
+                    io.Conditioning.Input("positive", tooltip="The prompt for the target image."),
+                    io.Conditioning.Input("negative", tooltip="The empty/negative text, used by the unconditional "
+                                                              "and the image branch."),
+                    *_normalized_inputs()],
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, text_scale, image_scale_start, image_scale_end, combination,
+                guidance_rescale) -> io.NodeOutput:
+        guider = NormalizedGuider(model, text_scale, image_scale_start, image_scale_end, combination, guidance_rescale)
+        guider.set_conds(positive, negative)
+        return io.NodeOutput(guider)
+
+
+class JeDiImageGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="JeDiImageGuider",
+            display_name="JeDi Image Guider",
+            category="SynCD/sampling",
+            description="JeDi eq. 3 for SamplerCustomAdvanced: ε⁰ + λ(ε − ε⁰), where ε⁰ uses the negative text and "
+                        "no reference access (coupled attention or reference features switched off for it).",
+            inputs=[io.Model.Input("model", tooltip="A model patched by SynCD Masked Shared Attention (coupled "
+                                                    "attention over the joint image set) or SynCD Apply References."),
+                    io.Conditioning.Input("positive"),
+                    io.Conditioning.Input("negative", tooltip="Null text for ε⁰ (encode an empty prompt)."),
+                    io.Float.Input("image_scale", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                                   tooltip="λ: guidance towards both text and references.")],
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, image_scale) -> io.NodeOutput:
+        guider = JeDiGuider(model, image_scale)
+        guider.set_conds(positive, negative)
+        return io.NodeOutput(guider)
+
+
+class SynCDCustomizationSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SynCDCustomizationSampler",
+            display_name="SynCD Customization Sampler",
+            category="SynCD/sampling",
+            description="KSampler-like all-in-one node: samples with SynCD's normalized text+image guidance.",
+            inputs=[io.Model.Input("model", tooltip="A model with SynCD reference injection applied."),
+                    io.Conditioning.Input("positive"),
+                    io.Conditioning.Input("negative", tooltip="The empty/negative text."),
+                    io.Latent.Input("latent_image"),
+                    io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                    io.Int.Input("steps", default=50, min=1, max=10000),
+                    io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler_ancestral"),
+                    io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal"),
+                    *_normalized_inputs()],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, sampler_name, scheduler, text_scale,
+                image_scale_start, image_scale_end, combination, guidance_rescale) -> io.NodeOutput:
+        guider = NormalizedGuider(model, text_scale, image_scale_start, image_scale_end, combination, guidance_rescale)
+        guider.set_conds(positive, negative)
+        latent = latent_image.copy()
+        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+        callback = latent_preview.prepare_callback(model, steps)
+        out = guider.sample(noise, samples, comfy.samplers.sampler_object(sampler_name), sigmas,
+                            denoise_mask=latent.get("noise_mask"), callback=callback,
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        latent["samples"] = out.to(comfy.model_management.intermediate_device())
+        return io.NodeOutput(latent)

@@ -1,0 +1,342 @@
+"""SynCD reference-feature injection and the guiders on tiny real SD1.5, SDXL and Flux models inside ComfyUI."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+
+FAMILIES = ["sd15", "sdxl", "flux"]
+
+
+@pytest.fixture(scope="module")
+def models(tiny):
+    return {f: tiny.build_model(f, seed=3, width=32) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def vaes(tiny):
+    return {f: tiny.build_vae(f, seed=1) for f in FAMILIES}
+
+
+def ref_images(n=2, seed=0):
+    return torch.rand(n, 64, 64, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def references(vae, n=2, masks=None):
+    from comfyui_syncd.nodes.reference_nodes import encode_references
+
+    return encode_references(vae, ref_images(n), masks)
+
+
+def inject(tiny, family, model, refs, mode="auto", start=0.0, end=1.0):
+    """(patched model, run) through the node's own path (percent → sigma) and the run for counting passes."""
+    from comfyui_syncd.nodes.reference_injection import ReferenceConfig, apply_reference_injection
+
+    sampling = model.get_model_object("model_sampling")
+    config = ReferenceConfig(refs, tiny.encode_text(family, "photo of a dog"), mode, 0,
+                             sampling.percent_to_sigma(start), sampling.percent_to_sigma(end))
+    return apply_reference_injection(model, config)
+
+
+def noise_for(tiny, family, n=2, seed=0):
+    return torch.randn(n, tiny.LATENT_CHANNELS[family], 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def conds(tiny, family):
+    return tiny.encode_text(family, "a photo of a dog on the beach"), tiny.encode_text(family, "")
+
+
+def ksample(model, tiny, family, noise, steps=2, cfg=4.0, model_options=None):
+    import comfy.sample
+
+    if model_options:
+        model = model.clone()
+        model.model_options.update(model_options)
+    pos, neg = conds(tiny, family)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", pos, neg, torch.zeros_like(noise),
+                               seed=0, disable_pbar=True)
+
+
+def guided_sample(guider, model, noise, steps=3, model_options=None):
+    import comfy.samplers
+
+    if model_options:
+        guider.model_options = {**guider.model_options, **model_options}
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).cpu()
+    return guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas, seed=0,
+                         disable_pbar=True)
+
+
+def normalized(model, tiny, family, **kw):
+    from comfyui_syncd.nodes.guiders import NormalizedGuider
+
+    args = {"text_scale": 7.5, "image_scale_start": 8.0, "image_scale_end": 13.0, **kw}
+    guider = NormalizedGuider(model, args.pop("text_scale"), args.pop("image_scale_start"),
+                              args.pop("image_scale_end"), **args)
+    guider.set_conds(*conds(tiny, family))
+    return guider
+
+
+def separate_passes(args):
+    """sampler_calc_cond_batch_function (an official hook): every cond in its own forward pass, last cond first."""
+    import comfy.samplers
+
+    out = [None] * len(args["conds"])
+    for i in reversed(range(len(args["conds"]))):
+        out[i] = comfy.samplers.calc_cond_batch(args["model"], [args["conds"][i]], args["input"], args["sigma"],
+                                                args["model_options"])[0]
+    return out
+
+
+def alternating_passes():
+    import comfy.samplers
+
+    calls = {"n": 0}
+
+    def calc(args):
+        calls["n"] += 1
+        if calls["n"] % 2:
+            return comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
+                                                  args["model_options"])
+        return separate_passes(args)
+    return calc
+
+
+# --- Injection ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_references_change_the_output(tiny, models, vaes, family):
+    noise = noise_for(tiny, family)
+    plain = ksample(models[family], tiny, family, noise)
+    patched, run = inject(tiny, family, models[family], references(vaes[family]))
+    out = ksample(patched, tiny, family, noise)
+    assert (out - plain).abs().amax(dim=(1, 2, 3)).min() > 1e-6  # every target image of the batch is affected
+    assert run.passes == [0, 1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_mask_references_change_nothing(tiny, models, vaes, family):
+    noise = noise_for(tiny, family)
+    plain = ksample(models[family], tiny, family, noise)
+    patched, _ = inject(tiny, family, models[family], references(vaes[family], masks=torch.zeros(2, 64, 64)))
+    assert torch.equal(ksample(patched, tiny, family, noise), plain)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_keys_are_the_reference_foreground_tokens_of_each_layer(tiny, models, vaes, family):
+    """A probe attn1 patch registered after ours sees [own tokens ‖ the references' foreground tokens on this
+    layer's grid]: the key-side mask of eq. 1, resized per layer."""
+    from comfyui_syncd.attention.masks import resize_to_grid
+
+    masks = torch.zeros(2, 64, 64)
+    masks[0, :32, :48] = 1
+    masks[1, 16:, :] = 1
+    patched, _ = inject(tiny, family, models[family], references(vaes[family], masks=masks))
+    patched = patched.clone()
+    seen = []
+
+    def probe(n, context, value, extra):
+        if not extra.get("syncd_reference_pass"):
+            h, w = extra["activations_shape"][-2:]
+            seen.append((context.shape[1] - n.shape[1], int(resize_to_grid(masks, h, w).sum())))
+        return n, context, value
+
+    patched.set_model_attn1_patch(probe)
+    ksample(patched, tiny, family, noise_for(tiny, family), steps=1)
+    assert seen and all(added == expected for added, expected in seen)
+    assert any(expected > 0 for _, expected in seen)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_reference_pass_per_step_for_all_branches_and_layouts(tiny, models, vaes, family):
+    patched, run = inject(tiny, family, models[family], references(vaes[family], n=3))
+    for options in (None, {"sampler_calc_cond_batch_function": separate_passes},
+                    {"sampler_calc_cond_batch_function": alternating_passes()}):
+        guided_sample(normalized(patched, tiny, family), patched, noise_for(tiny, family), steps=3,
+                      model_options=options)
+        assert run.passes == [0, 1, 2], options
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layouts_give_the_same_result(tiny, models, vaes, family):
+    patched, _ = inject(tiny, family, models[family], references(vaes[family]))
+    noise = noise_for(tiny, family)
+    joint = guided_sample(normalized(patched, tiny, family), patched, noise)
+    for calc in (separate_passes, alternating_passes()):
+        other = guided_sample(normalized(patched, tiny, family), patched, noise,
+                              model_options={"sampler_calc_cond_batch_function": calc})
+        torch.testing.assert_close(other, joint, rtol=1e-4, atol=1e-4)
+    # plain CFG (every branch sees the references): one pass vs separate passes
+    torch.testing.assert_close(ksample(patched, tiny, family, noise,
+                                       model_options={"sampler_calc_cond_batch_function": separate_passes}),
+                               ksample(patched, tiny, family, noise), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cfg1_equals_the_conditional_branch_of_a_guided_run(tiny, models, vaes, family):
+    """KSampler at cfg 1 evaluates only the positive chunk; JeDi's guider at λ = 1 evaluates [ε⁰ (blind), ε] in one
+    batch and returns ε: both must give the same sample."""
+    from comfyui_syncd.nodes.guiders import JeDiGuider
+
+    patched, _ = inject(tiny, family, models[family], references(vaes[family]))
+    noise = noise_for(tiny, family)
+    guider = JeDiGuider(patched, 1.0)
+    guider.set_conds(*conds(tiny, family))
+    torch.testing.assert_close(guided_sample(guider, patched, noise, steps=2),
+                               ksample(patched, tiny, family, noise, steps=2, cfg=1.0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_injection_window(tiny, models, vaes, family):
+    patched, run = inject(tiny, family, models[family], references(vaes[family]), start=0.5, end=1.0)
+    ksample(patched, tiny, family, noise_for(tiny, family), steps=4)
+    assert run.passes and run.passes[0] > 0  # no reference pass before start_percent
+
+
+def test_reference_pass_sees_the_reference_conditioning_and_runs_without_grad_state(tiny, models, vaes):
+    """The reference pass marks itself for other patches (the SynCD LoRA is off during it)."""
+    import comfy.patcher_extension
+
+    from comfyui_syncd.nodes.reference_pass import REFERENCE_INDEX, REFERENCE_PASS, in_reference_pass
+
+    patched, _ = inject(tiny, "sd15", models["sd15"], references(vaes["sd15"], n=3))
+    seen = []
+
+    def probe(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kw):
+        seen.append((bool(transformer_options.get(REFERENCE_PASS)), in_reference_pass(), x.shape[0],
+                     transformer_options.get(REFERENCE_INDEX)))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+    patched = patched.clone()
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "probe", probe)
+    ksample(patched, tiny, "sd15", noise_for(tiny, "sd15"), steps=1)
+    assert (True, True, 3, [0, 1, 2]) in seen          # the reference pass: one row per reference
+    assert (False, False, 4, None) in seen             # the target pass: cond + uncond of 2 latents
+
+
+# --- Guiders -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("combination", ["normalized", "brooks"])
+def test_guider_equals_the_formula_on_its_branch_outputs(tiny, models, vaes, family, combination):
+    """Capture the three branch outputs with ComfyUI's pre-CFG hook and the result with its post-CFG hook; recompute
+    eq. 4 independently (per-sample norms in float64)."""
+    patched, _ = inject(tiny, family, models[family], references(vaes[family]))
+    patched = patched.clone()
+    seen = []
+    patched.set_model_sampler_pre_cfg_function(lambda a: seen.append({"outs": a["conds_out"], "x": a["input"]})
+                                               or a["conds_out"])
+
+    def post(a):
+        seen[-1]["denoised"] = a["denoised"]
+        return a["denoised"]
+
+    patched.set_model_sampler_post_cfg_function(post)
+    guider = normalized(patched, tiny, family, combination=combination, rescale=0.0)
+    guided_sample(guider, patched, noise_for(tiny, family), steps=3)
+    assert len(seen) == 3
+    for (step, s_img), record in zip(guider.image_scales, seen):
+        x = record["x"].double()
+        unc, img, full = (x - o.double() for o in record["outs"])
+        d_img, d_txt = img - unc, full - img
+        if combination == "normalized":
+            for b in range(x.shape[0]):
+                m = min(d_img[b].norm(), d_txt[b].norm())
+                d_img[b] *= min(1.0, float(m / d_img[b].norm()))
+                d_txt[b] *= min(1.0, float(m / d_txt[b].norm()))
+            want = img + s_img * d_img + 7.5 * d_txt
+        else:
+            want = unc + s_img * d_img + 7.5 * d_txt
+        torch.testing.assert_close((x - record["denoised"].double()), want, rtol=1e-4, atol=1e-4)
+    assert [s for _, s in guider.image_scales] == [8.0, 10.5, 13.0]
+    assert [i for i, _ in guider.image_scales] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_unconditional_branch_has_no_reference_access(tiny, models, vaes, family):
+    """The uncond branch of the patched model equals the unpatched model's; the image branch differs from it."""
+    outs = {}
+    for name, model in (("plain", models[family]), ("patched", inject(tiny, family, models[family],
+                                                                      references(vaes[family]))[0])):
+        model = model.clone()
+        model.set_model_sampler_pre_cfg_function(lambda a, name=name: outs.setdefault(name, a["conds_out"]))
+        guided_sample(normalized(model, tiny, family), model, noise_for(tiny, family), steps=1)
+    torch.testing.assert_close(outs["patched"][0], outs["plain"][0])
+    assert (outs["patched"][1] - outs["plain"][1]).abs().max() > 1e-6
+
+
+def test_guidance_rescale_changes_the_result(tiny, models, vaes):
+    patched, _ = inject(tiny, "sd15", models["sd15"], references(vaes["sd15"]))
+    noise = noise_for(tiny, "sd15")
+    a = guided_sample(normalized(patched, tiny, "sd15", combination="brooks"), patched, noise, steps=2)
+    b = guided_sample(normalized(patched, tiny, "sd15", combination="brooks", rescale=0.7), patched, noise, steps=2)
+    assert (a - b).abs().max() > 1e-6
+
+
+# --- Bad inputs --------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_give_clear_errors(tiny, models, vaes):
+    from comfyui_syncd.nodes.guiders import JeDiGuider, NormalizedGuider, SynCDNormalizedGuider
+    from comfyui_syncd.nodes.reference_nodes import SynCDApplyReferences, SynCDReferenceImages
+
+    with pytest.raises(ValueError, match="no VAE connected"):
+        SynCDReferenceImages.execute(ref_images(2), None)
+    with pytest.raises(ValueError, match="3 foreground mask\\(s\\) for 2 reference"):
+        SynCDReferenceImages.execute(ref_images(2), vaes["sd15"], torch.ones(3, 64, 64))
+    with pytest.raises(ValueError, match="1 to 8 reference images"):
+        SynCDReferenceImages.execute(torch.rand(9, 64, 64, 3), vaes["sd15"])
+    with pytest.raises(ValueError, match="image_scale_end must be >= 0"):
+        NormalizedGuider(models["sd15"], 7.5, 8.0, -1.0)
+    with pytest.raises(ValueError, match="text_scale must be >= 0"):
+        SynCDNormalizedGuider.execute(models["sd15"], [], [], -2.0, 8.0, 13.0, "normalized", 0.0)
+    with pytest.raises(ValueError, match="image_scale must be >= 0"):
+        JeDiGuider(models["sd15"], -1.0)
+    refs = SynCDReferenceImages.execute(ref_images(2), vaes["sd15"]).args[0]
+    with pytest.raises(ValueError, match="start_percent"):
+        SynCDApplyReferences.execute(models["sd15"], refs, tiny.encode_text("sd15", "x"), "auto", 0, 0.8, 0.2)
+    # end below start is a valid schedule
+    guider = SynCDNormalizedGuider.execute(models["sd15"], tiny.encode_text("sd15", "a"), tiny.encode_text("sd15", ""),
+                                           7.5, 13.0, 8.0, "normalized", 0.0).args[0]
+    assert guider.image_scale_end < guider.image_scale_start
+
+
+def test_shared_attention_and_reference_injection_do_not_silently_collide(tiny, models, vaes):
+    from comfyui_syncd.nodes.shared_attention import SharedAttentionConfig, apply_shared_attention
+
+    shared, _ = apply_shared_attention(models["sd15"], SharedAttentionConfig(2, "none", 1e9, 0.0))
+    with pytest.raises(ValueError, match="apply only one of them"):
+        inject(tiny, "sd15", shared, references(vaes["sd15"]))
+
+
+# --- JeDi personalization as inpainting --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_jedi_inpainting_keeps_references_and_couples_the_generated_image(tiny, models, vaes, family):
+    import comfy.samplers
+
+    from comfyui_syncd.nodes.guiders import JeDiGuider
+    from comfyui_syncd.nodes.jedi import joint_image_set
+    from comfyui_syncd.nodes.shared_attention import SharedAttentionConfig, apply_shared_attention
+
+    latent, fg = joint_image_set(vaes[family], ref_images(2), 1)
+    assert latent["samples"].shape[0] == 3 and fg.shape[0] == 3
+    assert latent["noise_mask"][:2].eq(0).all() and latent["noise_mask"][2].eq(1).all()
+    coupled, _ = apply_shared_attention(models[family], SharedAttentionConfig(3, "none", 1e9, 0.0,
+                                                                              unmasked_first_step=False))
+
+    def run(model, refs_latent):
+        guider = JeDiGuider(model, 3.0)
+        guider.set_conds(*conds(tiny, family))
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 3).cpu()
+        noise = noise_for(tiny, family, n=3)
+        return guider.sample(noise, refs_latent["samples"], comfy.samplers.sampler_object("euler"), sigmas,
+                             denoise_mask=refs_latent["noise_mask"], seed=0, disable_pbar=True)
+
+    out = run(coupled, latent)
+    # replacement trick: the known images come back as the references
+    torch.testing.assert_close(out[:2], latent["samples"][:2], rtol=1e-5, atol=1e-5)
+    # the generated image depends on the references through coupled attention, not without it
+    other = dict(latent, samples=latent["samples"].clone())
+    other["samples"][:2] = torch.flip(other["samples"][:2], dims=[-1])
+    assert (run(coupled, other)[2] - out[2]).abs().max() > 1e-6
+    assert torch.equal(run(models[family], other)[2], run(models[family], latent)[2])
