@@ -2,14 +2,15 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from .demo import SynCDTinyDemoModel, SynCDTinyDemoTextEncode
+from .demo import SynCDTinyDemoModel, SynCDTinyDemoReferences, SynCDTinyDemoTextEncode
 from .guiders import JeDiImageGuider, SynCDCustomizationSampler, SynCDNormalizedGuider
 from .jedi import JeDiJointImageSet
 from .reference_nodes import SynCDApplyReferences, SynCDReferenceImages
 from .shared_attention_node import SynCDSharedAttention
 
 NODES = [SynCDSharedAttention, SynCDReferenceImages, SynCDApplyReferences, SynCDNormalizedGuider, JeDiImageGuider,
-         SynCDCustomizationSampler, JeDiJointImageSet, SynCDTinyDemoModel, SynCDTinyDemoTextEncode]
+         SynCDCustomizationSampler, JeDiJointImageSet, SynCDTinyDemoModel, SynCDTinyDemoTextEncode,
+         SynCDTinyDemoReferences]
 
 
 class SynCDExtension(ComfyExtension):

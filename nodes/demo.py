@@ -58,3 +58,46 @@ class SynCDTinyDemoTextEncode(io.ComfyNode):
     @classmethod
     def execute(cls, family: str, text: str, seed: int) -> io.NodeOutput:
         return io.NodeOutput(tiny_models.encode_text(family, text, seed))
+
+
+def demo_subject_images(count: int, size: int, seed: int):
+    """``count`` views of one synthetic subject (a striped disc) on different random backgrounds, with its masks."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    color = torch.rand(3, generator=g)
+    images, masks = [], []
+    for _ in range(count):
+        cy, cx = (0.3 + 0.4 * torch.rand(2, generator=g)) * size
+        radius = size * (0.2 + 0.1 * float(torch.rand(1, generator=g)))
+        disc = ((ys - cy) ** 2 + (xs - cx) ** 2) <= radius ** 2
+        stripes = ((xs - cx + ys - cy) / (radius / 3)).floor().remainder(2)[..., None]
+        subject = color * (0.6 + 0.4 * stripes)
+        background = torch.rand(3, generator=g) * 0.5 + 0.1 * torch.rand(size, size, 3, generator=g)
+        images.append(torch.where(disc[..., None], subject, background))
+        masks.append(disc.float())
+    return torch.stack(images).clamp(0, 1), torch.stack(masks)
+
+
+class SynCDTinyDemoReferences(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SynCDTinyDemoReferences",
+            display_name="SynCD Tiny Demo Reference Images",
+            category="SynCD/testing",
+            description="Synthetic reference views of one subject (a striped disc) with foreground masks, so the "
+                        "customization workflows run without input files. Replace with Load Image + masks.",
+            inputs=[
+                io.Int.Input("count", default=3, min=1, max=8, tooltip="How many reference views."),
+                io.Int.Input("size", default=64, min=16, max=1024, step=8, tooltip="Width and height in pixels."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of the subject's colour, positions and backgrounds."),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE"), io.Mask.Output(display_name="MASK")],
+        )
+
+    @classmethod
+    def execute(cls, count: int, size: int, seed: int) -> io.NodeOutput:
+        return io.NodeOutput(*demo_subject_images(count, size, seed))

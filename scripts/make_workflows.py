@@ -92,6 +92,95 @@ def demo_workflow(object_info: dict, family: str, mask_mode: str, latent: str, c
     return g.to_json()
 
 
+def customization_workflow(object_info: dict, family: str, references: int, all_in_one: bool, prefix: str) -> dict:
+    """SynCD customization: references encoded once, injected every step, normalized text+image guidance."""
+    g = UIGraph(object_info)
+    flux = family == "flux"
+    # upstream defaults: SDXL s_txt 7.5 and s_img 8 rising by 5 over 50 steps; Flux true_cfg 1.5, image_cfg 1.0
+    scales = dict(text_scale=1.5, image_scale_start=1.0, image_scale_end=1.0) if flux else {}
+    model = g.add("SynCDTinyDemoModel", (50, 100), (340, 150), family=family)
+    refs_in = g.add("SynCDTinyDemoReferences", (50, 300), (340, 130), count=references)
+    refs = g.add("SynCDReferenceImages", (450, 300), (340, 100))
+    ref_text = g.add("SynCDTinyDemoTextEncode", (50, 480), (340, 230), family=family, text="photo of a dog")
+    apply = g.add("SynCDApplyReferences", (450, 100), (340, 180))
+    positive = g.add("SynCDTinyDemoTextEncode", (50, 760), (340, 230), family=family, text=PROMPT)
+    negative = g.add("SynCDTinyDemoTextEncode", (50, 1040), (340, 230), family=family, text="")
+    empty = g.add("EmptySD3LatentImage" if flux else "EmptyLatentImage", (450, 760), (340, 130),
+                  width=64, height=64, batch_size=1)
+    decode = g.add("VAEDecode", (1360, 100), (210, 50))
+    save = g.add("SaveImage", (1620, 100), (400, 320), filename_prefix=prefix)
+    g.connect(refs_in, 0, refs, "images")
+    g.connect(refs_in, 1, refs, "masks")
+    g.connect(model, 1, refs, "vae")
+    g.connect(model, 0, apply, "model")
+    g.connect(refs, 0, apply, "references")
+    g.connect(ref_text, 0, apply, "reference_conditioning")
+    if all_in_one:
+        sampler = g.add("SynCDCustomizationSampler", (900, 100), (380, 420), steps=4, sampler_name="euler",
+                        scheduler="normal", **scales)
+        g.connect(apply, 0, sampler, "model")
+        g.connect(positive, 0, sampler, "positive")
+        g.connect(negative, 0, sampler, "negative")
+        g.connect(empty, 0, sampler, "latent_image")
+        g.connect(sampler, 0, decode, "samples")
+    else:
+        guider = g.add("SynCDNormalizedGuider", (900, 100), (380, 250), **scales)
+        noise = g.add("RandomNoise", (900, 400), (315, 82))
+        select = g.add("KSamplerSelect", (900, 530), (315, 58), sampler_name="euler_ancestral")
+        schedule = g.add("BasicScheduler", (900, 640), (315, 106), scheduler="normal", steps=4)
+        sampler = g.add("SamplerCustomAdvanced", (1000, 800), (300, 110))
+        g.connect(apply, 0, guider, "model")
+        g.connect(positive, 0, guider, "positive")
+        g.connect(negative, 0, guider, "negative")
+        g.connect(apply, 0, schedule, "model")
+        g.connect(noise, 0, sampler, "noise")
+        g.connect(guider, 0, sampler, "guider")
+        g.connect(select, 0, sampler, "sampler")
+        g.connect(schedule, 0, sampler, "sigmas")
+        g.connect(empty, 0, sampler, "latent_image")
+        g.connect(sampler, 0, decode, "samples")
+    g.connect(model, 1, decode, "vae")
+    g.connect(decode, 0, save, "images")
+    return g.to_json()
+
+
+def jedi_inpainting_workflow(object_info: dict, family: str, prefix: str) -> dict:
+    """JeDi personalization as inpainting: [2 references | 1 new image], coupled attention, image guidance."""
+    g = UIGraph(object_info)
+    model = g.add("SynCDTinyDemoModel", (50, 100), (340, 150), family=family)
+    refs_in = g.add("SynCDTinyDemoReferences", (50, 300), (340, 130), count=2)
+    joint = g.add("JeDiJointImageSet", (450, 300), (340, 130), images_to_generate=1)
+    coupled = g.add("SynCDSharedAttention", (450, 480), (400, 680), images_per_subject=3,
+                    mask_mode="foreground_masks", unmasked_first_step=True)
+    positive = g.add("SynCDTinyDemoTextEncode", (50, 480), (340, 230), family=family, text=PROMPT)
+    negative = g.add("SynCDTinyDemoTextEncode", (50, 760), (340, 230), family=family, text="")
+    guider = g.add("JeDiImageGuider", (900, 100), (340, 120))
+    noise = g.add("RandomNoise", (900, 260), (315, 82))
+    select = g.add("KSamplerSelect", (900, 380), (315, 58), sampler_name="euler")
+    schedule = g.add("BasicScheduler", (900, 480), (315, 106), scheduler="normal", steps=4)
+    sampler = g.add("SamplerCustomAdvanced", (1000, 640), (300, 110))
+    decode = g.add("VAEDecode", (1360, 100), (210, 50))
+    save = g.add("SaveImage", (1620, 100), (400, 320), filename_prefix=prefix)
+    g.connect(refs_in, 0, joint, "reference_images")
+    g.connect(refs_in, 1, joint, "reference_masks")
+    g.connect(model, 1, joint, "vae")
+    g.connect(model, 0, coupled, "model")
+    g.connect(joint, 1, coupled, "foreground_masks")
+    g.connect(coupled, 0, guider, "model")
+    g.connect(positive, 0, guider, "positive")
+    g.connect(negative, 0, guider, "negative")
+    g.connect(coupled, 0, schedule, "model")
+    g.connect(noise, 0, sampler, "noise")
+    g.connect(guider, 0, sampler, "guider")
+    g.connect(select, 0, sampler, "sampler")
+    g.connect(schedule, 0, sampler, "sigmas")
+    g.connect(joint, 0, sampler, "latent_image")
+    g.connect(sampler, 0, decode, "samples")
+    g.connect(model, 1, decode, "vae")
+    g.connect(decode, 0, save, "images")
+    return g.to_json()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", help="a running ComfyUI with this pack (default: start one)")
@@ -108,6 +197,11 @@ def main() -> None:
                                                    "syncd_demo"),
         "jedi_tiny_demo_flux.json": demo_workflow(object_info, "flux", "none", "EmptySD3LatentImage", 1.0,
                                                   "jedi_demo"),
+        "syncd_customization_sdxl_1ref.json": customization_workflow(object_info, "sdxl", 1, False, "syncd_sdxl_1ref"),
+        "syncd_customization_sdxl_3ref.json": customization_workflow(object_info, "sdxl", 3, True, "syncd_sdxl_3ref"),
+        "syncd_customization_flux_1ref.json": customization_workflow(object_info, "flux", 1, False, "syncd_flux_1ref"),
+        "syncd_customization_flux_3ref.json": customization_workflow(object_info, "flux", 3, True, "syncd_flux_3ref"),
+        "jedi_inpainting_sd15.json": jedi_inpainting_workflow(object_info, "sd15", "jedi_inpainting"),
     }
     for name, workflow in workflows.items():
         (WORKFLOWS / name).write_text(json.dumps(workflow, indent=2) + "\n")

@@ -14,8 +14,24 @@ from comfyui_syncd.client.workflow_format import is_ui_format, to_api
 WORKFLOWS = sorted((pathlib.Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
 
 
+# workflow -> (pack nodes it must use, images it saves)
+EXPECTED = {
+    "syncd_tiny_demo_sd15.json": ({"SynCDSharedAttention"}, 3),
+    "jedi_tiny_demo_flux.json": ({"SynCDSharedAttention"}, 3),
+    "syncd_customization_sdxl_1ref.json": ({"SynCDReferenceImages", "SynCDApplyReferences", "SynCDNormalizedGuider",
+                                            "SamplerCustomAdvanced"}, 1),
+    "syncd_customization_sdxl_3ref.json": ({"SynCDReferenceImages", "SynCDApplyReferences",
+                                            "SynCDCustomizationSampler"}, 1),
+    "syncd_customization_flux_1ref.json": ({"SynCDReferenceImages", "SynCDApplyReferences", "SynCDNormalizedGuider",
+                                            "SamplerCustomAdvanced"}, 1),
+    "syncd_customization_flux_3ref.json": ({"SynCDReferenceImages", "SynCDApplyReferences",
+                                            "SynCDCustomizationSampler"}, 1),
+    "jedi_inpainting_sd15.json": ({"JeDiJointImageSet", "SynCDSharedAttention", "JeDiImageGuider"}, 3),
+}
+
+
 def test_workflows_are_shipped():
-    assert {p.name for p in WORKFLOWS} >= {"syncd_tiny_demo_sd15.json", "jedi_tiny_demo_flux.json"}
+    assert {p.name for p in WORKFLOWS} == set(EXPECTED)
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -33,11 +49,11 @@ def test_editor_format(path):
 def test_runs_and_saves_images(path, comfy_client):
     workflow = json.loads(path.read_text())
     api = to_api(workflow, comfy_client.object_info())
-    assert "SynCDSharedAttention" in {n["class_type"] for n in api.values()}
+    nodes, count = EXPECTED[path.name]
+    assert nodes <= {n["class_type"] for n in api.values()}
     result = comfy_client.run(api, timeout=300, extra_data={"extra_pnginfo": {"workflow": workflow}})
     images = [f for f in result.files() if f.kind == "images" and f.type == "output"]
-    batch = next(n["inputs"]["batch_size"] for n in api.values() if "batch_size" in n["inputs"])
-    assert len(images) == batch
+    assert len(images) == count
     for item in images:
         with Image.open(io.BytesIO(comfy_client.view(item.filename, item.subfolder, item.type))) as image:
             assert image.size == (64, 64)
@@ -58,3 +74,22 @@ def test_demo_settings(name, family, mask_mode, comfy_client):
     sampler = by_type["KSampler"][0]
     assert (sampler["steps"], sampler["sampler_name"], sampler["scheduler"]) == (4, "euler", "normal")
     assert "SaveImage" in by_type and "VAEDecode" in by_type
+
+
+@pytest.mark.parametrize("name,family,references", [("syncd_customization_sdxl_1ref.json", "sdxl", 1),
+                                                    ("syncd_customization_sdxl_3ref.json", "sdxl", 3),
+                                                    ("syncd_customization_flux_1ref.json", "flux", 1),
+                                                    ("syncd_customization_flux_3ref.json", "flux", 3)])
+def test_customization_settings(name, family, references, comfy_client):
+    api = to_api(json.loads((WORKFLOWS[0].parent / name).read_text()), comfy_client.object_info())
+    by_type = {}
+    for node in api.values():
+        by_type.setdefault(node["class_type"], []).append(node["inputs"])
+    assert by_type["SynCDTinyDemoModel"][0]["family"] == family
+    assert by_type["SynCDTinyDemoReferences"][0]["count"] == references
+    apply = by_type["SynCDApplyReferences"][0]
+    assert apply["reference_noise"] == "auto" and (apply["start_percent"], apply["end_percent"]) == (0.0, 1.0)
+    guidance = (by_type.get("SynCDNormalizedGuider") or by_type["SynCDCustomizationSampler"])[0]
+    want = (1.5, 1.0, 1.0) if family == "flux" else (7.5, 8.0, 13.0)
+    assert (guidance["text_scale"], guidance["image_scale_start"], guidance["image_scale_end"]) == want
+    assert guidance["combination"] == "normalized"
