@@ -11,6 +11,11 @@ reference (dense upstream mask) implementation, and prints:
   L keys plus (N-1)·f·L shared ones);
 * peak memory above the unpatched run's peak (CUDA allocator on a GPU, the
   process' peak RSS on a CPU).
+
+``python -m comfyui_syncd.bench customization`` times SynCD customization sampling per step on a tiny real model:
+plain CFG sampling (2 evaluations), the normalized guider without references (3 evaluations), and with R
+references our scheme (one reference pass per step, shared by the three branches) against the upstream scheme
+(one reference pass per guidance branch), all in one process, alternating runs.
 """
 
 from __future__ import annotations
@@ -135,6 +140,93 @@ def bench_shared_attention(args) -> None:
                 sys.stdout.flush()
 
 
+def bench_customization(args) -> None:
+    import_comfy(cpu=not args.gpu, pytorch_attention=True)
+    import comfy.model_management
+    import comfy.samplers
+
+    from .nodes import tiny_models
+    from .nodes.guiders import NormalizedGuider
+    from .nodes.layout import chunk_reference_access
+    from .nodes.reference_injection import ReferenceConfig, apply_reference_injection
+    from .nodes.reference_nodes import encode_references
+
+    device = comfy.model_management.get_torch_device()
+    torch.set_grad_enabled(False)
+    family = args.family
+    model = tiny_models.build_model(family, seed=0, width=args.width)
+    vae = tiny_models.build_vae(family, seed=0)
+    pos, neg = tiny_models.encode_text(family, "a photo of a dog"), tiny_models.encode_text(family, "")
+    lat = args.size // 8
+    channels = tiny_models.LATENT_CHANNELS[family]
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", args.steps).cpu()
+
+    def per_step(guider) -> float:
+        noise = torch.randn(1, channels, lat, lat, generator=torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas, seed=0,
+                      disable_pbar=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / args.steps
+
+    def cfg_guider(m):
+        g = comfy.samplers.CFGGuider(m)
+        g.set_conds(pos, neg)
+        g.set_cfg(5.0)
+        return g
+
+    def normalized(m):
+        g = NormalizedGuider(m, 7.5, 8.0, 13.0)
+        g.set_conds(pos, neg)
+        return g
+
+    def patched(n_refs, per_branch):
+        images = torch.rand(n_refs, args.size, args.size, 3, generator=torch.Generator().manual_seed(1))
+        masks = torch.zeros(n_refs, args.size, args.size)
+        masks[:, : args.size // 2] = 1
+        refs = encode_references(vae, images, masks)
+        m, run = apply_reference_injection(model, ReferenceConfig(refs, pos, "auto", 0, 1e9, 0.0))
+        if per_branch:  # the upstream scheme: the reference pass is repeated for every guidance branch
+            once = run.ensure_features
+
+            def every_branch(executor, base_model, x, sigma, to):
+                for _ in chunk_reference_access(x.shape[0], to):
+                    run.key = None
+                    once(executor, base_model, x, sigma, to)
+            run.ensure_features = every_branch
+        return m, run
+
+    print(f"SynCD customization benchmark: tiny {family} width {args.width}, {args.size}x{args.size} px, "
+          f"{args.steps} euler steps, one target image, device {device}, median of {args.repeats}; "
+          f"reference masks cover half of each reference")
+    print(f"{'scheme':<34}{'refs':>5}{'ref passes/step':>16}{'s/step':>9}{'x plain CFG':>12}{'x ours':>8}")
+    setups = [("plain CFG (2 evaluations)", 0, lambda: (cfg_guider(model), None)),
+              ("normalized guider, no references", 0, lambda: (normalized(model), None))]
+    for n in args.references:
+        setups.append(("ours: 1 reference pass per step", n, lambda n=n: _guided(normalized, patched(n, False))))
+        setups.append(("upstream: 1 pass per branch", n, lambda n=n: _guided(normalized, patched(n, True))))
+    built = [(name, n, *make()) for name, n, make in setups]
+    for _, _, guider, _ in built:
+        per_step(guider)  # warm-up
+    times = {i: [] for i in range(len(built))}
+    for _ in range(args.repeats):
+        for i, (_, _, guider, _) in enumerate(built):
+            times[i].append(per_step(guider))
+    medians = {i: statistics.median(t) for i, t in times.items()}
+    ours = {n: medians[i] for i, (name, n, _, _) in enumerate(built) if name.startswith("ours")}
+    for i, (name, n, _, run) in enumerate(built):
+        passes = len(run.passes) / args.steps if run is not None else 0
+        rel = f"{medians[i] / ours[n]:>8.2f}" if n in ours else f"{'':>8}"
+        print(f"{name:<34}{n:>5}{passes:>16.1f}{medians[i]:>9.3f}{medians[i] / medians[0]:>12.2f}{rel}")
+        sys.stdout.flush()
+
+
+def _guided(make_guider, patched_and_run):
+    m, run = patched_and_run
+    return make_guider(m), run
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m comfyui_syncd.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,9 +240,19 @@ def main(argv=None) -> int:
     sa.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 1.0])
     sa.add_argument("--implementations", type=lambda s: s.split(","), default=["efficient", "reference"])
     sa.add_argument("--gpu", action="store_true", help="run on the GPU (default: CPU)")
+    cu = sub.add_parser("customization", help="SynCD customization sampling cost per step")
+    cu.add_argument("--family", choices=["sd15", "sdxl", "flux"], default="sd15")
+    cu.add_argument("--width", type=int, default=64, help="model width (UNet model_channels / Flux hidden size)")
+    cu.add_argument("--size", type=int, default=256, help="image size in pixels (latent = size/8)")
+    cu.add_argument("--steps", type=int, default=4)
+    cu.add_argument("--repeats", type=int, default=3)
+    cu.add_argument("--references", type=lambda s: [int(x) for x in s.split(",")], default=[1, 3])
+    cu.add_argument("--gpu", action="store_true", help="run on the GPU (default: CPU)")
     args = parser.parse_args(argv)
     if args.bench == "shared-attention":
         bench_shared_attention(args)
+    elif args.bench == "customization":
+        bench_customization(args)
     return 0
 
 
