@@ -10,6 +10,8 @@ the ε/v combination exactly: each branch differs from it by the same per-sample
 
 from __future__ import annotations
 
+import math
+
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -120,9 +122,13 @@ class JeDiGuider(comfy.samplers.CFGGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         conds = [self.conds.get("negative"), self.conds.get("positive")]
-        options = _blind_options(model_options, conds[0])
+        if math.isclose(self.image_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False):
+            conds[0] = None  # λ = 1 returns ε: skip ε⁰, as CFGGuider skips the uncond at cfg 1
+        options = _blind_options(model_options, conds[0] or [])
         outs = _calc(self.inner_model, conds, x, timestep, options)
         outs = _pre_cfg(options, conds, outs, self.image_scale, x, timestep, self.inner_model)
+        if conds[0] is None:
+            outs[0] = outs[1]
         guided = jedi_image_guidance(x - outs[0], x - outs[1], self.image_scale)
         return _post_cfg(options, x - guided, conds[1], conds[0], outs[1], outs[0], self.image_scale, x, timestep,
                          self.inner_model)

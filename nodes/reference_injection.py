@@ -98,8 +98,8 @@ class ReferenceRun:
             noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
             latents = base_model.model_sampling.noise_scaling(ref_sigma.view(-1, 1, 1, 1).to(latents), noise, latents)
         to = {k: v for k, v in transformer_options.items() if k not in (STATE, BLOCK)}
-        to.update({"cond_or_uncond": [0], "uuids": [None], REFERENCE_PASS: True, REFERENCE_INDEX: list(range(r)),
-                   STATE: self})
+        to.update({"cond_or_uncond": [0], "uuids": [None], "sigmas": ref_sigma, REFERENCE_PASS: True,
+                   REFERENCE_INDEX: list(range(r)), STATE: self})
         self.features, self.grids = {}, {}
         with reference_pass():
             executor(latents, ref_sigma, kwargs.get("c_concat"), kwargs.get("c_crossattn"), None, to,

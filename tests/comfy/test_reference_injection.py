@@ -180,10 +180,21 @@ def test_cfg1_equals_the_conditional_branch_of_a_guided_run(tiny, models, vaes, 
 
     patched, _ = inject(tiny, family, models[family], references(vaes[family]))
     noise = noise_for(tiny, family)
-    guider = JeDiGuider(patched, 1.0)
+    batches = []
+    probe = patched.clone()
+    probe.set_model_unet_function_wrapper(lambda apply, a: batches.append(list(a["cond_or_uncond"]))
+                                          or apply(a["input"], a["timestep"], **a["c"]))
+    guider = JeDiGuider(probe, 1.0)
     guider.set_conds(*conds(tiny, family))
-    torch.testing.assert_close(guided_sample(guider, patched, noise, steps=2),
-                               ksample(patched, tiny, family, noise, steps=2, cfg=1.0), rtol=1e-4, atol=1e-4)
+    joint = guided_sample(guider, probe, noise, steps=2, model_options={"disable_cfg1_optimization": True})
+    assert batches == [[1, 0], [1, 0]]  # both branches in one forward pass
+    torch.testing.assert_close(joint, ksample(patched, tiny, family, noise, steps=2, cfg=1.0), rtol=1e-4, atol=1e-4)
+    # without disable_cfg1_optimization λ = 1 skips ε⁰
+    batches.clear()
+    guider = JeDiGuider(probe, 1.0)
+    guider.set_conds(*conds(tiny, family))
+    guided_sample(guider, probe, noise, steps=2)
+    assert batches == [[1], [1]]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
