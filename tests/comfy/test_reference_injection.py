@@ -351,3 +351,40 @@ def test_jedi_inpainting_keeps_references_and_couples_the_generated_image(tiny, 
     other["samples"][:2] = torch.flip(other["samples"][:2], dims=[-1])
     assert (run(coupled, other)[2] - out[2]).abs().max() > 1e-6
     assert torch.equal(run(models[family], other)[2], run(models[family], latent)[2])
+
+
+@pytest.mark.parametrize("family,mode", [("sdxl", "auto"), ("flux", "auto"), ("sd15", "clean"), ("flux", "noised")])
+def test_references_are_brought_to_the_current_noise_level(tiny, models, vaes, family, mode):
+    """noised (SD default): fresh noise to the current sigma every step; clean (Flux default): x_t = x_0."""
+    import comfy.patcher_extension
+
+    from comfyui_syncd.nodes.reference_pass import REFERENCE_PASS
+
+    refs = references(vaes[family], n=2)
+    patched, _ = inject(tiny, family, models[family], refs, mode=mode)
+    patched = patched.clone()
+    seen = []
+
+    def probe(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kw):
+        if transformer_options.get(REFERENCE_PASS):
+            seen.append((x.clone(), t.clone()))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "probe", probe)
+    ksample(patched, tiny, family, noise_for(tiny, family), steps=3)
+    base = patched.model
+    clean = base.latent_format.process_in(refs.latents)
+    assert len(seen) == 3
+    noises = []
+    for x, sigma in seen:
+        if mode == "clean" or (mode == "auto" and family == "flux"):
+            torch.testing.assert_close(x, clean)
+            continue
+        s = sigma.view(-1, 1, 1, 1)
+        if family == "flux":  # rectified flow: x = σ·n + (1 − σ)·x0
+            noises.append((x - (1 - s) * clean) / s)
+        else:                 # k-diffusion scale: x = x0 + σ·n
+            noises.append((x - clean) / s)
+    for a, b in zip(noises, noises[1:]):
+        assert 0.8 < a.std() < 1.2 and not torch.allclose(a, b)  # unit noise, fresh every step
+    assert [float(t[0]) for _, t in seen] == sorted((float(t[0]) for _, t in seen), reverse=True)
