@@ -1,4 +1,4 @@
-"""``python -m comfyui_syncd run | bench ...``: the pack's command line.
+"""``python -m comfyui_syncd run | bench | convert-checkpoint ...``: the pack's command line.
 
 ``run`` queues a workflow (editor or API format) to a ComfyUI server, or to a private server it
 starts and stops itself, prints progress and saves the output files.
@@ -14,7 +14,7 @@ import sys
 
 # Subcommands implemented in their own module, which has ``main(argv: list[str] | None) -> int`` and
 # is also runnable as ``python -m comfyui_syncd.<module>``. Add ``datagen`` here the same way.
-DELEGATED = {"bench": "bench"}
+DELEGATED = {"bench": "bench", "convert-checkpoint": "checkpoint_convert"}
 
 
 def build_parser() -> argparse.ArgumentParser:
