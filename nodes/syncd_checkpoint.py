@@ -1,0 +1,303 @@
+"""The official SynCD checkpoints (nupurkmr9/syncd ``method/``) on ComfyUI models.
+
+* **Flux** ``pytorch_model.bin`` (``method/sample_flux.py``, ``pipelines/flux_pipeline/model.py``): PEFT
+  ``get_peft_model`` LoRA (rank 32, alpha 32, adapter ``default``) on ``FluxTransformer2DModel``; keys
+  ``transformer.base_model.model.<module>.lora_{A,B}.default.weight``, modules ``attn.to_{q,k,v}``,
+  ``attn.to_out.0``, ``attn.add_{q,k,v}_proj``, ``attn.to_add_out``, ``ff.net.0.proj``, ``ff.net.2``,
+  ``ff_context.net.0.proj``, ``ff_context.net.2`` of ``transformer_blocks.N`` and ``attn.to_{q,k,v}`` of
+  ``single_transformer_blocks.N``. Mapped with ComfyUI's own diffusers-Flux LoRA key map
+  (``comfy.lora.model_lora_keys_unet``, fused qkv slices included) and applied as an ordinary weight patch.
+* **SDXL** ``sdxl_finetuned_20k.ckpt`` (``method/sample.py``, ``pipelines/sdxl_pipeline/model.py``,
+  ``method/main.py``): a Lightning checkpoint whose ``state_dict`` keeps only keys containing ``lora``, ``to_k_ip``
+  or ``to_v_ip``: diffusers ``add_adapter`` LoRA (rank 128, alpha 128) ``unet.<...>.attn1.to_{q,k,v,out.0}
+  .lora_{A,B}.default.weight`` and the IP-Adapter weights of diffusers' ``IPAdapterAttnProcessor2_0`` wrapped in
+  SynCD's ``RefAttnProc``: ``unet.<...>.attn2.processor.attn_op.to_{k,v}_ip.0.weight``. The LoRA becomes
+  ``add_weight_wrapper`` functions that add B·A except during the SynCD reference pass (upstream runs it at LoRA
+  scale 0); the IP weights replace those of the IP-Adapter Plus they were trained from.
+
+PEFT scales B·A by alpha/rank = 1 in both configs; the files store no alpha, so the scale is 1 · ``strength``.
+Frozen base weights a checkpoint may also carry (PEFT ``base_layer`` weights, VAE, text or image encoders) are
+skipped and counted; any other key is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+from comfy_api.latest import io
+
+import comfy.lora
+import folder_paths
+
+from ..checkpoint_convert import read_weights, tensor_dict
+from .ip_adapter import IPAdapter, cross_attentions
+from .ip_adapter_model import check_plus_layout, layer_key
+from .reference_pass import in_reference_pass
+
+FOLDER = "syncd"
+
+_SDXL_LORA = re.compile(r"^(?:unet\.)?(?P<module>(?:down_blocks|up_blocks|mid_block)\..+\.attn1\.(?:to_q|to_k|to_v|"
+                        r"to_out\.0))\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+_SDXL_IP = re.compile(r"^(?:unet\.)?(?P<attn>(?:down_blocks|up_blocks|mid_block)\..+\.attn2)\.processor"
+                      r"(?:\.attn_op)?\.to_(?P<kv>[kv])_ip(?:\.0)?\.weight$")
+_FLUX_LORA = re.compile(r"^(?:transformer\.)?(?:base_model\.model\.)?(?P<module>(?:single_)?transformer_blocks\.\d+"
+                        r"\..+?)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+_FROZEN = re.compile(r"^(?:(?:vae|text_encoder|text_encoder_2|tokenizer|image_encoder)\.|"
+                     r"(?:unet|transformer)\.(?!.*lora_)(?!.*_ip\.))")
+
+
+def register_folder() -> None:
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[FOLDER] = (
+            [os.path.join(folder_paths.models_dir, FOLDER)], set(folder_paths.supported_pt_extensions))
+
+
+register_folder()
+
+
+class UnmatchedKeysError(ValueError):
+    pass
+
+
+@dataclass
+class CheckpointReport:
+    family: str                    # "flux" | "sdxl"
+    lora_modules: int = 0
+    ip_layers: int = 0
+    frozen_skipped: int = 0
+    keys: int = 0
+    unmatched: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"SynCD {self.family} checkpoint: {self.lora_modules} LoRA modules"
+        if self.family == "sdxl":
+            text += f", {self.ip_layers} IP-Adapter to_k_ip/to_v_ip pairs"
+        if self.frozen_skipped:
+            text += f", {self.frozen_skipped} frozen base weights skipped"
+        return text + f" ({self.keys} keys, 0 unmatched)"
+
+
+def detect_family(sd: dict) -> str:
+    flux = sum(1 for k in sd if _FLUX_LORA.match(k))
+    sdxl = sum(1 for k in sd if _SDXL_LORA.match(k) or _SDXL_IP.match(k))
+    if flux and not sdxl:
+        return "flux"
+    if sdxl and not flux:
+        return "sdxl"
+    raise ValueError("SynCD checkpoint: found neither the Flux LoRA (transformer.base_model.model.*.lora_A/B) nor the "
+                     "SDXL LoRA/IP-Adapter keys (unet.*.attn1.*.lora_A/B, *.attn2.processor.attn_op.to_k_ip); is "
+                     "this an official SynCD checkpoint (pytorch_model.bin or sdxl_finetuned_20k.ckpt)?")
+
+
+def _pairs(sd: dict, pattern: re.Pattern, report: CheckpointReport) -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {"A": down, "B": up}} of the LoRA keys; other keys are sorted into frozen / unmatched."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        m = pattern.match(key)
+        if m:
+            pairs.setdefault(m.group("module"), {})[m.group("ab")] = value
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            report.unmatched.append(f"{module}.lora_{'B' if 'A' in pair else 'A'} (missing)")
+    return {k: v for k, v in pairs.items() if set(v) == {"A", "B"}}
+
+
+def _check_lora_shapes(module: str, pair: dict, out_features: int, in_features: int, report) -> bool:
+    down, up = pair["A"], pair["B"]
+    if down.ndim == 2 and up.ndim == 2 and up.shape[1] == down.shape[0] and up.shape[0] == out_features \
+            and down.shape[1] == in_features:
+        return True
+    report.unmatched.append(f"{module} (lora_A {tuple(down.shape)}, lora_B {tuple(up.shape)} do not fit a "
+                            f"{out_features}x{in_features} weight)")
+    return False
+
+
+def _raise_unmatched(report: CheckpointReport, what: str) -> None:
+    if report.unmatched:
+        shown = "\n  ".join(report.unmatched[:20])
+        more = f"\n  ... and {len(report.unmatched) - 20} more" if len(report.unmatched) > 20 else ""
+        raise UnmatchedKeysError(f"SynCD checkpoint: {len(report.unmatched)} keys do not match {what}:\n  {shown}"
+                                 f"{more}\nUse the official SynCD checkpoint with its base model family.")
+
+
+class ReferencePassLoRA(torch.nn.Module):
+    """Weight wrapper W -> W + strength·B·A, and W unchanged inside the SynCD reference pass (upstream: LoRA scale 0
+    for the reference features). ComfyUI calls it with the cast weight on every use (``comfy.ops``)."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, strength: float):
+        super().__init__()
+        self.register_buffer("down", down.detach().clone())
+        self.register_buffer("up", up.detach().clone())
+        self.strength = strength
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if in_reference_pass() or self.strength == 0:
+            return weight
+        delta = self.up.to(weight.device, torch.float32) @ self.down.to(weight.device, torch.float32)
+        return (weight.float() + self.strength * delta).to(weight.dtype)
+
+    def passive_memory_usage(self) -> int:
+        return self.down.nelement() * self.down.element_size() + self.up.nelement() * self.up.element_size()
+
+    def move_to(self, device) -> int:
+        self.to(device=device)
+        return self.passive_memory_usage()
+
+
+def apply_flux(model, sd: dict, strength: float) -> tuple:
+    """A clone of ``model`` (Flux) with the SynCD LoRA as a ComfyUI weight patch."""
+    report = CheckpointReport("flux", keys=len(sd))
+    base = model.model
+    key_map = comfy.lora.model_lora_keys_unet(base, {})
+    weights = base.state_dict()
+    pairs = _pairs(sd, _FLUX_LORA, report)
+    lora_sd, to_load = {}, {}
+    for module, pair in sorted(pairs.items()):
+        target = key_map.get(f"transformer.{module}")
+        if target is None:
+            report.unmatched.append(f"{module} (no such module in this Flux model)")
+            continue
+        weight_key, (dim, offset, size) = (target, (0, 0, None)) if isinstance(target, str) else target
+        shape = weights[weight_key].shape
+        out_features = shape[dim] if size is None else size
+        if _check_lora_shapes(module, pair, out_features, shape[1], report):
+            lora_sd[f"transformer.{module}.lora_A.weight"] = pair["A"]
+            lora_sd[f"transformer.{module}.lora_B.weight"] = pair["B"]
+            to_load[f"transformer.{module}"] = target
+    _count_rest(sd, [_FLUX_LORA], report)
+    _raise_unmatched(report, "this Flux model")
+    patches = comfy.lora.load_lora(lora_sd, to_load, log_missing=False)
+    m = model.clone()
+    applied = m.add_patches(patches, strength)
+    if len(patches) != len(to_load) or len(applied) != len(patches):
+        raise RuntimeError(f"SynCD checkpoint: ComfyUI applied {len(applied)} of {len(to_load)} LoRA patches")
+    report.lora_modules = len(patches)
+    return m, report
+
+
+def apply_sdxl(model, sd: dict, strength: float, ipadapter) -> tuple:
+    """A clone of ``model`` (SDXL UNet) with the SynCD attn1 LoRA as reference-pass-aware weight wrappers, and the
+    IPADAPTER with the SynCD-trained to_k_ip/to_v_ip."""
+    report = CheckpointReport("sdxl", keys=len(sd))
+    base = model.model
+    diffusion_model = base.diffusion_model
+    if not hasattr(diffusion_model, "input_blocks"):
+        raise ValueError("SynCD checkpoint: this is the SynCD SDXL checkpoint but the model is not a UNet; load it "
+                         "on the SDXL model it was trained from (terminus-xl-gamma, v-prediction)")
+    key_map = comfy.lora.model_lora_keys_unet(base, {})
+    weights = base.state_dict()
+    wrappers = {}
+    for module, pair in sorted(_pairs(sd, _SDXL_LORA, report).items()):
+        weight_key = key_map.get("lora_unet_" + module.replace(".", "_"))
+        if weight_key is None:
+            report.unmatched.append(f"{module} (no such module in this UNet)")
+            continue
+        shape = weights[weight_key].shape
+        if _check_lora_shapes(module, pair, shape[0], shape[1], report):
+            wrappers[weight_key] = pair
+    new_ip = _sdxl_ip_weights(sd, key_map, diffusion_model, ipadapter, report)
+    _count_rest(sd, [_SDXL_LORA, _SDXL_IP], report)
+    _raise_unmatched(report, "this SDXL model and IP-Adapter")
+    m = model.clone()
+    for weight_key, pair in wrappers.items():
+        m.add_weight_wrapper(weight_key, ReferencePassLoRA(pair["A"], pair["B"], strength))
+    report.lora_modules = len(wrappers)
+    report.ip_layers = len(new_ip) // 2
+    if new_ip:
+        ipadapter = {"image_proj": ipadapter["image_proj"], "ip_adapter": {**ipadapter["ip_adapter"], **new_ip}}
+    return m, ipadapter, report
+
+
+def _sdxl_ip_weights(sd, key_map, diffusion_model, ipadapter, report) -> dict:
+    """{ip_adapter key: SynCD-trained weight} for every to_k_ip/to_v_ip key of the checkpoint."""
+    found = {k: _SDXL_IP.match(k) for k in sd}
+    found = {k: m for k, m in found.items() if m}
+    if not found:
+        return {}
+    if ipadapter is None:
+        raise ValueError("SynCD checkpoint: the SDXL checkpoint carries trained IP-Adapter weights (to_k_ip/to_v_ip); "
+                         "connect the IP-Adapter Plus it was trained from (ip-adapter-plus_sdxl_vit-h, via SynCD "
+                         "IP-Adapter Loader) to 'ipadapter'")
+    check_plus_layout(ipadapter)
+    index = {ca.weight_prefix: k for k, ca in enumerate(cross_attentions(diffusion_model))}
+    out = {}
+    for key, m in sorted(found.items()):
+        target = key_map.get("lora_unet_" + m.group("attn").replace(".", "_") + "_to_k")
+        k = index.get(target[:-len(".to_k.weight")]) if target else None
+        if k is None:
+            report.unmatched.append(f"{key} (no such cross-attention in this UNet)")
+            continue
+        ip_key = layer_key(k, m.group("kv"))
+        old = ipadapter["ip_adapter"].get(ip_key)
+        if old is None or old.shape != sd[key].shape:
+            report.unmatched.append(f"{key} (shape {tuple(sd[key].shape)}; the IP-Adapter's {ip_key} is "
+                                    f"{None if old is None else tuple(old.shape)})")
+            continue
+        out[ip_key] = sd[key].to(old.dtype)
+    return out
+
+
+def _count_rest(sd: dict, patterns: list, report: CheckpointReport) -> None:
+    """Keys no pattern took: frozen base weights are counted, anything else is unmatched."""
+    for key in sd:
+        if any(p.match(key) for p in patterns):
+            continue
+        if _FROZEN.match(key):
+            report.frozen_skipped += 1
+        else:
+            report.unmatched.append(f"{key} (unknown key)")
+
+
+def load_syncd_checkpoint(model, path, strength: float = 1.0, ipadapter=None):
+    """(MODEL, IPADAPTER, report) for an official SynCD checkpoint file."""
+    sd, _ = tensor_dict(read_weights(path), os.path.basename(str(path)))
+    family = detect_family(sd)
+    is_flux = hasattr(model.get_model_object("diffusion_model"), "double_blocks")
+    if (family == "flux") != is_flux:
+        raise ValueError(f"SynCD checkpoint: {os.path.basename(str(path))} is the SynCD {family.upper()} checkpoint "
+                         f"but the model is {'Flux' if is_flux else 'not Flux'}; connect the matching base model "
+                         f"(FLUX.1-dev for pytorch_model.bin, SDXL for sdxl_finetuned_20k.ckpt)")
+    if family == "flux":
+        patched, report = apply_flux(model, sd, strength)
+    else:
+        patched, ipadapter, report = apply_sdxl(model, sd, strength, ipadapter)
+    logging.info(report.summary())
+    return patched, ipadapter, report
+
+
+class SynCDCheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        register_folder()
+        return io.Schema(
+            node_id="SynCDCheckpointLoader",
+            display_name="SynCD Checkpoint Loader",
+            category="SynCD/loaders",
+            description="Loads an official SynCD checkpoint from models/syncd onto its base model. Flux "
+                        "(pytorch_model.bin): the rank-32 LoRA as a normal LoRA. SDXL (sdxl_finetuned_20k.ckpt): "
+                        "the rank-128 self-attention LoRA, switched off in the SynCD reference pass as upstream, and "
+                        "the trained IP-Adapter to_k_ip/to_v_ip, returned in IPADAPTER for SynCD IP-Adapter Apply.",
+            inputs=[
+                io.Model.Input("model", tooltip="FLUX.1-dev for the Flux checkpoint; the SDXL base it was trained "
+                                                "on (terminus-xl-gamma-v1, v-prediction) for the SDXL one."),
+                io.Combo.Input("checkpoint_name", options=folder_paths.get_filename_list(FOLDER),
+                               tooltip="A file in models/syncd (.bin/.ckpt read with weights_only, or .safetensors "
+                                       "from 'python -m comfyui_syncd convert-checkpoint')."),
+                io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.05,
+                               tooltip="LoRA strength (1 = as trained). The IP-Adapter weights are replaced whole."),
+                IPAdapter.Input("ipadapter", optional=True,
+                                tooltip="SDXL: the ip-adapter-plus_sdxl_vit-h IP-Adapter; its to_k_ip/to_v_ip are "
+                                        "replaced by the SynCD-trained ones."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), IPAdapter.Output(display_name="IPADAPTER")],
+        )
+
+    @classmethod
+    def execute(cls, model, checkpoint_name: str, strength: float, ipadapter=None) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(FOLDER, checkpoint_name)
+        patched, ipadapter, _ = load_syncd_checkpoint(model, path, strength, ipadapter)
+        return io.NodeOutput(patched, ipadapter)
