@@ -2,15 +2,18 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from .demo import SynCDTinyDemoModel, SynCDTinyDemoReferences, SynCDTinyDemoTextEncode
+from .demo import SynCDTinyDemoIPAdapter, SynCDTinyDemoModel, SynCDTinyDemoReferences, SynCDTinyDemoTextEncode
 from .guiders import JeDiImageGuider, SynCDCustomizationSampler, SynCDNormalizedGuider
+from .ip_adapter import SynCDIPAdapterApply, SynCDIPAdapterLoader
 from .jedi import JeDiJointImageSet
 from .reference_nodes import SynCDApplyReferences, SynCDReferenceImages
 from .shared_attention_node import SynCDSharedAttention
+from .syncd_checkpoint import SynCDCheckpointLoader
 
 NODES = [SynCDSharedAttention, SynCDReferenceImages, SynCDApplyReferences, SynCDNormalizedGuider, JeDiImageGuider,
-         SynCDCustomizationSampler, JeDiJointImageSet, SynCDTinyDemoModel, SynCDTinyDemoTextEncode,
-         SynCDTinyDemoReferences]
+         SynCDCustomizationSampler, JeDiJointImageSet, SynCDIPAdapterLoader, SynCDIPAdapterApply,
+         SynCDCheckpointLoader, SynCDTinyDemoModel, SynCDTinyDemoTextEncode, SynCDTinyDemoReferences,
+         SynCDTinyDemoIPAdapter]
 
 
 class SynCDExtension(ComfyExtension):

@@ -101,3 +101,25 @@ class SynCDTinyDemoReferences(io.ComfyNode):
     @classmethod
     def execute(cls, count: int, size: int, seed: int) -> io.NodeOutput:
         return io.NodeOutput(*demo_subject_images(count, size, seed))
+
+
+class SynCDTinyDemoIPAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from .ip_adapter import IPAdapter
+
+        return io.Schema(
+            node_id="SynCDTinyDemoIPAdapter",
+            display_name="SynCD Tiny Demo IP-Adapter",
+            category="SynCD/testing",
+            description="A tiny CLIP vision model and an IP-Adapter Plus fitted to a tiny demo UNet (seeded random "
+                        "weights), so the SynCD SDXL workflow's global image feature runs without downloads. Replace "
+                        "with Load CLIP Vision + SynCD IP-Adapter Loader.",
+            inputs=[io.Model.Input("model", tooltip="The tiny demo SD1.5 or SDXL model the IP-Adapter is for."),
+                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False)],
+            outputs=[IPAdapter.Output(display_name="IPADAPTER"), io.ClipVision.Output(display_name="CLIP_VISION")],
+        )
+
+    @classmethod
+    def execute(cls, model, seed: int) -> io.NodeOutput:
+        return io.NodeOutput(tiny_models.build_ip_adapter(model, seed), tiny_models.build_clip_vision(seed))

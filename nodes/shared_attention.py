@@ -184,12 +184,17 @@ def make_unet_attn1(run: SharedAttentionRun) -> Callable:
     return attn1
 
 
-def make_unet_attn2(run: SharedAttentionRun) -> Callable:
-    """Cross-attention unchanged; records the image→subject-token attention of positive chunks."""
+def make_unet_attn2(run: SharedAttentionRun, previous: dict) -> Callable:
+    """Cross-attention unchanged (or the block's earlier attn2 replace patch, e.g. an IP-Adapter); records the
+    image→subject-token attention of positive chunks."""
     def attn2(q, k, v, extra_options):
         heads = extra_options["n_heads"]
         _record_subject_attention(run, _heads_first(q, heads), _heads_first(k, heads), extra_options,
                                   tuple(extra_options["activations_shape"][-2:]))
+        block = tuple(extra_options["block"])
+        earlier = previous.get((*block, extra_options["block_index"])) or previous.get(block)
+        if earlier is not None:
+            return earlier(q, k, v, extra_options)
         return comfy.ldm.modules.attention.optimized_attention(
             q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
     return attn2
@@ -338,7 +343,8 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
     for name, i in select_blocks(blocks, available):
         m.set_model_attn1_replace(attn1, name, i)
     if config.mask_mode == "automatic":
-        attn2 = make_unet_attn2(run)
-        for name, i in available:
-            m.set_model_attn2_replace(attn2, name, i)
+        previous = dict(m.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {}))
+        attn2 = make_unet_attn2(run, previous)
+        for key in {(name, i) for name, i in available} | set(previous):  # per-index keys set before win lookup
+            m.set_model_patch_replace(attn2, "attn2", *key)
     return m, run

@@ -181,3 +181,60 @@ def encode_text(family: str, text: str, seed: int = 0) -> list:
     if family == "flux":
         extra["guidance"] = 3.5
     return [[ctx, extra]]
+
+
+# --- Tiny global-image feature: CLIP vision + IP-Adapter Plus ---------------------------------------------------
+
+TINY_CLIP_VISION = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "gelu", "hidden_size": 32,
+                    "image_size": 28, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64,
+                    "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 2,
+                    "num_channels": 3, "num_hidden_layers": 3, "patch_size": 14, "projection_dim": 16,
+                    "torch_dtype": "float32"}
+
+
+def build_clip_vision(seed: int = 0):
+    """A ComfyUI CLIP_VISION (``comfy.clip_vision.ClipVisionModel``) of a tiny ViT config with seeded weights."""
+    import json
+    import os
+    import tempfile
+
+    import comfy.clip_vision
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tiny_clip_vision.json")
+        with open(path, "w") as f:
+            json.dump(TINY_CLIP_VISION, f)
+        clip = comfy.clip_vision.ClipVisionModel(path)
+    gen = torch.Generator().manual_seed(seed + 5)
+    with torch.no_grad():  # ComfyUI's ops leave weights uninitialized
+        for name, p in clip.model.named_parameters():
+            if "layer_norm" in name or "layrnorm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return clip
+
+
+def build_ip_adapter(model: comfy.model_patcher.ModelPatcher, seed: int = 0, dim: int = 64,
+                     num_queries: int = 4) -> dict:
+    """An IP-Adapter Plus (IPADAPTER dict, upstream layout) for a tiny UNet and the tiny CLIP vision."""
+    from .ip_adapter import cross_attentions
+    from .ip_adapter_model import RESAMPLER_DIM_HEAD, Resampler, layer_key
+
+    targets = cross_attentions(model.get_model_object("diffusion_model"))
+    if not targets:
+        raise ValueError("the tiny IP-Adapter needs a UNet model (sd15 or sdxl); Flux has no IP-Adapter")
+    cross_dim = targets[0].shape[1]
+    resampler = Resampler(dim, 1, dim // RESAMPLER_DIM_HEAD, num_queries, TINY_CLIP_VISION["hidden_size"], cross_dim)
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, p in resampler.named_parameters():
+            if "norm" in name or ".1.0." in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / max(p.shape[-1], 1) ** 0.5)
+    layers = {}
+    for k, target in enumerate(targets):
+        for which in ("k", "v"):
+            layers[layer_key(k, which)] = torch.randn(target.shape, generator=gen) / target.shape[1] ** 0.5
+    return {"image_proj": resampler.state_dict(), "ip_adapter": layers}

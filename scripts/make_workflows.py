@@ -115,6 +115,18 @@ def customization_workflow(object_info: dict, family: str, references: int, all_
     g.connect(model, 0, apply, "model")
     g.connect(refs, 0, apply, "references")
     g.connect(ref_text, 0, apply, "reference_conditioning")
+    if not flux:  # the SDXL model's global image feature: IP-Adapter Plus on one reference (scale 0.6)
+        ip_models = g.add("SynCDTinyDemoIPAdapter", (450, 1000), (340, 100))
+        first = g.add("ImageFromBatch", (450, 1150), (340, 100), batch_index=0, length=1)
+        ip = g.add("SynCDIPAdapterApply", (450, 1300), (340, 200), weight=0.6, reference_weight=1.0)
+        g.connect(model, 0, ip_models, "model")
+        g.connect(refs_in, 0, first, "image")
+        g.connect(apply, 0, ip, "model")
+        g.connect(ip_models, 0, ip, "ipadapter")
+        g.connect(ip_models, 1, ip, "clip_vision")
+        g.connect(first, 0, ip, "image")
+        g.connect(refs, 0, ip, "references")
+        apply = ip
     if all_in_one:
         sampler = g.add("SynCDCustomizationSampler", (900, 100), (380, 420), steps=4, sampler_name="euler",
                         scheduler="normal", **scales)

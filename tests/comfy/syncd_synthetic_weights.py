@@ -9,8 +9,6 @@ nupurkmr9/syncd ``method/pipelines/sdxl_pipeline`` (diffusers UNet2DConditionMod
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 # diffusers UNet structure: per down level (block_out_channels, transformer depth; 0 = no attention),
@@ -121,30 +119,6 @@ def syncd_flux_checkpoint(hidden: int, mlp: int, double: int, single: int, rank=
                 sd[f"{key}.lora_A.default.weight"] = _t((rank, n_in), gen, device, std)
                 sd[f"{key}.lora_B.default.weight"] = _t((n_out, rank), gen, device, std)
     return sd
-
-
-TINY_CLIP_VISION = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "gelu", "hidden_size": 32,
-                    "image_size": 28, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64,
-                    "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 2,
-                    "num_channels": 3, "num_hidden_layers": 3, "patch_size": 14, "projection_dim": 16,
-                    "torch_dtype": "float32"}
-
-
-def tiny_clip_vision(tmp_path, seed=5):
-    """A ComfyUI CLIP_VISION of the tiny config with seeded weights (ComfyUI's ops leave them uninitialized)."""
-    import comfy.clip_vision
-
-    path = tmp_path / "tiny_clip_vision.json"
-    path.write_text(json.dumps(TINY_CLIP_VISION))
-    clip = comfy.clip_vision.ClipVisionModel(str(path))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in clip.model.named_parameters():
-            if "layer_norm" in name or "layrnorm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return clip
 
 
 def meta_model(config_cls, unet_config):

@@ -16,8 +16,8 @@ def sdxl(tiny):
 
 
 @pytest.fixture(scope="module")
-def clip_vision(tmp_path_factory):
-    return W.tiny_clip_vision(tmp_path_factory.mktemp("clip"))
+def clip_vision(tiny):
+    return tiny.build_clip_vision(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +244,17 @@ def test_errors_name_the_fix(tiny, sdxl, ipadapter, clip_vision):
     wide = W.ipadapter_plus(**{**TINY_IP, "embedding_dim": 48})
     with pytest.raises(ValueError, match="CLIP-ViT-H-14"):
         apply(sdxl, wide, clip_vision, images())
+
+
+def test_automatic_shared_attention_keeps_the_ip_adapter_in_either_order(tiny, sdxl, ipadapter, clip_vision):
+    """Both patch attn2; whichever is applied second calls the first, so the order does not matter."""
+    from comfyui_syncd.nodes.shared_attention import SharedAttentionConfig, apply_shared_attention
+
+    config = SharedAttentionConfig(1, "automatic", 1e9, 0.0, subject_tokens=(5,))
+    n = noise(1)
+    ip_then_shared = apply_shared_attention(apply(sdxl, ipadapter, clip_vision, images()), config)[0]
+    shared_then_ip = apply(apply_shared_attention(sdxl, config)[0], ipadapter, clip_vision, images())
+    shared_only = apply_shared_attention(sdxl, config)[0]
+    a, b = sample(tiny, ip_then_shared, n), sample(tiny, shared_then_ip, n)
+    torch.testing.assert_close(a, b)
+    assert (a - sample(tiny, shared_only, n)).abs().max() > 1e-4

@@ -187,3 +187,38 @@ def test_loader_node_flux_bin_and_family_mismatch(tiny, sdxl, flux, syncd_folder
     assert ip is None and len(model.patches) == 2 * 8 + 2
     with pytest.raises(ValueError, match="SynCD FLUX checkpoint but the model is not Flux"):
         SynCDCheckpointLoader.execute(sdxl, "pytorch_model.bin", 1.0)
+
+
+def test_reference_injection_runs_the_reference_pass_without_the_lora(tiny, sdxl):
+    """With the SynCD SDXL LoRA and reference injection: every attn1 input captured in the reference pass equals the
+    one of the model without the LoRA (upstream: LoRA scale 0), while the target pass uses the LoRA (its output
+    differs from the LoRA-less model's)."""
+    from comfyui_syncd.nodes.reference_injection import ReferenceConfig, apply_reference_injection
+    from comfyui_syncd.nodes.reference_nodes import encode_references
+    from comfyui_syncd.nodes.syncd_checkpoint import apply_sdxl
+
+    sd = W.syncd_sdxl_checkpoint(W.TINY_SDXL_UNET, 64, rank=8, std=0.3)
+    ip = W.ipadapter_plus(W.TINY_SDXL_UNET, 64, 32, 32, 1)
+    with_lora = apply_sdxl(sdxl, sd, 1.0, ip)[0]
+    refs = encode_references(tiny.build_vae("sdxl", seed=1),
+                             torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0)))
+    config = ReferenceConfig(refs, tiny.encode_text("sdxl", "photo of a dog"), "noised", 0, 1e9, 0.0)
+
+    def run(model):
+        injected = apply_reference_injection(model, config)[0].clone()
+        captured = []
+
+        def probe(n, context, value, extra):
+            if extra.get("syncd_reference_pass"):
+                captured.append(n.clone())
+            return n, context, value
+
+        injected.set_model_attn1_patch(probe)
+        return sample(tiny, "sdxl", injected, steps=1), captured
+
+    out_base, feats_base = run(sdxl)
+    out_lora, feats_lora = run(with_lora)
+    assert len(feats_base) == len(feats_lora) == len(W.transformer_blocks(W.TINY_SDXL_UNET))
+    for a, b in zip(feats_base, feats_lora):
+        torch.testing.assert_close(a, b)
+    assert (out_lora - out_base).abs().max() > 1e-3

@@ -19,9 +19,9 @@ EXPECTED = {
     "syncd_tiny_demo_sd15.json": ({"SynCDSharedAttention"}, 3),
     "jedi_tiny_demo_flux.json": ({"SynCDSharedAttention"}, 3),
     "syncd_customization_sdxl_1ref.json": ({"SynCDReferenceImages", "SynCDApplyReferences", "SynCDNormalizedGuider",
-                                            "SamplerCustomAdvanced"}, 1),
+                                            "SamplerCustomAdvanced", "SynCDIPAdapterApply"}, 1),
     "syncd_customization_sdxl_3ref.json": ({"SynCDReferenceImages", "SynCDApplyReferences",
-                                            "SynCDCustomizationSampler"}, 1),
+                                            "SynCDCustomizationSampler", "SynCDIPAdapterApply"}, 1),
     "syncd_customization_flux_1ref.json": ({"SynCDReferenceImages", "SynCDApplyReferences", "SynCDNormalizedGuider",
                                             "SamplerCustomAdvanced"}, 1),
     "syncd_customization_flux_3ref.json": ({"SynCDReferenceImages", "SynCDApplyReferences",
@@ -93,3 +93,7 @@ def test_customization_settings(name, family, references, comfy_client):
     want = (1.5, 1.0, 1.0) if family == "flux" else (7.5, 8.0, 13.0)
     assert (guidance["text_scale"], guidance["image_scale_start"], guidance["image_scale_end"]) == want
     assert guidance["combination"] == "normalized"
+    if family == "sdxl":  # global image feature of one reference at the upstream inference scale
+        ip = by_type["SynCDIPAdapterApply"][0]
+        assert (ip["weight"], ip["reference_weight"]) == (0.6, 1.0)
+        assert by_type["ImageFromBatch"][0]["length"] == 1
