@@ -1,8 +1,9 @@
 """Text + image guidance: SynCD eq. 4, Brooks et al. (InstructPix2Pix), JeDi eq. 3 and guidance rescale.
 
-All functions take per-branch predictions of one parameterization (ε, v or x_t − x̂₀: every combination here is
-linear with per-sample scalars, so the result maps between them exactly; SynCD's normalization only compares norms
-of one sample, which a per-sample scalar does not change) and return the guided prediction.
+All functions take per-branch predictions of one parameterization and return the guided prediction. Eq. 4,
+Brooks et al. and JeDi eq. 3 are affine combinations (coefficients summing to 1) and SynCD's normalization compares
+norms of differences, so they give the same result on ε, v or x_t − x̂₀. Guidance rescale compares standard
+deviations and must get the model's own prediction (v for the official SynCD SDXL model).
 """
 
 from __future__ import annotations

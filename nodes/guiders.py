@@ -4,8 +4,9 @@
 Each guider evaluates its branches with one ``calc_cond_batch`` call (ComfyUI batches them into as few forward
 passes as memory allows) and tells the reference patches which branches must not see the references by listing
 their conds' uuids under ``BLIND_UUIDS`` in the model options. ComfyUI's pre-CFG and post-CFG hooks run as in
-``sampling_function``. The combination is computed on x − x̂₀ (noise-like, as ComfyUI's cfg functions do), which is
-the ε/v combination exactly: each branch differs from it by the same per-sample scalar.
+``sampling_function``, with the positive branch first and the negative second, as they expect. Eq. 4, Brooks et al.
+and JeDi eq. 3 are computed on x − x̂₀ (noise-like, as ComfyUI's cfg functions do): their coefficients sum to 1, so
+this equals combining ε or v. Guidance rescale is not affine-invariant and runs on v (see ``_rescale``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 
 import comfy.model_management
+import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -95,17 +97,39 @@ class NormalizedGuider(comfy.samplers.CFGGuider):
         self.image_scales.append((step, scale))
         return scale
 
+    def sample(self, *args, **kwargs):
+        self.image_scales = []  # a guider cached by ComfyUI is sampled again
+        return super().sample(*args, **kwargs)
+
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        conds = [self.conds.get("negative"), self.conds.get("image"), self.conds.get("positive")]
-        options = _blind_options(model_options, conds[0])
+        # [positive, negative, …]: the order ComfyUI's pre-CFG hooks (APG, TCFG, FreSca) read as (cond, uncond).
+        conds = [self.conds.get("positive"), self.conds.get("negative"), self.conds.get("image")]
+        options = _blind_options(model_options, conds[1])
         outs = _calc(self.inner_model, conds, x, timestep, options)
         outs = _pre_cfg(options, conds, outs, self.text_scale, x, timestep, self.inner_model)
-        uncond, image, full = (x - o for o in outs)
+        full, uncond, image = (x - o for o in outs)
         guided = COMBINATIONS[self.combination](uncond, image, full, self.image_scale(options, timestep),
                                                 self.text_scale)
-        guided = guidance_rescale(guided, full, self.rescale)
-        return _post_cfg(options, x - guided, conds[2], conds[0], outs[2], outs[0], self.text_scale, x, timestep,
+        if self.rescale:
+            guided = self._rescale(x, timestep, guided, full)
+        return _post_cfg(options, x - guided, conds[0], conds[1], outs[0], outs[1], self.text_scale, x, timestep,
                          self.inner_model)
+
+    def _rescale(self, x, sigma, guided, full):
+        """Guidance rescale on the model's own prediction: v for SD-style models (as ComfyUI's RescaleCFG; the
+        official SynCD SDXL model is v-prediction), x − x̂₀ = σ·v for flow models."""
+        sampling = self.inner_model.model_sampling
+        if isinstance(sampling, comfy.model_sampling.CONST):
+            return guidance_rescale(guided, full, self.rescale)
+        s = sigma.view(-1, *([1] * (x.dim() - 1)))
+        scale = (s ** 2 + sampling.sigma_data ** 2) ** 0.5
+        x_in = x * sampling.sigma_data ** 2 / scale ** 2
+
+        def to_v(noise_like):
+            return (x_in - (x - noise_like)) * scale / (s * sampling.sigma_data)
+
+        v = guidance_rescale(to_v(guided), to_v(full), self.rescale)
+        return x - (x_in - v * s * sampling.sigma_data / scale)
 
 
 class JeDiGuider(comfy.samplers.CFGGuider):
@@ -121,16 +145,16 @@ class JeDiGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds({"positive": positive, "negative": negative})
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        conds = [self.conds.get("negative"), self.conds.get("positive")]
+        conds = [self.conds.get("positive"), self.conds.get("negative")]  # (cond, uncond), as pre-CFG hooks expect
         if math.isclose(self.image_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False):
-            conds[0] = None  # λ = 1 returns ε: skip ε⁰, as CFGGuider skips the uncond at cfg 1
-        options = _blind_options(model_options, conds[0] or [])
+            conds[1] = None  # λ = 1 returns ε: skip ε⁰, as CFGGuider skips the uncond at cfg 1
+        options = _blind_options(model_options, conds[1] or [])
         outs = _calc(self.inner_model, conds, x, timestep, options)
         outs = _pre_cfg(options, conds, outs, self.image_scale, x, timestep, self.inner_model)
-        if conds[0] is None:
-            outs[0] = outs[1]
-        guided = jedi_image_guidance(x - outs[0], x - outs[1], self.image_scale)
-        return _post_cfg(options, x - guided, conds[1], conds[0], outs[1], outs[0], self.image_scale, x, timestep,
+        if conds[1] is None:
+            outs[1] = outs[0]
+        guided = jedi_image_guidance(x - outs[1], x - outs[0], self.image_scale)
+        return _post_cfg(options, x - guided, conds[0], conds[1], outs[0], outs[1], self.image_scale, x, timestep,
                          self.inner_model)
 
 

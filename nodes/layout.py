@@ -71,3 +71,23 @@ def chunk_reference_access(batch_rows: int, transformer_options: dict) -> list[t
     if len(uuids) != len(chunks):
         uuids = [None] * len(chunks)
     return [(uuid not in blind if uuid is not None else True, rows) for uuid, (_, rows) in zip(uuids, chunks)]
+
+
+EXCLUSIVE = "syncd_attention_patch"  # transformer_options: which SynCD self-attention patch the model carries
+
+_PATCH_NAMES = {"syncd_shared_attention": "SynCD Masked Shared Attention",
+                "syncd_reference_injection": "SynCD Apply References"}
+
+
+def check_exclusive(model, key: str) -> None:
+    """SynCD Masked Shared Attention and SynCD Apply References both own the self-attention; refuse a second one
+    (in any order, and either one twice) instead of silently dropping one."""
+    present = model.model_options.get("transformer_options", {}).get(EXCLUSIVE)
+    if present is not None:
+        raise ValueError(f"{_PATCH_NAMES[key]}: this model already has {_PATCH_NAMES[present]} applied; both replace "
+                         f"the self-attention, so apply only one of them to a model (for JeDi use Masked Shared "
+                         f"Attention, for SynCD customization Apply References)")
+
+
+def mark_exclusive(model, key: str) -> None:
+    model.model_options["transformer_options"][EXCLUSIVE] = key

@@ -14,7 +14,9 @@ can never mix them (the FluxKVCache failure, Comfy-Org/ComfyUI#14389, came from 
 * Flux (the repo's in-context variant, §5): references stay clean and share the target's timestep; their
   post-RoPE keys/values of every attention layer are recorded and moved, by one more rotation of the column axis,
   to positions beside the target (the upstream canvas ``[target | ref 1 | ref 2 …]``). Deviation: upstream runs
-  one joint canvas, so references also attend to the target; here the references are computed on their own.
+  one joint canvas, so references also attend to the target; here the references are computed on their own. The
+  references are encoded with ComfyUI's ``process_in`` (scale and shift); upstream Flux training and reference
+  encoding skip the shift factor (a quirk, ``syncd-official-code.md`` §7): we keep ComfyUI's latent convention.
 
 ``nodes.reference_pass`` tells other patches (the SynCD checkpoint's LoRA, IP-Adapter) that the reference pass is
 running; upstream runs it with the SynCD LoRA at scale 0.
@@ -35,7 +37,7 @@ import comfy.samplers
 from ..attention.masks import resize_to_grid
 from ..attention.rope import shift_axis
 from ..attention.shared import gather_foreground, reference_attention
-from .layout import chunk_reference_access
+from .layout import check_exclusive, chunk_reference_access, mark_exclusive
 from .reference_pass import REFERENCE_INDEX, REFERENCE_PASS, reference_pass
 from .references import ReferenceSet
 from .shared_attention import current_step, unet_attention_blocks
@@ -68,6 +70,7 @@ class ReferenceRun:
         self.key = None                   # (step, sigma) of the cached features
         self.features: dict = {}          # layer key -> (R, ..) reference tokens
         self.grids: dict = {}             # layer key -> (h, w) reference token grid
+        self.tokens: dict = {}            # (layer, placement) -> gathered foreground tokens of the current features
         self.passes: list[int] = []       # step of every reference pass run (tests count them)
         self._encoded = None              # (device, dtype) -> reference-pass inputs
         self._foreground: dict = {}
@@ -93,14 +96,18 @@ class ReferenceRun:
         latents, kwargs = self._inputs(base_model, x)
         r = latents.shape[0]
         ref_sigma = sigma[:1].expand(r)
+        sampling = base_model.model_sampling
+        sigmas = ref_sigma.view(-1, 1, 1, 1).to(latents)
         if self.config.noise_mode == "noised":
             generator = torch.Generator().manual_seed((self.config.seed + 1000003 * step) % 2**63)
             noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
-            latents = base_model.model_sampling.noise_scaling(ref_sigma.view(-1, 1, 1, 1).to(latents), noise, latents)
+            latents = sampling.noise_scaling(sigmas, noise, latents)
+        else:  # clean: undo the model's input scaling (1/√(σ²+σ_data²) for SD; none for Flux) so it sees x₀
+            latents = latents / sampling.calculate_input(sigmas, torch.ones_like(sigmas))
         to = {k: v for k, v in transformer_options.items() if k not in (STATE, BLOCK)}
         to.update({"cond_or_uncond": [0], "uuids": [None], "sigmas": ref_sigma, REFERENCE_PASS: True,
                    REFERENCE_INDEX: list(range(r)), STATE: self})
-        self.features, self.grids = {}, {}
+        self.features, self.grids, self.tokens = {}, {}, {}
         with reference_pass():
             executor(latents, ref_sigma, kwargs.get("c_concat"), kwargs.get("c_crossattn"), None, to,
                      **{k: v for k, v in kwargs.items() if k not in ("c_concat", "c_crossattn")})
@@ -165,7 +172,9 @@ def make_unet_attn1_patch() -> Callable:
         refs = run.features.get(layer)
         if refs is None or context is not n or value is not n:
             return n, context, value
-        tokens = gather_foreground(refs, run.foreground(run.grids[layer]).to(refs.device))
+        if layer not in run.tokens:  # gathered once per reference pass, reused by every target call
+            run.tokens[layer] = gather_foreground(refs, run.foreground(run.grids[layer]).to(refs.device))
+        tokens = run.tokens[layer]
         if tokens.shape[0] == 0:
             return n, context, value
         joint = torch.cat([n, tokens.to(n.dtype).unsqueeze(0).expand(n.shape[0], -1, -1)], dim=1)
@@ -178,7 +187,7 @@ def make_unet_attn1_replace() -> Callable:
         heads = extra_options["n_heads"]
         if k.shape[1] == q.shape[1]:
             return comfy.ldm.modules.attention.optimized_attention(
-                q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
+                q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
         b, lq, _ = q.shape
         split = [t.view(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v)]
         out = reference_attention(*split, lq, row_access(b, extra_options, q.device))
@@ -210,15 +219,17 @@ def make_flux_override(axes_dim, theta, previous: Optional[Callable]) -> Callabl
         if mask is not None:
             raise ValueError("SynCD reference injection cannot be combined with a Flux attention mask "
                              "(attention_mask conditioning); remove one of them")
-        ref_k, ref_v = run.features[layer]
         _, _, target_w = to[_FLUX_TARGET]
-        fg = run.foreground(run.grids[layer]).to(q.device)
-        # References sit side by side right of the target: reference r's columns start at target_w + r·ref_w.
-        ref_w = run.grids[layer][1]
-        shifted = torch.stack([shift_axis(ref_k[r], target_w + r * ref_w, axes_dim, 2, theta)
-                               for r in range(ref_k.shape[0])])
-        tokens_k = gather_foreground(shifted, fg, token_dim=2)
-        tokens_v = gather_foreground(ref_v, fg, token_dim=2)
+        if (layer, target_w) not in run.tokens:  # once per reference pass and target width
+            ref_k, ref_v = run.features[layer]
+            fg = run.foreground(run.grids[layer]).to(q.device)
+            # References sit side by side right of the target: reference r's columns start at target_w + r·ref_w.
+            ref_w = run.grids[layer][1]
+            shifted = torch.stack([shift_axis(ref_k[r], target_w + r * ref_w, axes_dim, 2, theta)
+                                   for r in range(ref_k.shape[0])])
+            run.tokens[(layer, target_w)] = (gather_foreground(shifted, fg, token_dim=2),
+                                             gather_foreground(ref_v, fg, token_dim=2))
+        tokens_k, tokens_v = run.tokens[(layer, target_w)]
         if tokens_k.shape[1] == 0:  # no reference foreground on this grid: nothing to add
             return _fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
         b, n_own = q.shape[0], k.shape[2]
@@ -256,6 +267,7 @@ def make_flux_block_marker(layer: tuple, previous: Optional[Callable]) -> Callab
 
 def apply_reference_injection(model, config: ReferenceConfig):
     """A clone of ``model`` (a ModelPatcher) that injects the references' features, and its run state."""
+    check_exclusive(model, PATCH_KEY)
     m = model.clone()
     diffusion_model = m.get_model_object("diffusion_model")
     is_flux = hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")
@@ -268,7 +280,7 @@ def apply_reference_injection(model, config: ReferenceConfig):
         try:
             return executor(*args, **kwargs)
         finally:
-            run.features, run.grids = {}, {}
+            run.features, run.grids, run.tokens = {}, {}, {}
 
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY, outer_sample)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PATCH_KEY, make_apply_model_wrapper(run))
@@ -283,6 +295,7 @@ def apply_reference_injection(model, config: ReferenceConfig):
         params = diffusion_model.params
         to["optimized_attention_override"] = make_flux_override(
             list(params.axes_dim), params.theta, to.get("optimized_attention_override"))
+        mark_exclusive(m, PATCH_KEY)
         return m, run
 
     blocks = unet_attention_blocks(diffusion_model)
@@ -292,10 +305,10 @@ def apply_reference_injection(model, config: ReferenceConfig):
     taken = m.model_options["transformer_options"].get("patches_replace", {}).get("attn1", {})
     if taken:
         raise ValueError("SynCD reference injection replaces the self-attention of every UNet block, and this model "
-                         "already has self-attention replace patches (e.g. SynCD Masked Shared Attention); apply "
-                         "only one of them")
+                         "already has self-attention replace patches from another node; apply only one of them")
     m.set_model_attn1_patch(make_unet_attn1_patch())
     replace = make_unet_attn1_replace()
     for name, i in blocks:
         m.set_model_attn1_replace(replace, name, i)
+    mark_exclusive(m, PATCH_KEY)
     return m, run

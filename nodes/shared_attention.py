@@ -29,8 +29,8 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from ..attention.masks import AutomaticMaskEstimator, resize_to_grid, subject_attention
 from ..attention.rope import shift_axis
 from ..attention.shared import shared_attention, shared_attention_reference
-from .layout import (check_group_size, chunk_reference_access, conditioning_chunks, latent_batch_size,
-                     subject_groups)
+from .layout import (check_exclusive, check_group_size, chunk_reference_access, conditioning_chunks,
+                     latent_batch_size, mark_exclusive, subject_groups)
 from .reference_pass import REFERENCE_PASS
 
 PATCH_KEY = "syncd_shared_attention"
@@ -309,6 +309,7 @@ def select_blocks(spec: str, available: list[tuple[str, int]]) -> list[tuple[str
 
 def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "all"):
     """A clone of ``model`` (a ModelPatcher) with Masked Shared Attention patched in, and its run state."""
+    check_exclusive(model, PATCH_KEY)
     m = model.clone()
     diffusion_model = m.get_model_object("diffusion_model")
     is_flux = hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")
@@ -333,6 +334,7 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
         params = diffusion_model.params
         to["optimized_attention_override"] = make_flux_override(
             run, list(params.axes_dim), params.theta, to.get("optimized_attention_override"))
+        mark_exclusive(m, PATCH_KEY)
         return m, run
 
     available = unet_attention_blocks(diffusion_model)
@@ -347,4 +349,5 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
         attn2 = make_unet_attn2(run, previous)
         for key in {(name, i) for name, i in available} | set(previous):  # per-index keys set before win lookup
             m.set_model_patch_replace(attn2, "attn2", *key)
+    mark_exclusive(m, PATCH_KEY)
     return m, run

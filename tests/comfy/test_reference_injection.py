@@ -194,7 +194,7 @@ def test_cfg1_equals_the_conditional_branch_of_a_guided_run(tiny, models, vaes, 
     guider = JeDiGuider(probe, 1.0)
     guider.set_conds(*conds(tiny, family))
     guided_sample(guider, probe, noise, steps=2)
-    assert batches == [[1], [1]]
+    assert batches == [[0], [0]]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -248,7 +248,7 @@ def test_guider_equals_the_formula_on_its_branch_outputs(tiny, models, vaes, fam
     assert len(seen) == 3
     for (step, s_img), record in zip(guider.image_scales, seen):
         x = record["x"].double()
-        unc, img, full = (x - o.double() for o in record["outs"])
+        full, unc, img = (x - o.double() for o in record["outs"])  # positive first, as pre-CFG hooks expect
         d_img, d_txt = img - unc, full - img
         if combination == "normalized":
             for b in range(x.shape[0]):
@@ -272,8 +272,8 @@ def test_unconditional_branch_has_no_reference_access(tiny, models, vaes, family
         model = model.clone()
         model.set_model_sampler_pre_cfg_function(lambda a, name=name: outs.setdefault(name, a["conds_out"]))
         guided_sample(normalized(model, tiny, family), model, noise_for(tiny, family), steps=1)
-    torch.testing.assert_close(outs["patched"][0], outs["plain"][0])
-    assert (outs["patched"][1] - outs["plain"][1]).abs().max() > 1e-6
+    torch.testing.assert_close(outs["patched"][1], outs["plain"][1])          # negative, no references
+    assert (outs["patched"][2] - outs["plain"][2]).abs().max() > 1e-6      # image branch sees them
 
 
 def test_guidance_rescale_changes_the_result(tiny, models, vaes):
@@ -311,12 +311,21 @@ def test_bad_inputs_give_clear_errors(tiny, models, vaes):
     assert guider.image_scale_end < guider.image_scale_start
 
 
-def test_shared_attention_and_reference_injection_do_not_silently_collide(tiny, models, vaes):
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_shared_attention_and_reference_injection_do_not_silently_collide(tiny, models, vaes, family):
+    """Both own the self-attention: any second one (either order, or one twice) is refused with a clear error."""
     from comfyui_syncd.nodes.shared_attention import SharedAttentionConfig, apply_shared_attention
 
-    shared, _ = apply_shared_attention(models["sd15"], SharedAttentionConfig(2, "none", 1e9, 0.0))
+    config = SharedAttentionConfig(2, "none", 1e9, 0.0)
+    refs = references(vaes[family])
+    shared = apply_shared_attention(models[family], config)[0]
+    injected = inject(tiny, family, models[family], refs)[0]
+    with pytest.raises(ValueError, match="already has SynCD Masked Shared Attention applied"):
+        inject(tiny, family, shared, refs)
+    with pytest.raises(ValueError, match="already has SynCD Apply References applied"):
+        apply_shared_attention(injected, config)
     with pytest.raises(ValueError, match="apply only one of them"):
-        inject(tiny, "sd15", shared, references(vaes["sd15"]))
+        inject(tiny, family, injected, refs)
 
 
 # --- JeDi personalization as inpainting --------------------------------------------------------------------------
@@ -355,7 +364,7 @@ def test_jedi_inpainting_keeps_references_and_couples_the_generated_image(tiny, 
 
 @pytest.mark.parametrize("family,mode", [("sdxl", "auto"), ("flux", "auto"), ("sd15", "clean"), ("flux", "noised")])
 def test_references_are_brought_to_the_current_noise_level(tiny, models, vaes, family, mode):
-    """noised (SD default): fresh noise to the current sigma every step; clean (Flux default): x_t = x_0."""
+    """noised (SD default): fresh noise to the current sigma every step; clean (Flux default): the model sees x_0."""
     import comfy.patcher_extension
 
     from comfyui_syncd.nodes.reference_pass import REFERENCE_PASS
@@ -377,8 +386,8 @@ def test_references_are_brought_to_the_current_noise_level(tiny, models, vaes, f
     assert len(seen) == 3
     noises = []
     for x, sigma in seen:
-        if mode == "clean" or (mode == "auto" and family == "flux"):
-            torch.testing.assert_close(x, clean)
+        if mode == "clean" or (mode == "auto" and family == "flux"):  # the model's input (after its scaling) is x₀
+            torch.testing.assert_close(base.model_sampling.calculate_input(sigma.view(-1, 1, 1, 1), x), clean)
             continue
         s = sigma.view(-1, 1, 1, 1)
         if family == "flux":  # rectified flow: x = σ·n + (1 − σ)·x0
@@ -388,3 +397,32 @@ def test_references_are_brought_to_the_current_noise_level(tiny, models, vaes, f
     for a, b in zip(noises, noises[1:]):
         assert 0.8 < a.std() < 1.2 and not torch.allclose(a, b)  # unit noise, fresh every step
     assert [float(t[0]) for _, t in seen] == sorted((float(t[0]) for _, t in seen), reverse=True)
+
+
+@pytest.mark.parametrize("prediction", ["v", "eps", "flow"])
+def test_guidance_rescale_runs_on_the_model_prediction(prediction):
+    """Rescale is not affine-invariant: for SD-style models it must act on v (the official SynCD SDXL model is
+    v-prediction), for flow models on σ·v = x − x̂₀; compare with doing exactly that through ComfyUI's own
+    ``calculate_denoised``."""
+    from types import SimpleNamespace
+
+    import comfy.model_sampling as ms
+
+    from comfyui_syncd.attention.guidance import brooks_guidance, guidance_rescale
+    from comfyui_syncd.nodes.guiders import NormalizedGuider
+
+    mixin = {"v": ms.V_PREDICTION, "eps": ms.V_PREDICTION, "flow": ms.CONST}[prediction]
+    base = ms.ModelSamplingDiscreteFlow if prediction == "flow" else ms.ModelSamplingDiscrete
+    sampling = type("Sampling", (base, mixin), {})(None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) * 3
+    sigma = torch.tensor([5.0, 0.4], dtype=torch.float64) if prediction != "flow" else torch.tensor([0.9, 0.3])
+    sigma = sigma.double()
+    v_full, v_unc, v_img = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    denoised = [sampling.calculate_denoised(sigma, v, x) for v in (v_full, v_unc, v_img)]
+    guider = NormalizedGuider.__new__(NormalizedGuider)
+    guider.inner_model, guider.rescale = SimpleNamespace(model_sampling=sampling), 0.7
+    full, unc, img = (x - d for d in denoised)
+    got = x - guider._rescale(x, sigma, brooks_guidance(unc, img, full, 3.0, 5.0), full)
+    v = guidance_rescale(brooks_guidance(v_unc, v_img, v_full, 3.0, 5.0), v_full, 0.7)
+    torch.testing.assert_close(got, sampling.calculate_denoised(sigma, v, x))
