@@ -40,7 +40,7 @@ from ..attention.shared import gather_foreground, reference_attention
 from .layout import check_exclusive, chunk_reference_access, mark_exclusive
 from .reference_pass import REFERENCE_INDEX, REFERENCE_PASS, reference_pass
 from .references import ReferenceSet
-from .shared_attention import current_step, unet_attention_blocks
+from .shared_attention import fall_through, current_step, unet_attention_blocks
 
 PATCH_KEY = "syncd_reference_injection"
 STATE = "syncd_reference_state"      # transformer_options: the run serving the current forward pass (or None)
@@ -207,15 +207,15 @@ def make_flux_override(axes_dim, theta, previous: Optional[Callable]) -> Callabl
         run: Optional[ReferenceRun] = to.get(STATE)
         layer = to.get(BLOCK)
         if run is None or layer is None or not skip_reshape:
-            return _fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
+            return fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
         if to.get(REFERENCE_PASS):
             n_img = run.config.references.latents.shape[-2:]
             gh, gw = (n_img[0] + 1) // 2, (n_img[1] + 1) // 2
             run.features[layer] = (k[:, :, -gh * gw:].detach(), v[:, :, -gh * gw:].detach())
             run.grids[layer] = (gh, gw)
-            return _fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
+            return fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
         if layer not in run.features:
-            return _fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
+            return fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
         if mask is not None:
             raise ValueError("SynCD reference injection cannot be combined with a Flux attention mask "
                              "(attention_mask conditioning); remove one of them")
@@ -231,7 +231,7 @@ def make_flux_override(axes_dim, theta, previous: Optional[Callable]) -> Callabl
                                              gather_foreground(ref_v, fg, token_dim=2))
         tokens_k, tokens_v = run.tokens[(layer, target_w)]
         if tokens_k.shape[1] == 0:  # no reference foreground on this grid: nothing to add
-            return _fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
+            return fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
         b, n_own = q.shape[0], k.shape[2]
         k = torch.cat([k, tokens_k.to(k.dtype).unsqueeze(0).expand(b, -1, -1, -1)], dim=2)
         v = torch.cat([v, tokens_v.to(v.dtype).unsqueeze(0).expand(b, -1, -1, -1)], dim=2)
@@ -240,14 +240,6 @@ def make_flux_override(axes_dim, theta, previous: Optional[Callable]) -> Callabl
             return out
         return out.transpose(1, 2).reshape(b, out.shape[2], -1)
     return override
-
-
-def _fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs):
-    if previous is not None:
-        return previous(func, q, k, v, heads, mask=mask, skip_reshape=skip_reshape,
-                        skip_output_reshape=skip_output_reshape, transformer_options=to, **kwargs)
-    return func(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
-                transformer_options=to, **kwargs)
 
 
 def make_flux_block_marker(layer: tuple, previous: Optional[Callable]) -> Callable:

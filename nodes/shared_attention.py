@@ -221,12 +221,12 @@ def make_flux_override(run: SharedAttentionRun, axes_dim, theta, previous: Optio
         to = transformer_options or {}
         info = to.get(FLUX_INFO)
         if info is None or not skip_reshape:
-            return _fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
+            return fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
         n_text, gh, gw = info
         # Official AttentionStore: text queries × own image keys, softmaxed over the text tokens.
         _record_subject_attention(run, k[:, :, n_text:], q[:, :, :n_text], to, (gh, gw))
         if not to.get(SHARE_MARKER) or not to.get(ACTIVE):
-            return _fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
+            return fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
         if mask is not None:
             raise ValueError("SynCD Masked Shared Attention cannot be combined with a Flux attention mask "
                              "(attention_mask conditioning); remove one of them")
@@ -241,7 +241,7 @@ def make_flux_override(run: SharedAttentionRun, axes_dim, theta, previous: Optio
     return override
 
 
-def _fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs):
+def fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs):
     if previous is not None:
         return previous(func, q, k, v, heads, mask=mask, skip_reshape=skip_reshape,
                         skip_output_reshape=skip_output_reshape, transformer_options=to, **kwargs)
