@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from .references import MAX_REFERENCES
+from .references import MAX_REFERENCES, foreground_masks
 
 
 def joint_image_set(vae, images: torch.Tensor, to_generate: int, masks=None) -> tuple[dict, torch.Tensor]:
@@ -27,14 +27,8 @@ def joint_image_set(vae, images: torch.Tensor, to_generate: int, masks=None) -> 
     size = n + to_generate
     samples = torch.cat([latents, torch.zeros(to_generate, *latents.shape[1:])])
     h, w = images.shape[1:3]
-    if masks is None:
-        ref_masks = torch.ones(n, h, w)
-    else:
-        ref_masks = masks if masks.ndim == 3 else masks.unsqueeze(0)
-        if ref_masks.shape[0] != n:
-            raise ValueError(f"JeDi Joint Image Set: {ref_masks.shape[0]} mask(s) for {n} reference image(s); give "
-                             f"one mask per reference or none")
-        ref_masks = torch.nn.functional.interpolate(ref_masks[:, None].float(), size=(h, w), mode="area")[:, 0]
+    ref_masks = foreground_masks(masks, n, h, w, "JeDi Joint Image Set")
+    ref_masks = torch.nn.functional.interpolate(ref_masks[:, None], size=(h, w), mode="area")[:, 0]
     foreground = torch.cat([ref_masks, torch.ones(to_generate, h, w)])
     keep = torch.zeros(size, 1, *latents.shape[2:])
     keep[n:] = 1.0

@@ -8,7 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from .reference_injection import NOISE_MODES, ReferenceConfig, apply_reference_injection
-from .references import MAX_REFERENCES, ReferenceSet, References
+from .references import MAX_REFERENCES, ReferenceSet, References, foreground_masks
 
 
 def encode_references(vae, images: torch.Tensor, masks=None) -> ReferenceSet:
@@ -21,17 +21,10 @@ def encode_references(vae, images: torch.Tensor, masks=None) -> ReferenceSet:
                          f"got {images.shape[0] if images.ndim == 4 else 'a non-batch'} image(s). Batch images of "
                          f"one size with an image-batch node.")
     r, h, w, _ = images.shape
-    if masks is None:
-        masks = torch.ones(r, h, w)
-    else:
-        masks = masks if masks.ndim == 3 else masks.unsqueeze(0)
-        if masks.shape[0] != r:
-            raise ValueError(f"SynCD Reference Images: {masks.shape[0]} foreground mask(s) for {r} reference "
-                             f"image(s); give one mask per reference image (white = subject), or no masks to use "
-                             f"the whole images")
-        if not (masks > 0.5).any():
-            logging.warning("SynCD Reference Images: every foreground mask is empty, so the references contribute "
-                            "nothing; check the masks (white = subject)")
+    masks = foreground_masks(masks, r, h, w, "SynCD Reference Images")
+    if not (masks > 0.5).any():
+        logging.warning("SynCD Reference Images: every foreground mask is empty, so the references contribute "
+                        "nothing; check the masks (white = subject)")
     latents = vae.encode(images[..., :3])
     return ReferenceSet(images=images[..., :3].cpu(), latents=latents.float().cpu(), masks=masks.float().cpu())
 

@@ -20,3 +20,14 @@ class ReferenceSet:
 
     def __len__(self) -> int:
         return self.latents.shape[0]
+
+
+def foreground_masks(masks, count: int, height: int, width: int, node: str) -> torch.Tensor:
+    """(count, H, W) foreground masks of ``count`` images: all ones without masks, else one mask per image."""
+    if masks is None:
+        return torch.ones(count, height, width)
+    masks = masks if masks.ndim == 3 else masks.unsqueeze(0)
+    if masks.shape[0] != count:
+        raise ValueError(f"{node}: {masks.shape[0]} foreground mask(s) for {count} reference image(s); give one "
+                         f"mask per reference image (white = subject), or no masks to use the whole images")
+    return masks.float().cpu()

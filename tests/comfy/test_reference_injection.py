@@ -296,6 +296,12 @@ def test_bad_inputs_give_clear_errors(tiny, models, vaes):
         SynCDReferenceImages.execute(ref_images(2), vaes["sd15"], torch.ones(3, 64, 64))
     with pytest.raises(ValueError, match="1 to 8 reference images"):
         SynCDReferenceImages.execute(torch.rand(9, 64, 64, 3), vaes["sd15"])
+    from comfyui_syncd.nodes.jedi import joint_image_set
+
+    with pytest.raises(ValueError, match="JeDi Joint Image Set: 1 foreground mask\\(s\\) for 2 reference"):
+        joint_image_set(vaes["sd15"], ref_images(2), 1, torch.ones(1, 64, 64))
+    with pytest.raises(ValueError, match="JeDi Joint Image Set: no VAE connected"):
+        joint_image_set(None, ref_images(2), 1)
     with pytest.raises(ValueError, match="image_scale_end must be >= 0"):
         NormalizedGuider(models["sd15"], 7.5, 8.0, -1.0)
     with pytest.raises(ValueError, match="text_scale must be >= 0"):
