@@ -33,7 +33,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 
 from ..checkpoint_convert import read_weights, tensor_dict
 from .ip_adapter_model import Resampler, check_plus_layout, ip_layers, split_flat_state_dict
-from .layout import chunk_reference_access
+from .layout import BLIND_UUIDS, chunk_reference_access
 from .reference_pass import REFERENCE_INDEX, REFERENCE_PASS
 from .references import References
 
@@ -175,6 +175,7 @@ class IPAdapterPatch:
     weight: float
     reference_weight: float
     _device_cache: dict = field(default_factory=dict)
+    _plans: dict = field(default_factory=dict)
 
     @property
     def gray(self) -> int:
@@ -208,6 +209,18 @@ class IPAdapterPatch:
                                  f"give one image, or one per latent image")
         return plan, self.reference_weight if in_reference_pass else self.weight
 
+    def tokens(self, batch_rows: int, to: dict, device, dtype) -> tuple[torch.Tensor, float]:
+        """IP tokens of every batch row and the scale, worked out once per batch layout (not per layer)."""
+        key = (batch_rows, tuple(to.get("cond_or_uncond") or ()), tuple(to.get("uuids") or ()),
+               frozenset(to.get(BLIND_UUIDS) or ()), bool(to.get(REFERENCE_PASS)),
+               tuple(to.get(REFERENCE_INDEX) or ()), device, dtype)
+        if key not in self._plans:
+            if len(self._plans) > 64:
+                self._plans.clear()
+            plan, scale = self.rows(batch_rows, to)
+            self._plans[key] = (self.on(device, dtype)[torch.tensor(plan, device=device)], scale)
+        return self._plans[key]
+
     def on(self, device, dtype, location=None):
         """The table (or a layer's weights) on ``device``/``dtype``, converted once."""
         key = (location, device, dtype)
@@ -230,10 +243,9 @@ def make_attn2(patch: IPAdapterPatch, previous: dict) -> Callable:
             out = comfy.ldm.modules.attention.optimized_attention(
                 q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
                 transformer_options=extra_options)
-        plan, scale = patch.rows(q.shape[0], extra_options)
+        tokens, scale = patch.tokens(q.shape[0], extra_options, q.device, q.dtype)
         if scale == 0 or location not in patch.layers:
             return out
-        tokens = patch.on(q.device, q.dtype)[torch.tensor(plan, device=q.device)]
         wk, wv = patch.on(q.device, q.dtype, location)
         ip = comfy.ldm.modules.attention.optimized_attention(
             q, F.linear(tokens, wk), F.linear(tokens, wv), extra_options["n_heads"],

@@ -40,11 +40,13 @@ from ..attention.shared import gather_foreground, reference_attention
 from .layout import check_exclusive, chunk_reference_access, mark_exclusive
 from .reference_pass import REFERENCE_INDEX, REFERENCE_PASS, reference_pass
 from .references import ReferenceSet
-from .shared_attention import fall_through, current_step, unet_attention_blocks
+from .shared_attention import (current_step, fall_through, flux_grid, heads_first, in_sigma_window, is_flux,
+                               unet_attention_blocks)
 
 PATCH_KEY = "syncd_reference_injection"
 STATE = "syncd_reference_state"      # transformer_options: the run serving the current forward pass (or None)
 BLOCK = "syncd_reference_block"      # transformer_options (Flux): the block being run, set by dit block patches
+ACCESS = "syncd_reference_access"    # transformer_options: (rows,) bool, which rows of this forward see references
 NOISE_MODES = ("auto", "noised", "clean")
 
 
@@ -76,8 +78,7 @@ class ReferenceRun:
         self._foreground: dict = {}
 
     def active(self, transformer_options: dict) -> bool:
-        sigma = float(transformer_options["sigmas"].max()) if "sigmas" in transformer_options else 0.0
-        return self.config.sigma_end <= sigma <= self.config.sigma_start
+        return in_sigma_window(transformer_options, self.config.sigma_start, self.config.sigma_end)
 
     def foreground(self, grid: tuple[int, int]) -> torch.Tensor:
         """(R, h·w) bool: the references' foreground on a token grid."""
@@ -104,7 +105,7 @@ class ReferenceRun:
             latents = sampling.noise_scaling(sigmas, noise, latents)
         else:  # clean: undo the model's input scaling (1/√(σ²+σ_data²) for SD; none for Flux) so it sees x₀
             latents = latents / sampling.calculate_input(sigmas, torch.ones_like(sigmas))
-        to = {k: v for k, v in transformer_options.items() if k not in (STATE, BLOCK)}
+        to = {k: v for k, v in transformer_options.items() if k not in (STATE, BLOCK, ACCESS)}
         to.update({"cond_or_uncond": [0], "uuids": [None], "sigmas": ref_sigma, REFERENCE_PASS: True,
                    REFERENCE_INDEX: list(range(r)), STATE: self})
         self.features, self.grids, self.tokens = {}, {}, {}
@@ -138,17 +139,18 @@ def row_access(batch_rows: int, transformer_options: dict, device) -> torch.Tens
 
 
 def make_apply_model_wrapper(run: ReferenceRun) -> Callable:
-    """APPLY_MODEL wrapper: expose the run to the attention patches and run the reference pass when needed."""
+    """APPLY_MODEL wrapper: once per forward pass, work out which rows see the references (from this call's
+    ``cond_or_uncond``/uuids), run the reference pass when needed, and expose both to the attention patches."""
     def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         to = transformer_options
         to[STATE] = None
-        if not to.get(REFERENCE_PASS) and run.active(to) and any(
-                ok for ok, _ in chunk_reference_access(x.shape[0], to)):
-            run.ensure_features(executor, executor.class_obj, x, t, to)
-            to[STATE] = run
-            if run.is_flux:
-                h, w = x.shape[-2:]
-                to[_FLUX_TARGET] = (c_crossattn.shape[1], (h + 1) // 2, (w + 1) // 2)
+        if not to.get(REFERENCE_PASS) and run.active(to):
+            access = row_access(x.shape[0], to, x.device)
+            if access.any():
+                run.ensure_features(executor, executor.class_obj, x, t, to)
+                to[STATE], to[ACCESS] = run, access
+                if run.is_flux:
+                    to[_FLUX_TARGET] = flux_grid(*x.shape[-2:])
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     return wrapper
 
@@ -189,15 +191,15 @@ def make_unet_attn1_replace() -> Callable:
             return comfy.ldm.modules.attention.optimized_attention(
                 q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
         b, lq, _ = q.shape
-        split = [t.view(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v)]
-        out = reference_attention(*split, lq, row_access(b, extra_options, q.device))
+        out = reference_attention(heads_first(q, heads), heads_first(k, heads), heads_first(v, heads), lq,
+                                  extra_options[ACCESS])
         return out.transpose(1, 2).reshape(b, lq, -1)
     return attn1
 
 
 # --- Flux ----------------------------------------------------------------------------------------------------
 
-_FLUX_TARGET = "syncd_reference_flux_target"   # transformer_options: (text tokens, grid h, grid w) of the target
+_FLUX_TARGET = "syncd_reference_flux_target"   # transformer_options: (grid h, grid w) of the target
 
 
 def make_flux_override(axes_dim, theta, previous: Optional[Callable]) -> Callable:
@@ -209,8 +211,7 @@ def make_flux_override(axes_dim, theta, previous: Optional[Callable]) -> Callabl
         if run is None or layer is None or not skip_reshape:
             return fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
         if to.get(REFERENCE_PASS):
-            n_img = run.config.references.latents.shape[-2:]
-            gh, gw = (n_img[0] + 1) // 2, (n_img[1] + 1) // 2
+            gh, gw = flux_grid(*run.config.references.latents.shape[-2:])
             run.features[layer] = (k[:, :, -gh * gw:].detach(), v[:, :, -gh * gw:].detach())
             run.grids[layer] = (gh, gw)
             return fall_through(previous, func, q, k, v, heads, mask, skip_reshape, skip_output_reshape, to, kwargs)
@@ -219,7 +220,7 @@ def make_flux_override(axes_dim, theta, previous: Optional[Callable]) -> Callabl
         if mask is not None:
             raise ValueError("SynCD reference injection cannot be combined with a Flux attention mask "
                              "(attention_mask conditioning); remove one of them")
-        _, _, target_w = to[_FLUX_TARGET]
+        _, target_w = to[_FLUX_TARGET]
         if (layer, target_w) not in run.tokens:  # once per reference pass and target width
             ref_k, ref_v = run.features[layer]
             fg = run.foreground(run.grids[layer]).to(q.device)
@@ -235,7 +236,7 @@ def make_flux_override(axes_dim, theta, previous: Optional[Callable]) -> Callabl
         b, n_own = q.shape[0], k.shape[2]
         k = torch.cat([k, tokens_k.to(k.dtype).unsqueeze(0).expand(b, -1, -1, -1)], dim=2)
         v = torch.cat([v, tokens_v.to(v.dtype).unsqueeze(0).expand(b, -1, -1, -1)], dim=2)
-        out = reference_attention(q, k, v, n_own, row_access(b, to, q.device))
+        out = reference_attention(q, k, v, n_own, to[ACCESS])
         if skip_output_reshape:
             return out
         return out.transpose(1, 2).reshape(b, out.shape[2], -1)
@@ -262,10 +263,10 @@ def apply_reference_injection(model, config: ReferenceConfig):
     check_exclusive(model, PATCH_KEY)
     m = model.clone()
     diffusion_model = m.get_model_object("diffusion_model")
-    is_flux = hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")
+    flux = is_flux(diffusion_model)
     if config.noise_mode == "auto":
-        config = ReferenceConfig(**{**config.__dict__, "noise_mode": "clean" if is_flux else "noised"})
-    run = ReferenceRun(config, is_flux)
+        config = ReferenceConfig(**{**config.__dict__, "noise_mode": "clean" if flux else "noised"})
+    run = ReferenceRun(config, flux)
 
     def outer_sample(executor, *args, **kwargs):
         run.reset()  # features of the previous run never leak into this one
@@ -277,7 +278,7 @@ def apply_reference_injection(model, config: ReferenceConfig):
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY, outer_sample)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PATCH_KEY, make_apply_model_wrapper(run))
 
-    if is_flux:
+    if flux:
         existing = dict(m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}))
         for name, count in (("double_block", len(diffusion_model.double_blocks)),
                             ("single_block", len(diffusion_model.single_blocks))):

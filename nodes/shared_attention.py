@@ -31,7 +31,6 @@ from ..attention.rope import shift_axis
 from ..attention.shared import shared_attention, shared_attention_reference
 from .layout import (check_exclusive, check_group_size, chunk_reference_access, conditioning_chunks,
                      latent_batch_size, mark_exclusive, subject_groups)
-from .reference_pass import REFERENCE_PASS
 
 PATCH_KEY = "syncd_shared_attention"
 SHARE_MARKER = "syncd_share"      # transformer_options flag set inside a selected Flux block
@@ -69,7 +68,7 @@ class SharedAttentionRun:
         self.estimator: Optional[AutomaticMaskEstimator] = None
         if latent_shape is not None and self.config.mask_mode == "automatic":
             h, w = latent_shape[-2:]
-            self.estimator = AutomaticMaskEstimator(((h + 1) // 2, (w + 1) // 2) if self.is_flux else (h, w))
+            self.estimator = AutomaticMaskEstimator(flux_grid(h, w) if self.is_flux else (h, w))
 
     def validate(self, latent_batch: int) -> None:
         """Errors the user can fix, raised before the first step."""
@@ -101,8 +100,7 @@ class SharedAttentionRun:
             self.step = step
 
     def active(self, transformer_options: dict) -> bool:
-        sigma = float(transformer_options["sigmas"].max()) if "sigmas" in transformer_options else 0.0
-        return self.config.sigma_end <= sigma <= self.config.sigma_start
+        return in_sigma_window(transformer_options, self.config.sigma_start, self.config.sigma_end)
 
     def foreground(self, latent_index: int, n: int, grid: tuple[int, int], n_tokens: int) -> Optional[torch.Tensor]:
         """(n, n_tokens) key-side foreground of the group starting at ``latent_index``, or None for full sharing."""
@@ -134,7 +132,22 @@ def current_step(transformer_options: dict) -> int:
     return int((sample_sigmas.to(sigmas.device).float() - sigmas.float().max()).abs().argmin())
 
 
-def _heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+def in_sigma_window(transformer_options: dict, sigma_start: float, sigma_end: float) -> bool:
+    """Whether the current sigma lies in a node's start_percent..end_percent window (as sigmas)."""
+    sigma = float(transformer_options["sigmas"].max()) if "sigmas" in transformer_options else 0.0
+    return sigma_end <= sigma <= sigma_start
+
+
+def is_flux(diffusion_model) -> bool:
+    return hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")
+
+
+def flux_grid(h: int, w: int) -> tuple[int, int]:
+    """Flux's token grid of an h×w latent: 2×2 patches, padded (``Flux._forward``)."""
+    return (h + 1) // 2, (w + 1) // 2
+
+
+def heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
     b, l, _ = x.shape
     return x.view(b, l, heads, -1).transpose(1, 2)
 
@@ -178,7 +191,7 @@ def make_unet_attn1(run: SharedAttentionRun) -> Callable:
             return comfy.ldm.modules.attention.optimized_attention(
                 q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
         _, _, h, w = extra_options["activations_shape"]
-        out = share_groups(run, _heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads),
+        out = share_groups(run, heads_first(q, heads), heads_first(k, heads), heads_first(v, heads),
                            extra_options, 0, (h, w))
         return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
     return attn1
@@ -189,7 +202,7 @@ def make_unet_attn2(run: SharedAttentionRun, previous: dict) -> Callable:
     image→subject-token attention of positive chunks."""
     def attn2(q, k, v, extra_options):
         heads = extra_options["n_heads"]
-        _record_subject_attention(run, _heads_first(q, heads), _heads_first(k, heads), extra_options,
+        _record_subject_attention(run, heads_first(q, heads), heads_first(k, heads), extra_options,
                                   tuple(extra_options["activations_shape"][-2:]))
         block = tuple(extra_options["block"])
         earlier = previous.get((*block, extra_options["block_index"])) or previous.get(block)
@@ -255,14 +268,10 @@ def make_apply_model_wrapper(run: SharedAttentionRun) -> Callable:
     the 2×2-patch token grid. The attention hooks read these instead of recomputing them on every call."""
     def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         to = transformer_options
-        if to.get(REFERENCE_PASS):  # the reference-injection pass over reference images: no group sharing
-            to[ACTIVE] = False
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         run.sync(to, x)
         to[ACTIVE] = run.active(to)
         if run.is_flux:
-            h, w = x.shape[-2:]
-            to[FLUX_INFO] = (c_crossattn.shape[1], (h + 1) // 2, (w + 1) // 2)
+            to[FLUX_INFO] = (c_crossattn.shape[1], *flux_grid(*x.shape[-2:]))
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     return wrapper
 
@@ -312,8 +321,8 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
     check_exclusive(model, PATCH_KEY)
     m = model.clone()
     diffusion_model = m.get_model_object("diffusion_model")
-    is_flux = hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")
-    run = SharedAttentionRun(config, is_flux)
+    flux = is_flux(diffusion_model)
+    run = SharedAttentionRun(config, flux)
 
     def outer_sample(executor, noise, *args, **kwargs):
         run.validate(noise.shape[0])
@@ -323,7 +332,7 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY, outer_sample)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PATCH_KEY, make_apply_model_wrapper(run))
 
-    if is_flux:
+    if flux:
         available = [("double", i) for i in range(len(diffusion_model.double_blocks))]
         available += [("single", i) for i in range(len(diffusion_model.single_blocks))]
         existing = dict(m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}))

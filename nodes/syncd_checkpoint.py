@@ -37,6 +37,7 @@ from ..checkpoint_convert import read_weights, tensor_dict
 from .ip_adapter import IPAdapter, cross_attentions
 from .ip_adapter_model import check_plus_layout, layer_key
 from .reference_pass import in_reference_pass
+from .shared_attention import is_flux
 
 FOLDER = "syncd"
 
@@ -256,10 +257,10 @@ def load_syncd_checkpoint(model, path, strength: float = 1.0, ipadapter=None):
     """(MODEL, IPADAPTER, report) for an official SynCD checkpoint file."""
     sd, _ = tensor_dict(read_weights(path), os.path.basename(str(path)))
     family = detect_family(sd)
-    is_flux = hasattr(model.get_model_object("diffusion_model"), "double_blocks")
-    if (family == "flux") != is_flux:
+    flux = is_flux(model.get_model_object("diffusion_model"))
+    if (family == "flux") != flux:
         raise ValueError(f"SynCD checkpoint: {os.path.basename(str(path))} is the SynCD {family.upper()} checkpoint "
-                         f"but the model is {'Flux' if is_flux else 'not Flux'}; connect the matching base model "
+                         f"but the model is {'Flux' if flux else 'not Flux'}; connect the matching base model "
                          f"(FLUX.1-dev for pytorch_model.bin, SDXL for sdxl_finetuned_20k.ckpt)")
     if family == "flux":
         patched, report = apply_flux(model, sd, strength)
