@@ -432,3 +432,24 @@ def test_guidance_rescale_runs_on_the_model_prediction(prediction):
     got = x - guider._rescale(x, sigma, brooks_guidance(unc, img, full, 3.0, 5.0), full)
     v = guidance_rescale(brooks_guidance(v_unc, v_img, v_full, 3.0, 5.0), v_full, 0.7)
     torch.testing.assert_close(got, sampling.calculate_denoised(sigma, v, x))
+
+
+def test_customization_sampler_equals_the_guider_with_sampler_custom_advanced(tiny, models, vaes):
+    """The all-in-one node is the normalized guider sampled like SamplerCustomAdvanced with the same seed."""
+    import comfy.sample
+    import comfy.samplers
+
+    from comfyui_syncd.nodes.guiders import SynCDCustomizationSampler
+
+    patched, run = inject(tiny, "sdxl", models["sdxl"], references(vaes["sdxl"]))
+    pos, neg = conds(tiny, "sdxl")
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+    out = SynCDCustomizationSampler.execute(patched, pos, neg, latent, 7, 3, "euler", "simple", 7.5, 8.0, 13.0,
+                                            "normalized", 0.0).args[0]["samples"]
+    assert run.passes == [0, 1, 2]
+    guider = normalized(patched, tiny, "sdxl")
+    sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "simple", 3).cpu()
+    noise = comfy.sample.prepare_noise(latent["samples"], 7)
+    want = guider.sample(noise, latent["samples"], comfy.samplers.sampler_object("euler"), sigmas, seed=7,
+                         disable_pbar=True)
+    torch.testing.assert_close(out, want)
