@@ -120,6 +120,10 @@ class ReferenceRun:
         cache_key = (x.device, x.dtype)
         if self._encoded is None or self._encoded[0] != cache_key:
             refs = self.config.references
+            if refs.latents.shape[1] != x.shape[1]:
+                raise ValueError(f"SynCD Apply References: the references were encoded to {refs.latents.shape[1]} "
+                                 f"latent channels but this model samples {x.shape[1]}; connect the VAE of the model "
+                                 f"you sample with to SynCD Reference Images")
             latents = base_model.latent_format.process_in(refs.latents.to(x.device, torch.float32))
             conds = comfy.sampler_helpers.convert_cond(self.config.conditioning[:1])
             conds = comfy.samplers.encode_model_conds(base_model.extra_conds, conds, latents, x.device, "positive")

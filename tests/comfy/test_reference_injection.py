@@ -311,6 +311,9 @@ def test_bad_inputs_give_clear_errors(tiny, models, vaes):
     refs = SynCDReferenceImages.execute(ref_images(2), vaes["sd15"]).args[0]
     with pytest.raises(ValueError, match="start_percent"):
         SynCDApplyReferences.execute(models["sd15"], refs, tiny.encode_text("sd15", "x"), "auto", 0, 0.8, 0.2)
+    mismatched, _ = inject(tiny, "flux", models["flux"], references(vaes["sd15"]))  # a 4-channel VAE for Flux
+    with pytest.raises(ValueError, match="connect the VAE of the model you sample with"):
+        ksample(mismatched, tiny, "flux", noise_for(tiny, "flux"), steps=1)
     # end below start is a valid schedule
     guider = SynCDNormalizedGuider.execute(models["sd15"], tiny.encode_text("sd15", "a"), tiny.encode_text("sd15", ""),
                                            7.5, 13.0, 8.0, "normalized", 0.0).args[0]
