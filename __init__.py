@@ -10,7 +10,14 @@ WEB_DIRECTORY = None
 
 
 async def comfy_entrypoint():
-    """V3 entry point: ComfyUI calls this once when it loads the pack."""
-    from .nodes import SynCDExtension
+    """V3 entry point: ComfyUI calls this once when it loads the pack: the production nodes and the demo nodes."""
+    from comfy_api.latest import ComfyExtension
+
+    from .demo.nodes import DEMO_NODES
+    from .nodes import NODES
+
+    class SynCDExtension(ComfyExtension):
+        async def get_node_list(self):
+            return [*NODES, *DEMO_NODES]
 
     return SynCDExtension()

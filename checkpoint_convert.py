@@ -3,9 +3,9 @@
 The official SynCD checkpoints are pickles: ``sdxl_finetuned_20k.ckpt`` (a Lightning checkpoint whose
 ``state_dict`` holds only the trained ``lora``/``to_k_ip``/``to_v_ip`` tensors, nupurkmr9/syncd
 ``method/main.py`` ``on_save_checkpoint``) and the Flux ``pytorch_model.bin`` (a flat state dict,
-``method/sample_flux.py``). They are read with ``torch.load(weights_only=True)`` only, which refuses
-arbitrary objects; the key names are kept, so the loaders accept the result exactly as they accept the input.
-No ComfyUI import here.
+``method/sample_flux.py``). They are read with ``torch.load(weights_only=True)`` only (``core.weights``), which
+refuses arbitrary objects; the key names are kept, so the loaders accept the result exactly as they accept the
+input. No ComfyUI import here.
 """
 
 from __future__ import annotations
@@ -14,40 +14,7 @@ import argparse
 import pathlib
 import sys
 
-import torch
-
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-
-
-def read_pickle(path) -> dict:
-    """``torch.load(weights_only=True)`` on the CPU, with an error that says what to do when it refuses."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure gets the same advice
-        raise ValueError(f"cannot read {path} with torch.load(weights_only=True): {exc}. Only tensor checkpoints "
-                         f"are read (never arbitrary pickles); re-save it as a plain state dict or .safetensors") \
-            from None
-
-
-def tensor_dict(obj, path="checkpoint") -> tuple[dict[str, torch.Tensor], int]:
-    """The flat tensor state dict of a loaded checkpoint: a Lightning ``{"state_dict": ...}`` is unwrapped.
-    Returns (tensors, number of non-tensor entries dropped)."""
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    return tensors, len(obj) - len(tensors)
-
-
-def read_weights(path) -> dict:
-    """A weights file as a dict: safetensors directly, pickles via :func:`read_pickle` (not unwrapped)."""
-    path = pathlib.Path(path)
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        import safetensors.torch
-
-        return safetensors.torch.load_file(str(path), device="cpu")
-    return read_pickle(path)
+from .core.weights import SAFETENSORS_SUFFIXES, read_weights, tensor_dict
 
 
 def convert(src, dst) -> dict:

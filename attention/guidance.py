@@ -17,14 +17,22 @@ def _per_sample_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def normalized_guidance(uncond: torch.Tensor, image: torch.Tensor, full: torch.Tensor,
-                        image_scale: float, text_scale: float) -> torch.Tensor:
-    """SynCD eq. 4 as the official code computes it (``normalized_guidance_image``).
+                        image_scale: float, text_scale: float, canvas=None) -> torch.Tensor:
+    """SynCD eq. 4 as the official code computes it (``normalized_guidance_image``, nupurkmr9/syncd
+    ``method/pipelines/sdxl_pipeline/pipeline.py`` and ``flux_pipeline/pipeline.py``).
 
     Δ_img = ε_img − ε_unc, Δ_txt = ε_full − ε_img; per sample, the larger of the two is shrunk to the norm of the
     smaller (both scaled by min(1, m/‖Δ‖) with m the smaller norm; no epsilon); ε = ε_img + s_img·Δ_img + s_txt·Δ_txt.
+    ``canvas`` is an optional (uncond, image, full) triple of predictions for further tokens of every sample's canvas
+    (the Flux references, which upstream packs beside the target): their differences count in the norms, as upstream
+    takes them over the whole packed canvas, but only the target is returned.
     """
     d_img, d_txt = image - uncond, full - image
     n_img, n_txt = _per_sample_norm(d_img), _per_sample_norm(d_txt)
+    if canvas is not None:
+        c_unc, c_img, c_full = (c.float() for c in canvas)
+        n_img = (n_img.float() ** 2 + (c_img - c_unc).pow(2).sum()).sqrt().to(n_img.dtype)
+        n_txt = (n_txt.float() ** 2 + (c_full - c_img).pow(2).sum()).sqrt().to(n_txt.dtype)
     m = torch.minimum(n_img, n_txt)
     d_img = d_img * torch.clamp(m / n_img, max=1.0).nan_to_num(1.0)
     d_txt = d_txt * torch.clamp(m / n_txt, max=1.0).nan_to_num(1.0)
@@ -32,9 +40,9 @@ def normalized_guidance(uncond: torch.Tensor, image: torch.Tensor, full: torch.T
 
 
 def brooks_guidance(uncond: torch.Tensor, image: torch.Tensor, full: torch.Tensor,
-                    image_scale: float, text_scale: float) -> torch.Tensor:
+                    image_scale: float, text_scale: float, canvas=None) -> torch.Tensor:
     """Brooks et al. 2023 (InstructPix2Pix) eq. 3, the un-normalized combination SynCD compares against:
-    ε = ε_unc + s_img·(ε_img − ε_unc) + s_txt·(ε_full − ε_img)."""
+    ε = ε_unc + s_img·(ε_img − ε_unc) + s_txt·(ε_full − ε_img). ``canvas`` is accepted and unused (no norms)."""
     return uncond + image_scale * (image - uncond) + text_scale * (full - image)
 
 

@@ -17,14 +17,38 @@ import torch.nn.functional as F
 
 
 def resize_to_grid(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, H, W) masks in [0, 1] → (B, h·w) bool: a token is foreground when at least half its area is.
+    """(B, H, W) masks → (B, h·w) bool by nearest sampling: any resolution or ratio, non-square grids included.
 
-    Area resampling handles any ratio, non-square grids included; used for every
-    layer's token grid (UNet levels, Flux 2×2 patches)."""
+    Upstream resizes masks to each layer's grid with ``F.interpolate(mode="nearest")`` (nupurkmr9/syncd
+    ``method/pipelines/sdxl_pipeline/pipeline.py``); a token is foreground when the sampled value is > 0."""
     if masks.ndim == 2:
         masks = masks.unsqueeze(0)
-    grid = F.interpolate(masks.unsqueeze(1).float(), size=(h, w), mode="area")
-    return (grid >= 0.5).flatten(1)
+    grid = F.interpolate(masks.unsqueeze(1).float(), size=(h, w), mode="nearest")
+    return (grid > 0).flatten(1)
+
+
+def foreground_grid(masks: torch.Tensor, h: int, w: int, dilation: int) -> torch.Tensor:
+    """(B, H, W) masks → (B, h, w) float in {0, 1}: binarize > 0, area-downsample to the h×w grid (a cell is
+    foreground when any of its pixels is), dilate with a ``dilation``×``dilation`` box (1 or 0: none).
+
+    This is upstream's rule at its two places: reference masks at inference are binarized, resized to the latent
+    grid and dilated 3×3 (nupurkmr9/syncd ``method/data/data.py``, 128² at 1024 px); rigid data generation
+    area-downsamples the rendered foreground to the token grid, dilates 9×9 and binarizes > 0
+    (``dataset/gen_rigid.py``, 32² at 512 px). Layers then take it with :func:`resize_to_grid`."""
+    if masks.ndim == 2:
+        masks = masks.unsqueeze(0)
+    cells = F.interpolate((masks.unsqueeze(1) > 0).float(), size=(h, w), mode="area")
+    grid = (cells > 0).float().squeeze(1)
+    if dilation > 1:
+        grid = dilate(grid, dilation)
+    return grid
+
+
+def layer_foreground(masks: torch.Tensor, base_grid: tuple[int, int], dilation: int,
+                     layer_grid: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) pixel masks → (B, h·w) bool foreground tokens of a layer: :func:`foreground_grid` at the base grid
+    (the latent or token grid), then nearest to the layer's grid."""
+    return resize_to_grid(foreground_grid(masks, *base_grid, dilation), *layer_grid)
 
 
 def subject_attention(image_vectors: torch.Tensor, text_vectors: torch.Tensor,
@@ -58,7 +82,10 @@ def otsu_binarize(maps: torch.Tensor, levels: int = 10) -> torch.Tensor:
 
 
 def dilate(masks: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """Binary dilation of (B, h, w) masks with a size×size box (conv with ones, clamped, as upstream)."""
+    """Binary dilation of (B, h, w) masks with a size×size box (upstream: conv with ones, ``padding="same"``,
+    clamped to [0, 1]); ``size`` is odd."""
+    if size % 2 == 0:
+        raise ValueError(f"mask dilation must be an odd box size (1, 3, 5, ...); got {size}")
     return F.max_pool2d(masks.unsqueeze(1).float(), size, stride=1, padding=size // 2).squeeze(1)
 
 

@@ -3,7 +3,9 @@
 One subject group holds N images. Image i's sequence is ``[text_i | image_i]``
 (``n_text`` = 0 for UNet self-attention). Queries of image i attend to
 
-* text queries: image i's own tokens only (text never crosses images);
+* text queries: image i's own tokens only (text never crosses images), except
+  with ``text_shares`` (upstream's first step, where no mask is applied at all):
+  then the same keys as the image queries;
 * image queries (background included, the mask is key-side only): image i's
   own tokens plus the *foreground image tokens* of the other N-1 images.
 
@@ -56,7 +58,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, foreground: Option
 
 
 def shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, foreground: Optional[torch.Tensor] = None,
-                     n_text: int = 0, key_shift: Optional[KeyShift] = None) -> torch.Tensor:
+                     n_text: int = 0, key_shift: Optional[KeyShift] = None, text_shares: bool = False) -> torch.Tensor:
     """SynCD eq. 1 for one group, memory linear in N (see the module docstring)."""
     _check(q, k, v, foreground, n_text)
     n = q.shape[0]
@@ -77,15 +79,16 @@ def shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, foregrou
         keys = [k[i]] + [shared_k[j] if key_shift is None else key_shift(shared_k[j], roll_slot(i, j, n))
                          for j in others]
         values = [v[i]] + [shared_v[j] for j in others]
-        if n_text:
-            out[i, :, :n_text] = F.scaled_dot_product_attention(q[i, :, :n_text], k[i], v[i])
-        out[i, :, n_text:] = F.scaled_dot_product_attention(q[i, :, n_text:], torch.cat(keys, 1), torch.cat(values, 1))
+        first = 0 if text_shares else n_text
+        if first:
+            out[i, :, :first] = F.scaled_dot_product_attention(q[i, :, :first], k[i], v[i])
+        out[i, :, first:] = F.scaled_dot_product_attention(q[i, :, first:], torch.cat(keys, 1), torch.cat(values, 1))
     return out
 
 
 def shared_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                foreground: Optional[torch.Tensor] = None, n_text: int = 0,
-                               key_shift: Optional[KeyShift] = None) -> torch.Tensor:
+                               key_shift: Optional[KeyShift] = None, text_shares: bool = False) -> torch.Tensor:
     """The official construction (``editor.py``): keys ``[own text | own image | torch.roll(images, s), s=1..N-1]``
     and one dense additive mask of shape (N, 1, L, L + (N-1)·P) for the whole group: memory quadratic in N.
     For tests and benchmarks only."""
@@ -104,7 +107,8 @@ def shared_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if n > 1:
         others = torch.cat(key_fg, dim=1)  # (N, (N-1)·P): row i = foreground of image i's other-image keys
         mask[:, 0, :, seq:] = torch.where(others, ALLOWED, BLOCKED).to(q.dtype).unsqueeze(1)
-        mask[:, 0, :n_text, seq:] = BLOCKED  # own text never sees other images
+        if not text_shares:
+            mask[:, 0, :n_text, seq:] = BLOCKED  # own text never sees other images
     return F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask)
 
 
@@ -127,11 +131,13 @@ def gather_foreground(tokens: torch.Tensor, foreground: torch.Tensor, token_dim:
     return torch.cat(parts, dim=token_dim - 1)
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_own: int,
-                        access: torch.Tensor) -> torch.Tensor:
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_own: int, access: torch.Tensor,
+                        n_text: int = 0, text_access: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of (B, H, Lq, D) queries over keys/values (B, H, n_own + P, D) whose first ``n_own`` tokens are the
-    row's own and the rest gathered reference foreground tokens; rows with ``access[b]`` False (guidance branches
-    without references) attend to their own tokens only."""
+    row's own and the rest gathered reference foreground tokens. Rows with ``access[b]`` False (guidance branches
+    without references) attend to their own tokens only, except that with ``text_access[b]`` their first ``n_text``
+    queries (Flux text tokens) still see every key: upstream's Flux negative branch keeps image tokens to their own
+    image while text sees the whole canvas (nupurkmr9/syncd ``method/pipelines/flux_pipeline/transformer.py``)."""
     if access.all():
         return F.scaled_dot_product_attention(q, k, v)
     out = torch.empty_like(q)
@@ -139,19 +145,27 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_own
     out[blind] = F.scaled_dot_product_attention(q[blind], k[blind, :, :n_own], v[blind, :, :n_own])
     if access.any():
         out[access] = F.scaled_dot_product_attention(q[access], k[access], v[access])
+    if n_text and text_access is not None and (text_access & blind).any():
+        rows = text_access & blind
+        out[rows, :, :n_text] = F.scaled_dot_product_attention(q[rows, :, :n_text], k[rows], v[rows])
     return out
 
 
 def reference_attention_reference(q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor, k_refs: torch.Tensor,
-                                  v_refs: torch.Tensor, foreground: torch.Tensor,
-                                  access: torch.Tensor) -> torch.Tensor:
-    """The official construction (``method/`` SDXL processor): keys ``[own | every reference token]`` and a dense
-    additive mask, ALLOWED on own tokens and reference foreground, BLOCKED (−65504) elsewhere and for rows without
-    access (upstream's zero MSA mask). ``k_refs``/``v_refs`` are (B, H, R·P, D), ``foreground`` (R, P). For tests."""
+                                  v_refs: torch.Tensor, foreground: torch.Tensor, access: torch.Tensor,
+                                  n_text: int = 0, text_access: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The official construction (nupurkmr9/syncd ``method/pipelines/sdxl_pipeline/pipeline.py``): keys
+    ``[own | every reference token]`` and a dense additive mask, ALLOWED on own tokens and reference foreground,
+    BLOCKED (−65504) elsewhere and for rows without access (upstream's zero MSA mask), text queries of rows with
+    ``text_access`` excepted (the Flux block-diagonal negative branch). ``k_refs``/``v_refs`` are (B, H, R·P, D),
+    ``foreground`` (R, P). For tests."""
     b, _, lq, _ = q.shape
     ref_ok = foreground.reshape(1, -1).bool() & access.view(b, 1).bool()
     own_ok = torch.ones(b, k_own.shape[2], dtype=torch.bool, device=q.device)
-    allowed = torch.cat([own_ok, ref_ok], dim=1)
-    mask = torch.where(allowed, ALLOWED, BLOCKED).to(q.dtype)[:, None, None, :].expand(b, 1, lq, allowed.shape[1])
+    allowed = torch.cat([own_ok, ref_ok], dim=1)[:, None, :].repeat(1, lq, 1)  # (B, Lq, keys)
+    if n_text and text_access is not None:
+        text_ok = foreground.reshape(1, -1).bool() & text_access.view(b, 1).bool()
+        allowed[:, :n_text, own_ok.shape[1]:] |= text_ok[:, None, :]
+    mask = torch.where(allowed, ALLOWED, BLOCKED).to(q.dtype)[:, None]
     return F.scaled_dot_product_attention(q, torch.cat([k_own, k_refs], 2), torch.cat([v_own, v_refs], 2),
                                           attn_mask=mask)

@@ -1,6 +1,6 @@
 """A small ComfyUI HTTP + websocket client: queue an API graph, follow it, read its outputs.
 
-Endpoints and messages follow ComfyUI's ``server.py`` / ``execution.py`` (comfyui-internals.md §6).
+Endpoints and messages follow ComfyUI's ``server.py`` / ``execution.py`` / ``main.py`` (Comfy-Org/ComfyUI).
 The websocket is opened before queueing so no message of the prompt is missed; ``/history`` is the
 source of truth once the server reports the prompt done (``executing`` with ``node: null``).
 """

@@ -2,7 +2,7 @@
 
 The server gets a temporary ``--base-directory`` (models, input, output, user, database) whose
 ``custom_nodes/comfyui_syncd`` is a symlink to this checkout, so nothing in the ComfyUI tree is
-touched. Command line as in comfyui-internals.md §6.
+touched. Command line: ComfyUI's ``main.py`` flags (``comfy/cli_args.py``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""ComfyUI adapters (V3 nodes). Thin: the math lives in ``attention/``."""
+"""ComfyUI adapters (V3 nodes). Thin: the math lives in ``attention/`` and ``core/``; patches are built from
+``patch_kit``. The demo nodes live in ``demo/`` and are registered beside these by the pack's entry point."""
 
-from comfy_api.latest import ComfyExtension, io
-
-from .demo import SynCDTinyDemoIPAdapter, SynCDTinyDemoModel, SynCDTinyDemoReferences, SynCDTinyDemoTextEncode
 from .guiders import JeDiImageGuider, SynCDCustomizationSampler, SynCDNormalizedGuider
 from .ip_adapter import SynCDIPAdapterApply, SynCDIPAdapterLoader
 from .jedi import JeDiJointImageSet
@@ -12,10 +10,4 @@ from .syncd_checkpoint import SynCDCheckpointLoader
 
 NODES = [SynCDSharedAttention, SynCDReferenceImages, SynCDApplyReferences, SynCDNormalizedGuider, JeDiImageGuider,
          SynCDCustomizationSampler, JeDiJointImageSet, SynCDIPAdapterLoader, SynCDIPAdapterApply,
-         SynCDCheckpointLoader, SynCDTinyDemoModel, SynCDTinyDemoTextEncode, SynCDTinyDemoReferences,
-         SynCDTinyDemoIPAdapter]
-
-
-class SynCDExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return list(NODES)
+         SynCDCheckpointLoader]

@@ -2,8 +2,8 @@
 (eq. 3), plus one all-in-one sampler node.
 
 Each guider evaluates its branches with one ``calc_cond_batch`` call (ComfyUI batches them into as few forward
-passes as memory allows) and tells the reference patches which branches must not see the references by listing
-their conds' uuids under ``BLIND_UUIDS`` in the model options. ComfyUI's pre-CFG and post-CFG hooks run as in
+passes as memory allows) and tells the patches each branch's role (``layout.UNCOND``/``IMAGE``/``FULL``, by cond
+uuid) through a ``patch_kit.ForwardState`` template in the model options. ComfyUI's pre-CFG and post-CFG hooks run as in
 ``sampling_function``, with the positive branch first and the negative second, as they expect. Eq. 4, Brooks et al.
 and JeDi eq. 3 are computed on x − x̂₀ (noise-like, as ComfyUI's cfg functions do): their coefficients sum to 1, so
 this equals combining ε or v. Guidance rescale is not affine-invariant and runs on v (see ``_rescale``).
@@ -24,18 +24,22 @@ from comfy_api.latest import io
 
 from ..attention.guidance import (brooks_guidance, guidance_rescale, jedi_image_guidance, linear_image_scale,
                                   normalized_guidance)
-from .layout import BLIND_UUIDS
-from .shared_attention import current_step
+from . import patch_kit as kit
+from .layout import FULL, IMAGE, UNCOND
 
 COMBINATIONS = {"normalized": normalized_guidance, "brooks": brooks_guidance}
+AUTO_ON_OFF = ("auto", "on", "off")
 
 
-def _blind_options(model_options: dict, blind_conds: list) -> dict:
+def _branch_options(model_options: dict, branches: dict, negative=None) -> tuple[dict, kit.GuidanceBranches]:
+    """Model options that tell the patches each cond's branch role: {role: conds} -> roles by uuid."""
+    guidance = kit.GuidanceBranches(roles={c["uuid"]: role for role, conds in branches.items() for c in conds or ()},
+                                    negative=negative)
     options = model_options.copy()
     to = dict(options.get("transformer_options", {}))
-    to[BLIND_UUIDS] = frozenset(c["uuid"] for c in blind_conds)
+    to[kit.KEY] = kit.ForwardState(guidance=guidance)
     options["transformer_options"] = to
-    return options
+    return options, guidance
 
 
 def _calc(inner_model, conds, x, timestep, model_options):
@@ -70,29 +74,40 @@ def check_scale(name: str, value: float) -> None:
 class NormalizedGuider(comfy.samplers.CFGGuider):
     """SynCD eq. 4: branches unconditional (negative text, no references), image (negative text with references)
     and full (positive text with references); image scale linear from ``image_scale_start`` to ``image_scale_end``
-    over the steps."""
+    over the steps.
+
+    Flux follows the official Flux pipeline (nupurkmr9/syncd ``method/pipelines/flux_pipeline/pipeline.py``) by
+    default: no guidance on the first step (the full branch alone), and the norms taken over the whole canvas, the
+    references' tokens included (their predictions come from the reference pass)."""
 
     def __init__(self, model_patcher, text_scale: float, image_scale_start: float, image_scale_end: float,
-                 combination: str = "normalized", rescale: float = 0.0):
+                 combination: str = "normalized", rescale: float = 0.0, first_step_guidance: str = "auto",
+                 norm_includes_references: str = "auto"):
         super().__init__(model_patcher)
         for name, value in (("text_scale", text_scale), ("image_scale_start", image_scale_start),
                             ("image_scale_end", image_scale_end), ("guidance_rescale", rescale)):
             check_scale(name, value)
-        if combination not in COMBINATIONS:
-            raise ValueError(f"combination must be one of {list(COMBINATIONS)}; got {combination!r}")
+        for name, value, options in (("combination", combination, COMBINATIONS),
+                                     ("first_step_guidance", first_step_guidance, AUTO_ON_OFF),
+                                     ("norm_includes_references", norm_includes_references, AUTO_ON_OFF)):
+            if value not in options:
+                raise ValueError(f"SynCD Normalized Text+Image Guider: {name} must be one of {list(options)}; "
+                                 f"got {value!r}")
         self.text_scale, self.image_scale_start, self.image_scale_end = text_scale, image_scale_start, image_scale_end
         self.combination, self.rescale = combination, rescale
+        flux = kit.is_flux(model_patcher.get_model_object("diffusion_model"))
+        self.first_step_guidance = first_step_guidance == "on" or (first_step_guidance == "auto" and not flux)
+        self.norm_includes_references = norm_includes_references == "on" or (norm_includes_references == "auto"
+                                                                             and flux)
         self.image_scales: list[tuple[int, float]] = []  # (step, image scale) of every evaluation, for inspection
+        self.negative = None
 
     def set_conds(self, positive, negative):
+        self.negative = negative
         image = node_helpers.conditioning_set_values(negative, {"prompt_type": "negative"})
         self.inner_set_conds({"positive": positive, "image": image, "negative": negative})
 
-    def image_scale(self, model_options: dict, timestep) -> float:
-        to = model_options.get("transformer_options", {})
-        sample_sigmas = to.get("sample_sigmas")
-        steps = len(sample_sigmas) - 1 if sample_sigmas is not None else 1
-        step = current_step({"sample_sigmas": sample_sigmas, "sigmas": timestep})
+    def image_scale(self, step: int, steps: int) -> float:
         scale = linear_image_scale(self.image_scale_start, self.image_scale_end, step, steps)
         self.image_scales.append((step, scale))
         return scale
@@ -102,14 +117,28 @@ class NormalizedGuider(comfy.samplers.CFGGuider):
         return super().sample(*args, **kwargs)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
+        to = model_options.get("transformer_options", {})
+        steps = kit.sampling_steps(to)
+        step = kit.current_step({"sample_sigmas": to.get("sample_sigmas"), "sigmas": timestep})
         # [positive, negative, …]: the order ComfyUI's pre-CFG hooks (APG, TCFG, FreSca) read as (cond, uncond).
         conds = [self.conds.get("positive"), self.conds.get("negative"), self.conds.get("image")]
-        options = _blind_options(model_options, conds[1])
+        if step == 0 and not self.first_step_guidance:
+            conds[1:] = [None, None]
+        options, guidance = _branch_options(model_options, {FULL: conds[0], UNCOND: conds[1], IMAGE: conds[2]},
+                                            self.negative)
         outs = _calc(self.inner_model, conds, x, timestep, options)
         outs = _pre_cfg(options, conds, outs, self.text_scale, x, timestep, self.inner_model)
+        if conds[1] is None:  # upstream Flux: the full branch alone on the first step
+            return _post_cfg(options, outs[0], conds[0], None, outs[0], outs[0], self.text_scale, x, timestep,
+                             self.inner_model)
         full, uncond, image = (x - o for o in outs)
-        guided = COMBINATIONS[self.combination](uncond, image, full, self.image_scale(options, timestep),
-                                                self.text_scale)
+        canvas = None
+        refs = guidance.reference_outputs
+        if self.norm_includes_references and refs:
+            text_free = refs.get(kit.NEGATIVE_TEXT, refs.get(kit.REFERENCE_TEXT))
+            canvas = (text_free, text_free, refs.get(kit.REFERENCE_TEXT, text_free))  # refs' uncond, image, full
+        guided = COMBINATIONS[self.combination](uncond, image, full, self.image_scale(step, steps), self.text_scale,
+                                                canvas=canvas)
         if self.rescale:
             guided = self._rescale(x, timestep, guided, full)
         return _post_cfg(options, x - guided, conds[0], conds[1], outs[0], outs[1], self.text_scale, x, timestep,
@@ -148,7 +177,7 @@ class JeDiGuider(comfy.samplers.CFGGuider):
         conds = [self.conds.get("positive"), self.conds.get("negative")]  # (cond, uncond), as pre-CFG hooks expect
         if math.isclose(self.image_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False):
             conds[1] = None  # λ = 1 returns ε: skip ε⁰, as CFGGuider skips the uncond at cfg 1
-        options = _blind_options(model_options, conds[1] or [])
+        options, _ = _branch_options(model_options, {FULL: conds[0], UNCOND: conds[1]})
         outs = _calc(self.inner_model, conds, x, timestep, options)
         outs = _pre_cfg(options, conds, outs, self.image_scale, x, timestep, self.inner_model)
         if conds[1] is None:
@@ -176,6 +205,12 @@ def _normalized_inputs() -> list:
         io.Combo.Input("combination", options=list(COMBINATIONS), default="normalized", tooltip=COMBINATION_TOOLTIP),
         io.Float.Input("guidance_rescale", default=0.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Guidance rescale φ (Lin et al.): 0 is off; SynCD compares 0.7 with Brooks et al."),
+        io.Combo.Input("first_step_guidance", options=list(AUTO_ON_OFF), default="auto",
+                       tooltip="Guidance on the first step. auto: as upstream, on for SD1.5/SDXL, off for Flux (the "
+                               "official Flux pipeline guides from step 1; step 0 is the text+image branch alone)."),
+        io.Combo.Input("norm_includes_references", options=list(AUTO_ON_OFF), default="auto",
+                       tooltip="Whether eq. 4's norms also count the references' tokens. auto: as upstream, on for "
+                               "Flux (norms over the whole packed canvas), off for SD1.5/SDXL (target only)."),
     ]
 
 
@@ -199,8 +234,9 @@ class SynCDNormalizedGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, text_scale, image_scale_start, image_scale_end, combination,
-                guidance_rescale) -> io.NodeOutput:
-        guider = NormalizedGuider(model, text_scale, image_scale_start, image_scale_end, combination, guidance_rescale)
+                guidance_rescale, first_step_guidance="auto", norm_includes_references="auto") -> io.NodeOutput:
+        guider = NormalizedGuider(model, text_scale, image_scale_start, image_scale_end, combination, guidance_rescale,
+                                  first_step_guidance, norm_includes_references)
         guider.set_conds(positive, negative)
         return io.NodeOutput(guider)
 
@@ -252,8 +288,10 @@ class SynCDCustomizationSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, sampler_name, scheduler, text_scale,
-                image_scale_start, image_scale_end, combination, guidance_rescale) -> io.NodeOutput:
-        guider = NormalizedGuider(model, text_scale, image_scale_start, image_scale_end, combination, guidance_rescale)
+                image_scale_start, image_scale_end, combination, guidance_rescale, first_step_guidance="auto",
+                norm_includes_references="auto") -> io.NodeOutput:
+        guider = NormalizedGuider(model, text_scale, image_scale_start, image_scale_end, combination, guidance_rescale,
+                                  first_step_guidance, norm_includes_references)
         guider.set_conds(positive, negative)
         latent = latent_image.copy()
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])

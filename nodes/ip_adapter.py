@@ -3,14 +3,14 @@
 Upstream (tencent-ailab/IP-Adapter ``attention_processor.IPAttnProcessor2_0``): every cross-attention adds
 ``scale · attention(q, to_k_ip(c), to_v_ip(c))`` to the text attention, before ``to_out``, where ``c`` are the 16
 Resampler tokens of the CLIP ViT-H penultimate hidden states of the image. SynCD (nupurkmr9/syncd ``method/sample.py``,
-``sdxl_pipeline/pipeline.py``; ``syncd-official-code.md`` §5-6) uses it with:
+``method/pipelines/sdxl_pipeline/pipeline.py``, ``method/configs/train_sdxl.yaml``) uses it with:
 
 * the target: the global reference image at scale 0.6;
 * the unconditional branch: the image of zeros in [-1, 1], i.e. mid-gray 0.5 in ComfyUI's [0, 1];
 * the reference pass: every reference's own image at scale 1.0.
 
-Rows are told apart by ``nodes.layout.chunk_reference_access`` (branches without reference access get the gray
-embedding) and ``transformer_options[REFERENCE_PASS]``/``[REFERENCE_INDEX]`` (the reference pass). Upstream
+Rows are told apart by the forward pass's ``patch_kit.ForwardState``: the branch roles (branches without reference
+access get the gray embedding) and the phase with ``reference_rows`` (the reference pass). Upstream
 preprocessing resizes to 224² with bicubic antialiasing (kornia) and normalizes; here non-square images are
 center-cropped first (as CLIPImageProcessor and ComfyUI do) and, unlike ComfyUI's ``clip_preprocess``, the
 pixels are not rounded to 8 bit, so the gray image is exactly upstream's.
@@ -20,21 +20,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
-import comfy.ldm.modules.attention
 import comfy.model_management
 import folder_paths
 from comfy.ldm.modules.attention import SpatialTransformer
 
-from ..checkpoint_convert import read_weights, tensor_dict
-from .ip_adapter_model import Resampler, check_plus_layout, ip_layers, split_flat_state_dict
-from .layout import BLIND_UUIDS, chunk_reference_access
-from .reference_pass import REFERENCE_INDEX, REFERENCE_PASS
+from ..core.ip_adapter_model import Resampler, check_plus_layout, ip_layers, split_flat_state_dict
+from ..core.weights import read_weights, tensor_dict
+from . import patch_kit as kit
+from .layout import chunk_reference_access
 from .references import References
 
 IPAdapter = io.Custom("IPADAPTER")
@@ -183,9 +182,11 @@ class IPAdapterPatch:
 
     def rows(self, batch_rows: int, to: dict) -> tuple[list[int], float]:
         """Table row of every batch row, and the scale of this call."""
-        in_reference_pass = bool(to.get(REFERENCE_PASS))
+        state = kit.forward_state(to)
+        in_reference_pass = state.phase is kit.Phase.REFERENCE
+        roles = state.guidance.roles if state.guidance is not None else None
         if in_reference_pass:
-            refs = list(to.get(REFERENCE_INDEX) or [])
+            refs = list(state.reference_rows)
             if self.n_references == 0:
                 raise ValueError("SynCD IP-Adapter: the model runs a SynCD reference pass but SynCD IP-Adapter Apply "
                                  "has no references connected; connect the same references (SYNCD_REFERENCES) so "
@@ -196,7 +197,7 @@ class IPAdapterPatch:
                                    f"connect the same references as to SynCD Apply References")
             own = [self.n_images + 1 + r for r in refs * (batch_rows // len(refs))]
         plan = []
-        for has_access, rows in chunk_reference_access(batch_rows, to):
+        for has_access, rows in chunk_reference_access(batch_rows, to, roles):
             size = rows.stop - rows.start
             if not has_access:
                 plan += [self.gray] * size
@@ -211,9 +212,10 @@ class IPAdapterPatch:
 
     def tokens(self, batch_rows: int, to: dict, device, dtype) -> tuple[torch.Tensor, float]:
         """IP tokens of every batch row and the scale, worked out once per batch layout (not per layer)."""
-        key = (batch_rows, tuple(to.get("cond_or_uncond") or ()), tuple(to.get("uuids") or ()),
-               frozenset(to.get(BLIND_UUIDS) or ()), bool(to.get(REFERENCE_PASS)),
-               tuple(to.get(REFERENCE_INDEX) or ()), device, dtype)
+        state = kit.forward_state(to)
+        roles = frozenset(state.guidance.roles.items()) if state.guidance is not None else frozenset()
+        key = (batch_rows, tuple(to.get("cond_or_uncond") or ()), tuple(to.get("uuids") or ()), roles, state.phase,
+               state.reference_rows, device, dtype)
         if key not in self._plans:
             if len(self._plans) > 64:
                 self._plans.clear()
@@ -231,26 +233,16 @@ class IPAdapterPatch:
         return self._device_cache[key]
 
 
-def make_attn2(patch: IPAdapterPatch, previous: dict) -> Callable:
-    """attn2 replace patch: text attention (or the earlier patch of this block) + scale · IP attention."""
-    def attn2(q, k, v, extra_options):
-        block = tuple(extra_options["block"])
-        location = (*block, extra_options["block_index"])
-        earlier = previous.get(location) or previous.get(block)
-        if earlier is not None:
-            out = earlier(q, k, v, extra_options)
-        else:
-            out = comfy.ldm.modules.attention.optimized_attention(
-                q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
-                transformer_options=extra_options)
+def make_attn2(patch: IPAdapterPatch):
+    """attn2 chain link: text attention (or the earlier patch of this block) + scale · IP attention."""
+    def attn2(q, k, v, extra_options, call_next):
+        out = call_next(q, k, v)
+        location = (*extra_options["block"], extra_options["block_index"])
         tokens, scale = patch.tokens(q.shape[0], extra_options, q.device, q.dtype)
         if scale == 0 or location not in patch.layers:
             return out
         wk, wv = patch.on(q.device, q.dtype, location)
-        ip = comfy.ldm.modules.attention.optimized_attention(
-            q, F.linear(tokens, wk), F.linear(tokens, wv), extra_options["n_heads"],
-            attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
-        return out + scale * ip
+        return out + scale * kit.attention(q, F.linear(tokens, wk), F.linear(tokens, wv), extra_options)
     return attn2
 
 
@@ -262,11 +254,7 @@ def apply_ip_adapter(model, ipadapter: dict, image_tokens_: torch.Tensor, gray_t
     parts = [image_tokens_, gray_tokens] + ([reference_tokens] if reference_tokens is not None else [])
     patch = IPAdapterPatch(layers, torch.cat(parts).float(), image_tokens_.shape[0],
                            0 if reference_tokens is None else reference_tokens.shape[0], weight, reference_weight)
-    previous = dict(m.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {}))
-    attn2 = make_attn2(patch, previous)
-    keys = {loc[:2] for loc in layers} | {key for key in previous if key[:2] in {loc[:2] for loc in layers}}
-    for key in sorted(keys, key=str):  # (block, id) keys, plus any per-index keys set before (they win lookup)
-        m.set_model_patch_replace(attn2, "attn2", key[0], key[1], *key[2:])
+    kit.add_attn2(m, make_attn2(patch), sorted({loc[:2] for loc in layers}, key=str))
     return m, patch
 
 

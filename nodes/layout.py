@@ -12,6 +12,7 @@ and ``cond_or_uncond`` on every call.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Optional
 
 
 @dataclass(frozen=True)
@@ -55,39 +56,24 @@ def conditioning_chunks(batch_rows: int, transformer_options: dict) -> list[tupl
     return [(c, slice(i * size, (i + 1) * size)) for i, c in enumerate(cond_or_uncond)]
 
 
-BLIND_UUIDS = "syncd_blind_uuids"  # transformer_options: uuids of conds that must not see reference features
+# Guidance-branch roles (a guider maps each of its conds' uuids to one; ``ForwardState.guidance.roles``).
+UNCOND = "uncond"   # no reference access, no coupling: SynCD's unconditional branch, JeDi's ε⁰
+IMAGE = "image"     # references with the text-free conditioning: SynCD's image branch
+FULL = "full"       # the prompt with references; also every chunk sampled without one of the pack's guiders
 
 
-def chunk_reference_access(batch_rows: int, transformer_options: dict) -> list[tuple[bool, slice]]:
-    """(has reference access, rows) of every conditioning chunk.
-
-    A guider that needs branches without references (SynCD's unconditional branch, JeDi's ε⁰) lists the uuids of
-    those conds under ``BLIND_UUIDS`` in the model options it passes to ``calc_cond_batch``; ComfyUI puts the uuid
-    of every chunk's cond in ``transformer_options["uuids"]``. Without such a guider every chunk has access.
-    """
-    blind = transformer_options.get(BLIND_UUIDS) or ()
+def chunk_roles(batch_rows: int, transformer_options: dict, roles: Optional[Mapping] = None) -> list[tuple[str, slice]]:
+    """(branch role, rows) of every conditioning chunk: the role a guider gave the chunk's cond (by its uuid, which
+    ComfyUI lists per chunk in ``transformer_options["uuids"]``), FULL for conds it did not name."""
+    roles = roles or {}
     uuids = list(transformer_options.get("uuids") or [])
     chunks = conditioning_chunks(batch_rows, transformer_options)
     if len(uuids) != len(chunks):
         uuids = [None] * len(chunks)
-    return [(uuid not in blind if uuid is not None else True, rows) for uuid, (_, rows) in zip(uuids, chunks)]
+    return [(roles.get(uuid, FULL), rows) for uuid, (_, rows) in zip(uuids, chunks)]
 
 
-EXCLUSIVE = "syncd_attention_patch"  # transformer_options: which SynCD self-attention patch the model carries
-
-_PATCH_NAMES = {"syncd_shared_attention": "SynCD Masked Shared Attention",
-                "syncd_reference_injection": "SynCD Apply References"}
-
-
-def check_exclusive(model, key: str) -> None:
-    """SynCD Masked Shared Attention and SynCD Apply References both own the self-attention; refuse a second one
-    (in any order, and either one twice) instead of silently dropping one."""
-    present = model.model_options.get("transformer_options", {}).get(EXCLUSIVE)
-    if present is not None:
-        raise ValueError(f"{_PATCH_NAMES[key]}: this model already has {_PATCH_NAMES[present]} applied; both replace "
-                         f"the self-attention, so apply only one of them to a model (for JeDi use Masked Shared "
-                         f"Attention, for SynCD customization Apply References)")
-
-
-def mark_exclusive(model, key: str) -> None:
-    model.model_options["transformer_options"][EXCLUSIVE] = key
+def chunk_reference_access(batch_rows: int, transformer_options: dict,
+                           roles: Optional[Mapping] = None) -> list[tuple[bool, slice]]:
+    """(has reference access, rows) of every conditioning chunk: every role but UNCOND has access."""
+    return [(role != UNCOND, rows) for role, rows in chunk_roles(batch_rows, transformer_options, roles)]

@@ -7,11 +7,11 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from .reference_injection import NOISE_MODES, ReferenceConfig, apply_reference_injection
+from .reference_injection import NOISE_MODES, REFERENCE_TEXT_MODES, ReferenceConfig, apply_reference_injection
 from .references import MAX_REFERENCES, ReferenceSet, References, foreground_masks
 
 
-def encode_references(vae, images: torch.Tensor, masks=None) -> ReferenceSet:
+def encode_references(vae, images: torch.Tensor, masks=None, mask_dilation: int = 3) -> ReferenceSet:
     """VAE-encode 1..8 reference images once; masks default to the whole image."""
     if vae is None:
         raise ValueError("SynCD Reference Images: no VAE connected; connect the VAE of the model you sample with "
@@ -25,8 +25,12 @@ def encode_references(vae, images: torch.Tensor, masks=None) -> ReferenceSet:
     if not (masks > 0.5).any():
         logging.warning("SynCD Reference Images: every foreground mask is empty, so the references contribute "
                         "nothing; check the masks (white = subject)")
+    if mask_dilation < 1 or mask_dilation % 2 == 0:
+        raise ValueError(f"SynCD Reference Images: mask_dilation must be an odd box size (1 = none, 3, 5, ...); "
+                         f"got {mask_dilation}")
     latents = vae.encode(images[..., :3])
-    return ReferenceSet(images=images[..., :3].cpu(), latents=latents.float().cpu(), masks=masks.float().cpu())
+    return ReferenceSet(images=images[..., :3].cpu(), latents=latents.float().cpu(), masks=masks.float().cpu(),
+                        mask_dilation=mask_dilation)
 
 
 class SynCDReferenceImages(io.ComfyNode):
@@ -43,13 +47,17 @@ class SynCDReferenceImages(io.ComfyNode):
                     io.Mask.Input("masks", optional=True,
                                   tooltip="One foreground mask per reference (white = subject), any resolution. "
                                           "Without masks the whole images are used (upstream: dilated object "
-                                          "masks).")],
+                                          "masks)."),
+                    io.Int.Input("mask_dilation", default=3, min=1, max=31, step=2,
+                                 tooltip="The masks are binarized (> 0), brought to the latent grid and dilated with "
+                                         "this box (upstream: 3, i.e. 3×3 at 128² for 1024 px), then taken per "
+                                         "layer with nearest resizing. 1 = no dilation.")],
             outputs=[References.Output(display_name="REFERENCES")],
         )
 
     @classmethod
-    def execute(cls, images, vae=None, masks=None) -> io.NodeOutput:
-        return io.NodeOutput(encode_references(vae, images, masks))
+    def execute(cls, images, vae=None, masks=None, mask_dilation=3) -> io.NodeOutput:
+        return io.NodeOutput(encode_references(vae, images, masks, mask_dilation))
 
 
 class SynCDApplyReferences(io.ComfyNode):
@@ -67,7 +75,9 @@ class SynCDApplyReferences(io.ComfyNode):
             inputs=[io.Model.Input("model"),
                     References.Input("references"),
                     io.Conditioning.Input("reference_conditioning",
-                                          tooltip="Text of the reference pass (upstream: 'photo of a <category>')."),
+                                          tooltip="Text of the reference pass (of the text+image branch with "
+                                                  "the SynCD guider). Upstream SDXL: 'photo of a <category>'; "
+                                                  "Flux: the target prompt (upstream's canvas shares it)."),
                     io.Combo.Input("reference_noise", options=list(NOISE_MODES), default="auto",
                                    tooltip="auto: noised for SD1.5/SDXL, clean for Flux (as the official models "
                                            "were trained). noised: fresh noise to the current level every step. "
@@ -78,13 +88,24 @@ class SynCDApplyReferences(io.ComfyNode):
                     io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                    tooltip="Sampling progress at which reference injection starts."),
                     io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                                   tooltip="Sampling progress at which reference injection ends.")],
+                                   tooltip="Sampling progress at which reference injection ends."),
+                    io.Combo.Input("reference_text", options=list(REFERENCE_TEXT_MODES), default="per_branch",
+                                   tooltip="per_branch (upstream): with the SynCD guider, the text+image branch's "
+                                           "references see reference_conditioning and the image-only branch's see "
+                                           "that branch's own (negative/zeroed) text; both in one batched pass. "
+                                           "reference_prompt: every branch's references see reference_conditioning "
+                                           "(one text, cheaper)."),
+                    io.Boolean.Input("flux_uncond_text_sees_references", default=True,
+                                     tooltip="Flux with the SynCD guider: in the unconditional branch the target's "
+                                             "text tokens still attend to the references while its image tokens "
+                                             "keep to themselves (upstream's block-diagonal negative branch). Off: "
+                                             "the unconditional branch sees no references at all.")],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
 
     @classmethod
     def execute(cls, model, references, reference_conditioning, reference_noise, noise_seed, start_percent,
-                end_percent) -> io.NodeOutput:
+                end_percent, reference_text="per_branch", flux_uncond_text_sees_references=True) -> io.NodeOutput:
         if start_percent > end_percent:
             raise ValueError(f"SynCD Apply References: start_percent ({start_percent}) is after end_percent "
                              f"({end_percent})")
@@ -95,6 +116,7 @@ class SynCDApplyReferences(io.ComfyNode):
         config = ReferenceConfig(references=references, conditioning=reference_conditioning,
                                  noise_mode=reference_noise, seed=noise_seed,
                                  sigma_start=sampling.percent_to_sigma(start_percent),
-                                 sigma_end=sampling.percent_to_sigma(end_percent))
+                                 sigma_end=sampling.percent_to_sigma(end_percent), reference_text=reference_text,
+                                 flux_uncond_text_sees_references=flux_uncond_text_sees_references)
         patched, _ = apply_reference_injection(model, config)
         return io.NodeOutput(patched)

@@ -17,6 +17,7 @@ class ReferenceSet:
     images: torch.Tensor    # (R, H, W, 3) ComfyUI IMAGE in [0, 1]
     latents: torch.Tensor   # (R, C, h, w) VAE latents as ``VAE.encode`` returns them (before ``process_in``)
     masks: torch.Tensor     # (R, H, W) foreground in [0, 1]; all ones where no mask was given
+    mask_dilation: int = 3  # box size at the latent grid (upstream inference: 3×3 at 128² for 1024 px)
 
     def __len__(self) -> int:
         return self.latents.shape[0]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from . import tiny_models
-from .shared_attention import SharedAttentionConfig, apply_shared_attention
-from .tokens import clip_tokenizer, subject_token_positions
+from ..core.tokens import clip_tokenizer, subject_token_positions
+from .patch_kit import TOKENIZER
+from .shared_attention import DEFAULT_DILATION, SharedAttentionConfig, apply_shared_attention
 
 MASK_MODES = ["foreground_masks", "none", "automatic"]
 IMPLEMENTATIONS = ["efficient", "reference"]
@@ -58,6 +58,15 @@ class SynCDSharedAttention(io.ComfyNode):
                 io.Combo.Input("attention_implementation", options=IMPLEMENTATIONS, default="efficient", optional=True,
                                tooltip="efficient: memory linear in the group size. reference: the official dense "
                                        "mask, memory quadratic in the group size (for verification)."),
+                io.Int.Input("mask_dilation", default=DEFAULT_DILATION, min=1, max=31, step=2, optional=True,
+                             tooltip="foreground_masks: the masks are binarized (> 0), brought to the token grid "
+                                     "(Flux; the latent grid for UNets) by area and dilated with this box, then "
+                                     "taken per layer with nearest resizing (upstream rigid data generation: 9). "
+                                     "1 = no dilation."),
+                io.Boolean.Input("first_step_shares_text", default=True, optional=True,
+                                 tooltip="With unmasked_first_step on Flux: the text tokens also attend to the other "
+                                         "images on the first step, as the official code applies no mask at all "
+                                         "there. Off: text stays within its own image."),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
@@ -65,7 +74,8 @@ class SynCDSharedAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, images_per_subject, mask_mode, start_percent, end_percent, unmasked_first_step, blocks,
                 foreground_masks=None, clip=None, prompt="", subject_word="", flux_rope_layout="stacked",
-                attention_implementation="efficient") -> io.NodeOutput:
+                attention_implementation="efficient", mask_dilation=DEFAULT_DILATION,
+                first_step_shares_text=True) -> io.NodeOutput:
         if start_percent > end_percent:
             raise ValueError(f"SynCD Masked Shared Attention: start_percent ({start_percent}) is after "
                              f"end_percent ({end_percent})")
@@ -81,8 +91,8 @@ class SynCDSharedAttention(io.ComfyNode):
         if mask_mode == "automatic":
             if clip is not None:
                 tokenize = clip_tokenizer(clip)
-            elif model.model_options.get(tiny_models.TINY_DEMO_KEY):
-                tokenize = tiny_models.token_ids
+            elif model.model_options.get(TOKENIZER) is not None:  # e.g. the tiny demo models' text encoding
+                tokenize = model.model_options[TOKENIZER]
             else:
                 raise ValueError("SynCD Masked Shared Attention: automatic masks need the CLIP that encoded the "
                                  "prompt (to find subject_word's tokens); connect it to the 'clip' input")
@@ -94,9 +104,11 @@ class SynCDSharedAttention(io.ComfyNode):
             sigma_start=sampling.percent_to_sigma(start_percent),
             sigma_end=sampling.percent_to_sigma(end_percent),
             unmasked_first_step=unmasked_first_step,
+            first_step_shares_text=first_step_shares_text,
             implementation=attention_implementation,
             flux_rope_layout=flux_rope_layout,
             foreground_masks=masks,
+            mask_dilation=mask_dilation,
             subject_tokens=tokens,
         )
         patched, _ = apply_shared_attention(model, config, blocks)

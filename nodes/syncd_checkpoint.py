@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from dataclasses import dataclass, field
 
 import torch
 from comfy_api.latest import io
@@ -33,22 +31,14 @@ from comfy_api.latest import io
 import comfy.lora
 import folder_paths
 
-from ..checkpoint_convert import read_weights, tensor_dict
+from ..core.checkpoint_keys import (FLUX_LORA_KEY, SDXL_IP_KEY, SDXL_LORA_KEY, CheckpointReport, check_lora_shapes,
+                                    count_other_keys, detect_family, lora_pairs, raise_unmatched)
+from ..core.ip_adapter_model import check_plus_layout, layer_key
+from ..core.weights import read_weights, tensor_dict
 from .ip_adapter import IPAdapter, cross_attentions
-from .ip_adapter_model import check_plus_layout, layer_key
-from .reference_pass import in_reference_pass
-from .shared_attention import is_flux
+from .patch_kit import in_reference_pass, is_flux
 
 FOLDER = "syncd"
-
-_SDXL_LORA = re.compile(r"^(?:unet\.)?(?P<module>(?:down_blocks|up_blocks|mid_block)\..+\.attn1\.(?:to_q|to_k|to_v|"
-                        r"to_out\.0))\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
-_SDXL_IP = re.compile(r"^(?:unet\.)?(?P<attn>(?:down_blocks|up_blocks|mid_block)\..+\.attn2)\.processor"
-                      r"(?:\.attn_op)?\.to_(?P<kv>[kv])_ip(?:\.0)?\.weight$")
-_FLUX_LORA = re.compile(r"^(?:transformer\.)?(?:base_model\.model\.)?(?P<module>(?:single_)?transformer_blocks\.\d+"
-                        r"\..+?)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
-_FROZEN = re.compile(r"^(?:(?:vae|text_encoder|text_encoder_2|tokenizer|image_encoder)\.|"
-                     r"(?:unet|transformer)\.(?!.*lora_)(?!.*_ip\.))")
 
 
 def register_folder() -> None:
@@ -58,71 +48,6 @@ def register_folder() -> None:
 
 
 register_folder()
-
-
-class UnmatchedKeysError(ValueError):
-    pass
-
-
-@dataclass
-class CheckpointReport:
-    family: str                    # "flux" | "sdxl"
-    lora_modules: int = 0
-    ip_layers: int = 0
-    frozen_skipped: int = 0
-    keys: int = 0
-    unmatched: list = field(default_factory=list)
-
-    def summary(self) -> str:
-        text = f"SynCD {self.family} checkpoint: {self.lora_modules} LoRA modules"
-        if self.family == "sdxl":
-            text += f", {self.ip_layers} IP-Adapter to_k_ip/to_v_ip pairs"
-        if self.frozen_skipped:
-            text += f", {self.frozen_skipped} frozen base weights skipped"
-        return text + f" ({self.keys} keys, 0 unmatched)"
-
-
-def detect_family(sd: dict) -> str:
-    flux = sum(1 for k in sd if _FLUX_LORA.match(k))
-    sdxl = sum(1 for k in sd if _SDXL_LORA.match(k) or _SDXL_IP.match(k))
-    if flux and not sdxl:
-        return "flux"
-    if sdxl and not flux:
-        return "sdxl"
-    raise ValueError("SynCD checkpoint: found neither the Flux LoRA (transformer.base_model.model.*.lora_A/B) nor the "
-                     "SDXL LoRA/IP-Adapter keys (unet.*.attn1.*.lora_A/B, *.attn2.processor.attn_op.to_k_ip); is "
-                     "this an official SynCD checkpoint (pytorch_model.bin or sdxl_finetuned_20k.ckpt)?")
-
-
-def _pairs(sd: dict, pattern: re.Pattern, report: CheckpointReport) -> dict[str, dict[str, torch.Tensor]]:
-    """{module: {"A": down, "B": up}} of the LoRA keys; other keys are sorted into frozen / unmatched."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        m = pattern.match(key)
-        if m:
-            pairs.setdefault(m.group("module"), {})[m.group("ab")] = value
-    for module, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            report.unmatched.append(f"{module}.lora_{'B' if 'A' in pair else 'A'} (missing)")
-    return {k: v for k, v in pairs.items() if set(v) == {"A", "B"}}
-
-
-def _check_lora_shapes(module: str, pair: dict, out_features: int, in_features: int, report) -> bool:
-    down, up = pair["A"], pair["B"]
-    if down.ndim == 2 and up.ndim == 2 and up.shape[1] == down.shape[0] and up.shape[0] == out_features \
-            and down.shape[1] == in_features:
-        return True
-    report.unmatched.append(f"{module} (lora_A {tuple(down.shape)}, lora_B {tuple(up.shape)} do not fit a "
-                            f"{out_features}x{in_features} weight)")
-    return False
-
-
-def _raise_unmatched(report: CheckpointReport, what: str) -> None:
-    if report.unmatched:
-        shown = "\n  ".join(report.unmatched[:20])
-        more = f"\n  ... and {len(report.unmatched) - 20} more" if len(report.unmatched) > 20 else ""
-        raise UnmatchedKeysError(f"SynCD checkpoint: {len(report.unmatched)} keys do not match {what}:\n  {shown}"
-                                 f"{more}\nUse the official SynCD checkpoint with its base model family.")
 
 
 class ReferencePassLoRA(torch.nn.Module):
@@ -155,7 +80,7 @@ def apply_flux(model, sd: dict, strength: float) -> tuple:
     base = model.model
     key_map = comfy.lora.model_lora_keys_unet(base, {})
     weights = base.state_dict()
-    pairs = _pairs(sd, _FLUX_LORA, report)
+    pairs = lora_pairs(sd, FLUX_LORA_KEY, report)
     lora_sd, to_load = {}, {}
     for module, pair in sorted(pairs.items()):
         target = key_map.get(f"transformer.{module}")
@@ -165,12 +90,12 @@ def apply_flux(model, sd: dict, strength: float) -> tuple:
         weight_key, (dim, offset, size) = (target, (0, 0, None)) if isinstance(target, str) else target
         shape = weights[weight_key].shape
         out_features = shape[dim] if size is None else size
-        if _check_lora_shapes(module, pair, out_features, shape[1], report):
+        if check_lora_shapes(module, pair, out_features, shape[1], report):
             lora_sd[f"transformer.{module}.lora_A.weight"] = pair["A"]
             lora_sd[f"transformer.{module}.lora_B.weight"] = pair["B"]
             to_load[f"transformer.{module}"] = target
-    _count_rest(sd, [_FLUX_LORA], report)
-    _raise_unmatched(report, "this Flux model")
+    count_other_keys(sd, [FLUX_LORA_KEY], report)
+    raise_unmatched(report, "this Flux model")
     patches = comfy.lora.load_lora(lora_sd, to_load, log_missing=False)
     m = model.clone()
     applied = m.add_patches(patches, strength)
@@ -192,17 +117,17 @@ def apply_sdxl(model, sd: dict, strength: float, ipadapter) -> tuple:
     key_map = comfy.lora.model_lora_keys_unet(base, {})
     weights = base.state_dict()
     wrappers = {}
-    for module, pair in sorted(_pairs(sd, _SDXL_LORA, report).items()):
+    for module, pair in sorted(lora_pairs(sd, SDXL_LORA_KEY, report).items()):
         weight_key = key_map.get("lora_unet_" + module.replace(".", "_"))
         if weight_key is None:
             report.unmatched.append(f"{module} (no such module in this UNet)")
             continue
         shape = weights[weight_key].shape
-        if _check_lora_shapes(module, pair, shape[0], shape[1], report):
+        if check_lora_shapes(module, pair, shape[0], shape[1], report):
             wrappers[weight_key] = pair
     new_ip = _sdxl_ip_weights(sd, key_map, diffusion_model, ipadapter, report)
-    _count_rest(sd, [_SDXL_LORA, _SDXL_IP], report)
-    _raise_unmatched(report, "this SDXL model and IP-Adapter")
+    count_other_keys(sd, [SDXL_LORA_KEY, SDXL_IP_KEY], report)
+    raise_unmatched(report, "this SDXL model and IP-Adapter")
     m = model.clone()
     for weight_key, pair in wrappers.items():
         m.add_weight_wrapper(weight_key, ReferencePassLoRA(pair["A"], pair["B"], strength))
@@ -215,7 +140,7 @@ def apply_sdxl(model, sd: dict, strength: float, ipadapter) -> tuple:
 
 def _sdxl_ip_weights(sd, key_map, diffusion_model, ipadapter, report) -> dict:
     """{ip_adapter key: SynCD-trained weight} for every to_k_ip/to_v_ip key of the checkpoint."""
-    found = {k: _SDXL_IP.match(k) for k in sd}
+    found = {k: SDXL_IP_KEY.match(k) for k in sd}
     found = {k: m for k, m in found.items() if m}
     if not found:
         return {}
@@ -240,17 +165,6 @@ def _sdxl_ip_weights(sd, key_map, diffusion_model, ipadapter, report) -> dict:
             continue
         out[ip_key] = sd[key].to(old.dtype)
     return out
-
-
-def _count_rest(sd: dict, patterns: list, report: CheckpointReport) -> None:
-    """Keys no pattern took: frozen base weights are counted, anything else is unmatched."""
-    for key in sd:
-        if any(p.match(key) for p in patterns):
-            continue
-        if _FROZEN.match(key):
-            report.frozen_skipped += 1
-        else:
-            report.unmatched.append(f"{key} (unknown key)")
 
 
 def load_syncd_checkpoint(model, path, strength: float = 1.0, ipadapter=None):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up everything ComfyUI-SynCD needs on a machine where ComfyUI is present:
-# ComfyUI's Python requirements (from PyPI), this pack (editable, as `comfyui_syncd`),
-# and with --test the test tools (pytest, websocket-client, Playwright + Debian's Chromium).
+# Set up everything ComfyUI-SynCD needs: ComfyUI itself when none is found (scripts/provision_comfyui.sh:
+# $COMFYUI_ARCHIVE, else ../shared/vendor/ComfyUI-*.tar.gz, else a git clone of v0.3.64), ComfyUI's Python
+# requirements (from PyPI), this pack (editable, as `comfyui_syncd`), and with --test the test tools
+# (pytest, websocket-client, Playwright + Debian's Chromium).
 # ComfyUI is found like the tests find it: $COMFYUI_PATH, the ComfyUI two levels up
 # when this pack sits in ComfyUI/custom_nodes/, else ~/comfy/ComfyUI.
 set -euo pipefail
@@ -10,17 +11,7 @@ py=${PYTHON:-python3}
 with_tests=0
 [ "${1:-}" = "--test" ] && with_tests=1
 
-comfy=$("$py" - "$here/comfy_path.py" <<'PY'
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("comfy_path", sys.argv[1])
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
-try:
-    print(mod.find_comfyui())
-except mod.ComfyUINotFoundError as e:
-    sys.exit(str(e))
-PY
-)
+comfy=$(bash "$here/scripts/provision_comfyui.sh")
 echo "ComfyUI: $comfy"
 
 # torch and torchvision must be a matching pair; ComfyUI imports torchvision. TORCH_SPEC overrides the pair

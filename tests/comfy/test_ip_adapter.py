@@ -114,31 +114,6 @@ def test_full_size_ip_layers_match_comfy_cross_attentions(family):
         match_layers(dm, other)
 
 
-def test_resampler_matches_upstream_perceiver_math(ipadapter):
-    """Our Resampler against a transcription of upstream's PerceiverAttention/FeedForward arithmetic."""
-    from comfyui_syncd.nodes.ip_adapter_model import Resampler
-
-    sd = ipadapter["image_proj"]
-    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
-    ln = torch.nn.functional.layer_norm
-    lat = sd["latents"].repeat(2, 1, 1)
-    h = x @ sd["proj_in.weight"].T + sd["proj_in.bias"]
-    for i in range(4):
-        p = f"layers.{i}."
-        xs = ln(h, (32,), sd[p + "0.norm1.weight"], sd[p + "0.norm1.bias"])
-        ls = ln(lat, (32,), sd[p + "0.norm2.weight"], sd[p + "0.norm2.bias"])
-        q = ls @ sd[p + "0.to_q.weight"].T
-        k, v = (torch.cat([xs, ls], 1) @ sd[p + "0.to_kv.weight"].T).chunk(2, -1)
-        scale = 1 / 64 ** 0.25
-        w = torch.softmax((q * scale) @ (k * scale).transpose(-2, -1), -1)
-        lat = (w @ v) @ sd[p + "0.to_out.weight"].T + lat
-        f = ln(lat, (32,), sd[p + "1.0.weight"], sd[p + "1.0.bias"]) @ sd[p + "1.1.weight"].T
-        lat = torch.nn.functional.gelu(f) @ sd[p + "1.3.weight"].T + lat
-    expected = ln(lat @ sd["proj_out.weight"].T + sd["proj_out.bias"], (64,), sd["norm_out.weight"],
-                  sd["norm_out.bias"])
-    torch.testing.assert_close(Resampler.from_state_dict(sd)(x), expected, rtol=1e-4, atol=1e-5)
-
-
 # --- the patch --------------------------------------------------------------------------------------------------
 
 def test_patch_changes_the_output_and_weight_zero_is_the_unpatched_model(tiny, sdxl, ipadapter, clip_vision):
@@ -161,10 +136,12 @@ def capture(store):
 
 def blind_uncond(inner):
     """Mark the negative chunk (cond index 1) as having no reference access, as the SynCD guider does."""
-    from comfyui_syncd.nodes.layout import BLIND_UUIDS
+    from comfyui_syncd.nodes import patch_kit as kit
+    from comfyui_syncd.nodes.layout import FULL, UNCOND
 
     def wrapper(executor, x, t, c_concat, c_crossattn, control, to, **kw):
-        to[BLIND_UUIDS] = frozenset(u for u, c in zip(to["uuids"], to["cond_or_uncond"]) if c == 1)
+        roles = {u: UNCOND if c == 1 else FULL for u, c in zip(to["uuids"], to["cond_or_uncond"])}
+        to[kit.KEY] = kit.ForwardState(guidance=kit.GuidanceBranches(roles=roles))
         return inner(executor, x, t, c_concat, c_crossattn, control, to, **kw)
     return wrapper
 
@@ -181,14 +158,14 @@ def test_blind_chunks_get_the_gray_image_embedding(tiny, sdxl, ipadapter, clip_v
 
 
 def test_reference_pass_rows_get_their_own_images_at_reference_weight(tiny, sdxl, ipadapter, clip_vision):
-    from comfyui_syncd.nodes.reference_pass import REFERENCE_INDEX, REFERENCE_PASS
+    from comfyui_syncd.nodes import patch_kit as kit
     from comfyui_syncd.nodes.references import ReferenceSet
 
     refs = images(3, seed=7)
     reference_set = ReferenceSet(images=refs, latents=torch.zeros(3, 4, 8, 8), masks=torch.ones(3, 40, 48))
 
     def as_reference_pass(executor, x, t, c_concat, c_crossattn, control, to, **kw):
-        to[REFERENCE_PASS], to[REFERENCE_INDEX] = True, [2, 0]
+        to[kit.KEY] = kit.ForwardState(phase=kit.Phase.REFERENCE, reference_rows=(2, 0))
         return executor(x, t, c_concat, c_crossattn, control, to, **kw)
 
     n = noise(2)
@@ -218,7 +195,7 @@ def test_works_with_the_reference_injection_pass(tiny, sdxl, ipadapter, clip_vis
 def test_chains_an_earlier_attn2_replace_patch(tiny, sdxl, ipadapter, clip_vision):
     import comfy.ldm.modules.attention
 
-    from comfyui_syncd.nodes.shared_attention import unet_attention_blocks
+    from comfyui_syncd.nodes.patch_kit import unet_attention_blocks
 
     calls = []
 

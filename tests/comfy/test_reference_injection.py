@@ -5,17 +5,29 @@ import torch
 
 pytestmark = pytest.mark.comfy
 
-FAMILIES = ["sd15", "sdxl", "flux"]
 
 
 @pytest.fixture(scope="module")
-def models(tiny):
-    return {f: tiny.build_model(f, seed=3, width=32) for f in FAMILIES}
+def models(tiny, families):
+    return {f: tiny.build_model(f, seed=3, width=32) for f in families}
 
 
 @pytest.fixture(scope="module")
-def vaes(tiny):
-    return {f: tiny.build_vae(f, seed=1) for f in FAMILIES}
+def vaes(tiny, families):
+    return {f: tiny.build_vae(f, seed=1) for f in families}
+
+
+def upstream_layer_mask(masks, latent_grid, dilation, layer_grid):
+    """Upstream's reference masks, computed independently (nupurkmr9/syncd method/data/data.py and the SDXL
+    processor): binarize > 0, bring to the latent grid (a cell with any foreground pixel), conv with a ones box
+    (padding 'same') clamped to [0, 1], nearest to the layer grid; a token is a key where the value is > 0."""
+    import torch.nn.functional as F
+
+    binary = (masks > 0).float()[:, None]
+    h, w = latent_grid
+    cells = binary.unfold(2, 64 // h, 64 // h).unfold(3, 64 // w, 64 // w).amax((-1, -2))
+    grown = F.conv2d(cells, torch.ones(1, 1, dilation, dilation), padding="same").clamp(0, 1)
+    return (F.interpolate(grown, size=layer_grid, mode="nearest") > 0).flatten(1)
 
 
 def ref_images(n=2, seed=0):
@@ -77,34 +89,12 @@ def normalized(model, tiny, family, **kw):
     return guider
 
 
-def separate_passes(args):
-    """sampler_calc_cond_batch_function (an official hook): every cond in its own forward pass, last cond first."""
-    import comfy.samplers
-
-    out = [None] * len(args["conds"])
-    for i in reversed(range(len(args["conds"]))):
-        out[i] = comfy.samplers.calc_cond_batch(args["model"], [args["conds"][i]], args["input"], args["sigma"],
-                                                args["model_options"])[0]
-    return out
 
 
-def alternating_passes():
-    import comfy.samplers
-
-    calls = {"n": 0}
-
-    def calc(args):
-        calls["n"] += 1
-        if calls["n"] % 2:
-            return comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
-                                                  args["model_options"])
-        return separate_passes(args)
-    return calc
 
 
 # --- Injection ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_references_change_the_output(tiny, models, vaes, family):
     noise = noise_for(tiny, family)
     plain = ksample(models[family], tiny, family, noise)
@@ -114,7 +104,6 @@ def test_references_change_the_output(tiny, models, vaes, family):
     assert run.passes == [0, 1]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_zero_mask_references_change_nothing(tiny, models, vaes, family):
     noise = noise_for(tiny, family)
     plain = ksample(models[family], tiny, family, noise)
@@ -126,19 +115,20 @@ def test_zero_mask_references_change_nothing(tiny, models, vaes, family):
 def test_keys_are_the_reference_foreground_tokens_of_each_layer(tiny, models, vaes, family):
     """A probe attn1 patch registered after ours sees [own tokens ‖ the references' foreground tokens on this
     layer's grid]: the key-side mask of eq. 1, resized per layer."""
-    from comfyui_syncd.attention.masks import resize_to_grid
+    from comfyui_syncd.nodes.patch_kit import Phase, forward_state
 
     masks = torch.zeros(2, 64, 64)
     masks[0, :32, :48] = 1
-    masks[1, 16:, :] = 1
+    masks[1, 17:, :] = 1
+    masks[1, 40, 5] = 0.1  # a stray pixel: foreground once binarized (> 0), grown by the dilation
     patched, _ = inject(tiny, family, models[family], references(vaes[family], masks=masks))
     patched = patched.clone()
     seen = []
 
     def probe(n, context, value, extra):
-        if not extra.get("syncd_reference_pass"):
+        if forward_state(extra).phase is Phase.TARGET:
             h, w = extra["activations_shape"][-2:]
-            seen.append((context.shape[1] - n.shape[1], int(resize_to_grid(masks, h, w).sum())))
+            seen.append((context.shape[1] - n.shape[1], int(upstream_layer_mask(masks, (8, 8), 3, (h, w)).sum())))
         return n, context, value
 
     patched.set_model_attn1_patch(probe)
@@ -147,32 +137,28 @@ def test_keys_are_the_reference_foreground_tokens_of_each_layer(tiny, models, va
     assert any(expected > 0 for _, expected in seen)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_one_reference_pass_per_step_for_all_branches_and_layouts(tiny, models, vaes, family):
+def test_one_reference_pass_per_step_for_all_branches_and_layouts(tiny, models, vaes, family, separate_passes,
+                                                                 alternating_passes):
     patched, run = inject(tiny, family, models[family], references(vaes[family], n=3))
-    for options in (None, {"sampler_calc_cond_batch_function": separate_passes},
-                    {"sampler_calc_cond_batch_function": alternating_passes()}):
+    for options in (None, separate_passes(reverse=True), alternating_passes()):
         guided_sample(normalized(patched, tiny, family), patched, noise_for(tiny, family), steps=3,
                       model_options=options)
         assert run.passes == [0, 1, 2], options
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_layouts_give_the_same_result(tiny, models, vaes, family):
+def test_layouts_give_the_same_result(tiny, models, vaes, family, separate_passes, alternating_passes):
     patched, _ = inject(tiny, family, models[family], references(vaes[family]))
     noise = noise_for(tiny, family)
     joint = guided_sample(normalized(patched, tiny, family), patched, noise)
-    for calc in (separate_passes, alternating_passes()):
-        other = guided_sample(normalized(patched, tiny, family), patched, noise,
-                              model_options={"sampler_calc_cond_batch_function": calc})
+    for options in (separate_passes(reverse=True), alternating_passes()):
+        other = guided_sample(normalized(patched, tiny, family), patched, noise, model_options=options)
         torch.testing.assert_close(other, joint, rtol=1e-4, atol=1e-4)
     # plain CFG (every branch sees the references): one pass vs separate passes
     torch.testing.assert_close(ksample(patched, tiny, family, noise,
-                                       model_options={"sampler_calc_cond_batch_function": separate_passes}),
+                                       model_options=separate_passes(reverse=True)),
                                ksample(patched, tiny, family, noise), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_cfg1_equals_the_conditional_branch_of_a_guided_run(tiny, models, vaes, family):
     """KSampler at cfg 1 evaluates only the positive chunk; JeDi's guider at λ = 1 evaluates [ε⁰ (blind), ε] in one
     batch and returns ε: both must give the same sample."""
@@ -197,7 +183,6 @@ def test_cfg1_equals_the_conditional_branch_of_a_guided_run(tiny, models, vaes, 
     assert batches == [[0], [0]]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_injection_window(tiny, models, vaes, family):
     patched, run = inject(tiny, family, models[family], references(vaes[family]), start=0.5, end=1.0)
     ksample(patched, tiny, family, noise_for(tiny, family), steps=4)
@@ -208,31 +193,32 @@ def test_reference_pass_sees_the_reference_conditioning_and_runs_without_grad_st
     """The reference pass marks itself for other patches (the SynCD LoRA is off during it)."""
     import comfy.patcher_extension
 
-    from comfyui_syncd.nodes.reference_pass import REFERENCE_INDEX, REFERENCE_PASS, in_reference_pass
+    from comfyui_syncd.nodes.patch_kit import Phase, forward_state, in_reference_pass
 
     patched, _ = inject(tiny, "sd15", models["sd15"], references(vaes["sd15"], n=3))
     seen = []
 
     def probe(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kw):
-        seen.append((bool(transformer_options.get(REFERENCE_PASS)), in_reference_pass(), x.shape[0],
-                     transformer_options.get(REFERENCE_INDEX)))
+        state = forward_state(transformer_options)
+        seen.append((state.phase is Phase.REFERENCE, in_reference_pass(), x.shape[0], state.reference_rows))
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
 
     patched = patched.clone()
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "probe", probe)
     ksample(patched, tiny, "sd15", noise_for(tiny, "sd15"), steps=1)
-    assert (True, True, 3, [0, 1, 2]) in seen          # the reference pass: one row per reference
-    assert (False, False, 4, None) in seen             # the target pass: cond + uncond of 2 latents
+    assert (True, True, 3, (0, 1, 2)) in seen          # the reference pass: one row per reference
+    assert (False, False, 4, ()) in seen               # the target pass: cond + uncond of 2 latents
 
 
 # --- Guiders -----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("combination", ["normalized", "brooks"])
 def test_guider_equals_the_formula_on_its_branch_outputs(tiny, models, vaes, family, combination):
-    """Capture the three branch outputs with ComfyUI's pre-CFG hook and the result with its post-CFG hook; recompute
-    eq. 4 independently (per-sample norms in float64)."""
-    patched, _ = inject(tiny, family, models[family], references(vaes[family]))
+    """Capture the three branch outputs with ComfyUI's pre-CFG hook, the references' own outputs of the step and the
+    result with the post-CFG hook; recompute upstream's rule independently in float64: eq. 4 with per-sample norms
+    (SD: over the target; Flux: over the whole canvas, the references' tokens included) and, for Flux, no guidance on
+    the first step (the text+image branch alone)."""
+    patched, run = inject(tiny, family, models[family], references(vaes[family]))
     patched = patched.clone()
     seen = []
     patched.set_model_sampler_pre_cfg_function(lambda a: seen.append({"outs": a["conds_out"], "x": a["input"]})
@@ -240,40 +226,83 @@ def test_guider_equals_the_formula_on_its_branch_outputs(tiny, models, vaes, fam
 
     def post(a):
         seen[-1]["denoised"] = a["denoised"]
+        seen[-1]["refs"] = {k: v.double() for k, v in run.outputs.items()}
         return a["denoised"]
 
     patched.set_model_sampler_post_cfg_function(post)
     guider = normalized(patched, tiny, family, combination=combination, rescale=0.0)
     guided_sample(guider, patched, noise_for(tiny, family), steps=3)
     assert len(seen) == 3
+    flux = family == "flux"
+    if flux:  # step 0 is the full branch alone
+        torch.testing.assert_close(seen[0]["denoised"], seen[0]["outs"][0])
+        seen = seen[1:]
+    assert len(seen) == len(guider.image_scales)
     for (step, s_img), record in zip(guider.image_scales, seen):
         x = record["x"].double()
         full, unc, img = (x - o.double() for o in record["outs"])  # positive first, as pre-CFG hooks expect
         d_img, d_txt = img - unc, full - img
         if combination == "normalized":
+            # the references' outputs: text-free branches see them under the negative text, the full branch under
+            # the reference prompt
+            ref_img = 0.0  # the uncond and image branches' references are alike (same text, no target): Δ = 0
+            ref_txt = (record["refs"]["reference"] - record["refs"]["negative"]).pow(2).sum() if flux else 0.0
             for b in range(x.shape[0]):
-                m = min(d_img[b].norm(), d_txt[b].norm())
-                d_img[b] *= min(1.0, float(m / d_img[b].norm()))
-                d_txt[b] *= min(1.0, float(m / d_txt[b].norm()))
+                n_img = (d_img[b].pow(2).sum() + ref_img).sqrt()
+                n_txt = (d_txt[b].pow(2).sum() + ref_txt).sqrt()
+                m = min(n_img, n_txt)
+                d_img[b] *= min(1.0, float(m / n_img))
+                d_txt[b] *= min(1.0, float(m / n_txt))
             want = img + s_img * d_img + 7.5 * d_txt
         else:
             want = unc + s_img * d_img + 7.5 * d_txt
         torch.testing.assert_close((x - record["denoised"].double()), want, rtol=1e-4, atol=1e-4)
-    assert [s for _, s in guider.image_scales] == [8.0, 10.5, 13.0]
-    assert [i for i, _ in guider.image_scales] == [0, 1, 2]
+    if flux:
+        assert guider.image_scales == [(1, 10.5), (2, 13.0)]
+    else:
+        assert guider.image_scales == [(0, 8.0), (1, 10.5), (2, 13.0)]
+
+
+def test_flux_norms_count_the_reference_tokens_and_step_zero_is_unguided_by_default(tiny, models, vaes):
+    """The Flux defaults differ from the target-only, every-step rule (they are not no-ops), and 'off'/'on' give it."""
+    patched, _ = inject(tiny, "flux", models["flux"], references(vaes["flux"]))
+    noise = noise_for(tiny, "flux")
+    default = guided_sample(normalized(patched, tiny, "flux"), patched, noise)
+    sd_rules = guided_sample(normalized(patched, tiny, "flux", first_step_guidance="on",
+                                        norm_includes_references="off"), patched, noise)
+    assert (default - sd_rules).abs().max() > 1e-5
+    for kw in ({"first_step_guidance": "on"}, {"norm_includes_references": "off"}):
+        assert (guided_sample(normalized(patched, tiny, "flux", **kw), patched, noise) - default).abs().max() > 1e-6
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_unconditional_branch_has_no_reference_access(tiny, models, vaes, family):
-    """The uncond branch of the patched model equals the unpatched model's; the image branch differs from it."""
-    outs = {}
-    for name, model in (("plain", models[family]), ("patched", inject(tiny, family, models[family],
-                                                                      references(vaes[family]))[0])):
+    """The uncond branch of the patched model equals the unpatched model's and the image branch differs from it; on
+    Flux only without upstream's text access (by default the uncond branch's text tokens see the references)."""
+    from dataclasses import replace
+
+    from comfyui_syncd.nodes.reference_injection import apply_reference_injection
+
+    def branch_outputs(model):
+        outs = {}
         model = model.clone()
-        model.set_model_sampler_pre_cfg_function(lambda a, name=name: outs.setdefault(name, a["conds_out"]))
-        guided_sample(normalized(model, tiny, family), model, noise_for(tiny, family), steps=1)
-    torch.testing.assert_close(outs["patched"][1], outs["plain"][1])          # negative, no references
-    assert (outs["patched"][2] - outs["plain"][2]).abs().max() > 1e-6      # image branch sees them
+        model.set_model_sampler_pre_cfg_function(lambda a: outs.setdefault("o", a["conds_out"]))
+        guided_sample(normalized(model, tiny, family, first_step_guidance="on"), model, noise_for(tiny, family),
+                      steps=1)
+        return outs["o"]
+
+    model = tiny.build_model(family, seed=3, width=32, std=0.1)  # weights that carry signal through the blocks
+    plain = branch_outputs(model)
+    patched, run = inject(tiny, family, model, references(vaes[family]))
+    default = branch_outputs(patched)
+    no_text = branch_outputs(apply_reference_injection(
+        model, replace(run.config, flux_uncond_text_sees_references=False))[0])
+    torch.testing.assert_close(no_text[1], plain[1])                    # negative, no references at all
+    assert (no_text[2] - plain[2]).abs().max() > 1e-6                  # the image branch sees them
+    if family == "flux":
+        assert (default[1] - plain[1]).abs().max() > 1e-6              # upstream: text sees the whole canvas
+    else:
+        torch.testing.assert_close(default[1], plain[1])
 
 
 def test_guidance_rescale_changes_the_result(tiny, models, vaes):
@@ -339,7 +368,6 @@ def test_shared_attention_and_reference_injection_do_not_silently_collide(tiny, 
 
 # --- JeDi personalization as inpainting --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_jedi_inpainting_keeps_references_and_couples_the_generated_image(tiny, models, vaes, family):
     import comfy.samplers
 
@@ -376,7 +404,7 @@ def test_references_are_brought_to_the_current_noise_level(tiny, models, vaes, f
     """noised (SD default): fresh noise to the current sigma every step; clean (Flux default): the model sees x_0."""
     import comfy.patcher_extension
 
-    from comfyui_syncd.nodes.reference_pass import REFERENCE_PASS
+    from comfyui_syncd.nodes.patch_kit import Phase, forward_state
 
     refs = references(vaes[family], n=2)
     patched, _ = inject(tiny, family, models[family], refs, mode=mode)
@@ -384,7 +412,7 @@ def test_references_are_brought_to_the_current_noise_level(tiny, models, vaes, f
     seen = []
 
     def probe(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kw):
-        if transformer_options.get(REFERENCE_PASS):
+        if forward_state(transformer_options).phase is Phase.REFERENCE:
             seen.append((x.clone(), t.clone()))
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
 

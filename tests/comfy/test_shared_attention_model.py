@@ -5,13 +5,12 @@ import torch
 
 pytestmark = pytest.mark.comfy
 
-FAMILIES = ["sd15", "sdxl", "flux"]
 PROMPT = "a photo of a dog on the beach"
 
 
 @pytest.fixture(scope="module")
-def models(tiny):
-    return {f: tiny.build_model(f, seed=3, width=32) for f in FAMILIES}
+def models(tiny, families):
+    return {f: tiny.build_model(f, seed=3, width=32) for f in families}
 
 
 def conds(tiny, family):
@@ -52,19 +51,16 @@ def influence(tiny, family, model, source, n=3, **sample_kw):
     return (changed - base).flatten(1).abs().amax(1)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_unpatched_images_are_independent(tiny, models, family):
     d = influence(tiny, family, models[family], source=1)
     assert d[0] == 0 and d[2] == 0 and d[1] > 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_jedi_coupled_attention_couples_every_image(tiny, models, family):
     d = influence(tiny, family, patch(models[family], mask_mode="none"), source=1)
     assert d[0] > 1e-6 and d[2] > 1e-6
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_dependence_follows_foreground_masks(tiny, models, family):
     masks = torch.zeros(3, 64, 64)
     masks[:, 16:48, 16:48] = 1
@@ -78,7 +74,6 @@ def test_dependence_follows_foreground_masks(tiny, models, family):
     assert d[1] > 1e-6
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_first_step_unmasked_option(tiny, models, family):
     masks = torch.ones(3, 64, 64)
     masks[1] = 0
@@ -87,7 +82,6 @@ def test_first_step_unmasked_option(tiny, models, family):
     assert on[0] > 1e-6  # one-step sampling: the only step is the first, which shares everything
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_groups_never_leak(tiny, models, family):
     model = patch(models[family], images_per_subject=2, mask_mode="none")
     d = influence(tiny, family, model, source=0, n=4)
@@ -95,45 +89,16 @@ def test_groups_never_leak(tiny, models, family):
     assert d[2] == 0 and d[3] == 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_percent_range_switches_sharing_off(tiny, models, family):
     d = influence(tiny, family, patch(models[family], mask_mode="none", start=0.5, end=1.0), source=1)
     assert d[0] == 0 and d[2] == 0  # the single step lies before start_percent
 
 
-def separate_passes(reverse):
-    """A calc_cond_batch function (an official sampler hook) that runs each cond in its own forward pass."""
-    import comfy.samplers
-
-    def calc(args):
-        order = list(range(len(args["conds"])))
-        if reverse:
-            order.reverse()
-        out = [None] * len(order)
-        for i in order:
-            out[i] = comfy.samplers.calc_cond_batch(args["model"], [args["conds"][i]], args["input"], args["sigma"],
-                                                    args["model_options"])[0]
-        return out
-    return calc
 
 
-def alternating_passes():
-    import comfy.samplers
-
-    calls = {"n": 0}
-    joint = None
-
-    def calc(args):
-        calls["n"] += 1
-        if calls["n"] % 2:
-            return comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
-                                                  args["model_options"])
-        return separate_passes(reverse=True)(args)
-    return calc
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_batch_layouts_give_the_same_result(tiny, models, family):
+def test_batch_layouts_give_the_same_result(tiny, models, family, separate_passes, alternating_passes):
     masks = torch.zeros(3, 64, 64)
     masks[0, :32] = 1
     masks[1, :, 20:] = 1
@@ -142,21 +107,20 @@ def test_batch_layouts_give_the_same_result(tiny, models, family):
     pos, neg = conds(tiny, family)
     noise = noise_for(tiny, family, 3)
     joint = sample(model, noise, pos, neg, steps=3)
-    for calc in (separate_passes(False), separate_passes(True), alternating_passes()):
-        other = sample(model, noise, pos, neg, steps=3, model_options={"sampler_calc_cond_batch_function": calc})
+    for options in (separate_passes(), separate_passes(reverse=True), alternating_passes()):
+        other = sample(model, noise, pos, neg, steps=3, model_options=options)
         torch.testing.assert_close(other, joint, rtol=1e-4, atol=1e-4)
     unpatched = sample(models[family], noise, pos, neg, steps=3)
     assert (joint - unpatched).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_cfg_one_runs_cond_alone_and_still_shares(tiny, models, family):
     d = influence(tiny, family, patch(models[family], mask_mode="none"), source=2, cfg=1.0)
     assert d[0] > 1e-6 and d[1] > 1e-6
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
-def test_three_condition_guider_shares_within_each_chunk(tiny, models, family):
+def test_three_condition_guider_shares_within_each_chunk(tiny, models, family, separate_passes):
     import comfy.samplers
     from comfy_extras.nodes_custom_sampler import Guider_DualCFG
 
@@ -184,11 +148,10 @@ def test_three_condition_guider_shares_within_each_chunk(tiny, models, family):
 
     joint = run({})
     assert [2, 1, 0] in seen  # three chunks in one forward pass
-    separate = run({"sampler_calc_cond_batch_function": separate_passes(False)})
+    separate = run(separate_passes())
     torch.testing.assert_close(separate, joint, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_reference_implementation_matches_efficient(tiny, models, family):
     masks = torch.zeros(3, 64, 64)
     masks[:, 8:40, 12:60] = 1
@@ -238,10 +201,9 @@ def test_rope_shift_equals_reencoding_at_shifted_rows():
                                apply_rope1(k, embed(shifted)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_automatic_masks_are_estimated_every_step_and_used(tiny, models, family):
     from comfyui_syncd.nodes.shared_attention import SharedAttentionConfig, apply_shared_attention
-    from comfyui_syncd.nodes.tokens import subject_token_positions
+    from comfyui_syncd.core.tokens import subject_token_positions
 
     tokens = subject_token_positions(tiny.token_ids, PROMPT, "dog")
     assert tokens == (5,)  # <start> a photo of a dog
@@ -265,7 +227,7 @@ def test_automatic_masks_are_estimated_every_step_and_used(tiny, models, family)
 def test_subject_word_found_with_a_real_clip_tokenizer(tiny):
     import comfy.sd1_clip
 
-    from comfyui_syncd.nodes.tokens import subject_token_positions
+    from comfyui_syncd.core.tokens import subject_token_positions
 
     tok = comfy.sd1_clip.SDTokenizer()
 
@@ -324,7 +286,7 @@ def test_clip_tokenizer_reads_the_tokens_that_condition_the_model(tokenizer_path
 
     import comfy.sd
 
-    from comfyui_syncd.nodes.tokens import clip_tokenizer, subject_token_positions
+    from comfyui_syncd.core.tokens import clip_tokenizer, subject_token_positions
 
     module, name = tokenizer_path.rsplit(".", 1)
     clip = comfy.sd.CLIP(no_init=True)  # tokenizer only: CLIP.tokenize without text-encoder weights

@@ -74,7 +74,8 @@ def test_full_size_flux_checkpoint_matches_every_key():
 
 
 def test_unmatched_keys_are_listed(sdxl, flux):
-    from comfyui_syncd.nodes.syncd_checkpoint import UnmatchedKeysError, apply_flux, apply_sdxl
+    from comfyui_syncd.core.checkpoint_keys import UnmatchedKeysError
+    from comfyui_syncd.nodes.syncd_checkpoint import apply_flux, apply_sdxl
 
     sd = W.syncd_flux_checkpoint(**TINY_FLUX, rank=4)
     sd["transformer.base_model.model.transformer_blocks.5.attn.to_q.lora_A.default.weight"] = torch.zeros(4, 32)
@@ -99,7 +100,7 @@ def test_unmatched_keys_are_listed(sdxl, flux):
 # --- numbers on tiny models -------------------------------------------------------------------------------------
 
 def test_sdxl_lora_applies_except_in_the_reference_pass(tiny, sdxl):
-    from comfyui_syncd.nodes.reference_pass import reference_pass
+    from comfyui_syncd.nodes.patch_kit import Phase, phase_scope
     from comfyui_syncd.nodes.syncd_checkpoint import apply_sdxl
 
     sd = W.syncd_sdxl_checkpoint(W.TINY_SDXL_UNET, 64, rank=8, std=0.3)
@@ -108,7 +109,7 @@ def test_sdxl_lora_applies_except_in_the_reference_pass(tiny, sdxl):
     assert report.lora_modules == 4 * len(W.transformer_blocks(W.TINY_SDXL_UNET))
     base = sample(tiny, "sdxl", sdxl)
     assert (sample(tiny, "sdxl", patched) - base).abs().max() > 1e-3
-    with reference_pass():
+    with phase_scope(Phase.REFERENCE):
         assert torch.equal(sample(tiny, "sdxl", patched), base)
     assert torch.equal(sample(tiny, "sdxl", apply_sdxl(sdxl, sd, 0.0, ip)[0]), base)
     # the wrapper is W + strength·B·A, the diffusers name mapped onto ComfyUI's module
@@ -118,7 +119,7 @@ def test_sdxl_lora_applies_except_in_the_reference_pass(tiny, sdxl):
     w = sdxl.model.state_dict()[key]
     expected = w + 0.5 * sd[f"{path}.lora_B.default.weight"] @ sd[f"{path}.lora_A.default.weight"]
     torch.testing.assert_close(wrapper(w), expected)
-    with reference_pass():
+    with phase_scope(Phase.REFERENCE):
         assert torch.equal(wrapper(w), w)
 
 
@@ -193,6 +194,7 @@ def test_reference_injection_runs_the_reference_pass_without_the_lora(tiny, sdxl
     """With the SynCD SDXL LoRA and reference injection: every attn1 input captured in the reference pass equals the
     one of the model without the LoRA (upstream: LoRA scale 0), while the target pass uses the LoRA (its output
     differs from the LoRA-less model's)."""
+    from comfyui_syncd.nodes.patch_kit import Phase, forward_state
     from comfyui_syncd.nodes.reference_injection import ReferenceConfig, apply_reference_injection
     from comfyui_syncd.nodes.reference_nodes import encode_references
     from comfyui_syncd.nodes.syncd_checkpoint import apply_sdxl
@@ -209,7 +211,7 @@ def test_reference_injection_runs_the_reference_pass_without_the_lora(tiny, sdxl
         captured = []
 
         def probe(n, context, value, extra):
-            if extra.get("syncd_reference_pass"):
+            if forward_state(extra).phase is Phase.REFERENCE:
                 captured.append(n.clone())
             return n, context, value
 

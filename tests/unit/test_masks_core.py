@@ -9,19 +9,21 @@ from comfyui_syncd.attention.masks import (AutomaticMaskEstimator, dilate, otsu_
 pytestmark = pytest.mark.unit
 
 
-def test_resize_to_grid_any_ratio_and_majority_rule():
+def test_resize_to_grid_any_ratio_nearest_and_nonzero_rule():
+    """Upstream resizes per layer with F.interpolate(mode="nearest") and keys every non-zero value."""
     mask = torch.zeros(1, 64, 96)
     mask[:, :32, :48] = 1  # top-left quarter
     grid = resize_to_grid(mask, 4, 6).reshape(4, 6)
     expected = torch.zeros(4, 6, dtype=torch.bool)
     expected[:2, :3] = True
     assert torch.equal(grid, expected)
-    # a token less than half covered is background, more than half is foreground
+    # nearest sampling: the sampled pixel decides, any non-zero value is foreground
     m = torch.zeros(1, 8, 8)
-    m[:, :, :1] = 1  # a quarter of the left token
+    m[:, :, 0] = 0.05  # the pixel nearest sampling takes for the left token
+    assert resize_to_grid(m, 1, 2).tolist() == [[True, False]]
+    m[:, :, 1:4] = 1   # other pixels of the left token do not matter
+    m[:, :, 0] = 0
     assert resize_to_grid(m, 1, 2).tolist() == [[False, False]]
-    m[:, :, :6] = 1  # the left token and half of the right one
-    assert resize_to_grid(m, 1, 2).tolist() == [[True, True]]
 
 
 def test_otsu_separates_bimodal_maps_per_image():

@@ -41,7 +41,9 @@ def subject_token_positions(tokenize: Callable[[str], list[int]], prompt: str, s
 
 
 def clip_tokenizer(clip) -> Callable[[str], list[int]]:
-    """``tokenize(text) -> ids`` for a ComfyUI CLIP object, using the tokenizer that feeds the model's context."""
+    """``tokenize(text) -> ids`` for a ComfyUI CLIP object, using the tokenizer that feeds the model's context.
+
+    Duck-typed: ``clip.tokenize(text)`` returns ``{key: [[(id, weight, ...), ...], ...]}``; nothing is imported."""
     def tokenize(text: str) -> list[int]:
         tokens = clip.tokenize(text)
         key = next((k for k in CONTEXT_TOKEN_KEYS if k in tokens), next(iter(tokens)))

@@ -3,7 +3,8 @@
 The pack's demo workflows and its tests run on these: ComfyUI's own model
 classes (``comfy.supported_models`` configs, ``ModelPatcher``, ``comfy.sd.VAE``)
 at a width small enough for a CPU, so every code path is the one a real
-checkpoint takes, only the numbers are random. Recipe: comfyui-internals.md §4.
+checkpoint takes, only the numbers are random: a ``comfy.supported_models`` config, ``get_model``, seeded
+weights (ComfyUI's ops leave them uninitialized), ``ModelPatcher``.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import comfy.sd1_clip
 import comfy.supported_models
 import comfy.taesd.taesd
 
+from ..nodes.patch_kit import TOKENIZER
+
 FAMILIES = ("sd15", "sdxl", "flux")
 
 # Text-conditioning sizes of the tiny families: (context dim, pooled dim or 0).
 CONTEXT_DIMS = {"sd15": (768, 0), "sdxl": (64, 64), "flux": (64, 32)}
 SDXL_SIZE_EMBED_DIM = 6 * 256  # model_base.SDXL.encode_adm: six Timestep(256) size/crop embeddings
 LATENT_CHANNELS = {"sd15": 4, "sdxl": 4, "flux": 16}
-TINY_DEMO_KEY = "syncd_tiny_demo"  # model_options flag: conditioning comes from encode_text's tokenizer
 
 
 def _unet_base(width: int) -> dict:
@@ -108,18 +110,19 @@ def _seeded_normal_(module: torch.nn.Module, seed: int, std: float = 0.02) -> No
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * std)
 
 
-def build_model(family: str, seed: int = 0, width: int = 32) -> comfy.model_patcher.ModelPatcher:
-    """A tiny ``family`` diffusion model with seeded random weights, wrapped like a loaded checkpoint."""
+def build_model(family: str, seed: int = 0, width: int = 32, std: float = 0.02) -> comfy.model_patcher.ModelPatcher:
+    """A tiny ``family`` diffusion model with seeded random weights (normal, ``std``), wrapped like a loaded
+    checkpoint; tests of an effect use a larger ``std`` so that the weights carry signal."""
     cfg = model_config(family, width)
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({})
-    _seeded_normal_(model.diffusion_model, seed)
+    _seeded_normal_(model.diffusion_model, seed, std)
     patcher = comfy.model_patcher.ModelPatcher(
         model,
         load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device(),
     )
-    patcher.model_options[TINY_DEMO_KEY] = family
+    patcher.model_options[TOKENIZER] = token_ids  # the tokens of encode_text, for automatic masks
     return patcher
 
 
@@ -218,8 +221,8 @@ def build_clip_vision(seed: int = 0):
 def build_ip_adapter(model: comfy.model_patcher.ModelPatcher, seed: int = 0, dim: int = 64,
                      num_queries: int = 4) -> dict:
     """An IP-Adapter Plus (IPADAPTER dict, upstream layout) for a tiny UNet and the tiny CLIP vision."""
-    from .ip_adapter import cross_attentions
-    from .ip_adapter_model import RESAMPLER_DIM_HEAD, Resampler, layer_key
+    from ..nodes.ip_adapter import cross_attentions
+    from ..core.ip_adapter_model import RESAMPLER_DIM_HEAD, Resampler, layer_key
 
     targets = cross_attentions(model.get_model_object("diffusion_model"))
     if not targets:

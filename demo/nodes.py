@@ -7,6 +7,10 @@ from comfy_api.latest import io
 from . import tiny_models
 
 
+def family_input(tooltip: str):
+    return io.Combo.Input("family", options=list(tiny_models.FAMILIES), default="sd15", tooltip=tooltip)
+
+
 class SynCDTinyDemoModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -17,8 +21,7 @@ class SynCDTinyDemoModel(io.ComfyNode):
             description="A real SD1.5, SDXL or Flux architecture at tiny width with seeded random weights, "
                         "plus a matching tiny VAE. For trying workflows without checkpoints: images are noise-like.",
             inputs=[
-                io.Combo.Input("family", options=list(tiny_models.FAMILIES), default="sd15",
-                               tooltip="Which ComfyUI model class to build: sd15, sdxl (UNets) or flux (DiT)."),
+                family_input("Which ComfyUI model class to build: sd15, sdxl (UNets) or flux (DiT)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the random weights; the same seed gives the same model."),
                 io.Int.Input("width", default=32, min=16, max=512, step=16,
@@ -45,8 +48,7 @@ class SynCDTinyDemoTextEncode(io.ComfyNode):
             description="CONDITIONING for the tiny demo models without a text encoder: ComfyUI's CLIP-L tokens "
                         "mapped to seeded vectors, so token positions are real.",
             inputs=[
-                io.Combo.Input("family", options=list(tiny_models.FAMILIES), default="sd15",
-                               tooltip="Must match the SynCD Tiny Demo Model's family."),
+                family_input("Must match the SynCD Tiny Demo Model's family."),
                 io.String.Input("text", multiline=True, default="a photo of a dog",
                                 tooltip="The prompt; an empty text gives the empty-prompt conditioning."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
@@ -106,7 +108,7 @@ class SynCDTinyDemoReferences(io.ComfyNode):
 class SynCDTinyDemoIPAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from .ip_adapter import IPAdapter
+        from ..nodes.ip_adapter import IPAdapter
 
         return io.Schema(
             node_id="SynCDTinyDemoIPAdapter",
@@ -123,3 +125,6 @@ class SynCDTinyDemoIPAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed: int) -> io.NodeOutput:
         return io.NodeOutput(tiny_models.build_ip_adapter(model, seed), tiny_models.build_clip_vision(seed))
+
+
+DEMO_NODES = [SynCDTinyDemoModel, SynCDTinyDemoTextEncode, SynCDTinyDemoReferences, SynCDTinyDemoIPAdapter]

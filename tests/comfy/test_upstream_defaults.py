@@ -1,0 +1,122 @@
+"""Upstream-faithful defaults on tiny real models, each checked against an independent computation of upstream's
+rule (nupurkmr9/syncd): the reference text of each guidance branch and Masked Shared Attention's first step."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+
+
+@pytest.fixture(scope="module")
+def vaes(tiny, families):
+    return {f: tiny.build_vae(f, seed=1) for f in families}
+
+
+def references(vae, n=2):
+    from comfyui_syncd.nodes.reference_nodes import encode_references
+
+    images = torch.rand(n, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(n, 64, 64)
+    masks[:, 8:56, 16:48] = 1
+    return encode_references(vae, images, masks)
+
+
+def apply(model, refs, conditioning, **kw):
+    from comfyui_syncd.nodes.reference_injection import ReferenceConfig, apply_reference_injection
+
+    return apply_reference_injection(model, ReferenceConfig(refs, conditioning, "auto", 0, 1e9, 0.0, **kw))
+
+
+def branch_outputs(tiny, family, model, positive, negative, steps=2):
+    """The [full, uncond, image] outputs of every evaluation, via ComfyUI's pre-CFG hook."""
+    import comfy.samplers
+
+    from comfyui_syncd.nodes.guiders import NormalizedGuider
+
+    seen = []
+    model = model.clone()
+    model.set_model_sampler_pre_cfg_function(lambda a: seen.append([o.clone() for o in a["conds_out"]])
+                                             or a["conds_out"])
+    guider = NormalizedGuider(model, 7.5, 8.0, 13.0, first_step_guidance="on")
+    guider.set_conds(positive, negative)
+    noise = torch.randn(1, tiny.LATENT_CHANNELS[family], 8, 8, generator=torch.Generator().manual_seed(0))
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).cpu()
+    guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas, seed=0,
+                  disable_pbar=True)
+    return seen
+
+
+def test_each_branch_sees_references_computed_with_its_own_text(tiny, vaes, family):
+    """Upstream (method/sample.py, sdxl_pipeline/pipeline.py): one reference pass covers the branches; the image
+    branch's references carry the branch's (zeroed) text, the full branch's 'photo of a {category}'. Independent
+    check: each branch equals the same branch of a run whose single reference text is that branch's text."""
+    model = tiny.build_model(family, seed=3, width=32, std=0.1)
+    refs = references(vaes[family])
+    positive = tiny.encode_text(family, "a photo of a dog on the beach")
+    negative = tiny.encode_text(family, "")
+    ref_text = tiny.encode_text(family, "photo of a dog")
+    patched, run = apply(model, refs, ref_text)
+    per_branch = branch_outputs(tiny, family, patched, positive, negative)
+    assert run.passes == [0, 1] and run.texts == ("reference", "negative")   # both texts, one pass per step
+    with_ref_text = branch_outputs(tiny, family, apply(model, refs, ref_text, reference_text="reference_prompt")[0],
+                                   positive, negative)
+    with_neg_text = branch_outputs(tiny, family, apply(model, refs, negative, reference_text="reference_prompt")[0],
+                                   positive, negative)
+    # the first evaluation (later ones start from different latents, since the image branch differs)
+    got, ref_run, neg_run = per_branch[0], with_ref_text[0], with_neg_text[0]
+    torch.testing.assert_close(got[0], ref_run[0], rtol=1e-5, atol=1e-5)   # full branch: the reference prompt
+    torch.testing.assert_close(got[2], neg_run[2], rtol=1e-5, atol=1e-5)   # image branch: its own text
+    torch.testing.assert_close(got[1], neg_run[1], rtol=1e-5, atol=1e-5)   # uncond: none (Flux text: its own)
+    assert (got[2] - ref_run[2]).abs().max() > 1e-6                        # the image branch's is not the prompt
+
+
+@pytest.mark.parametrize("family", ["sdxl"])
+def test_the_reference_pass_batches_both_texts(tiny, vaes, family):
+    """The one pass per step holds R rows per text, [reference prompt | negative], same noise for both."""
+    import comfy.patcher_extension
+
+    from comfyui_syncd.nodes.patch_kit import Phase, forward_state
+
+    model = tiny.build_model(family, seed=3, width=32)
+    refs = references(vaes[family], n=3)
+    positive, negative = tiny.encode_text(family, "a dog"), tiny.encode_text(family, "")
+    ref_text = tiny.encode_text(family, "photo of a dog")
+    patched, _ = apply(model, refs, ref_text)
+    patched = patched.clone()
+    seen = []
+
+    def probe(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kw):
+        if forward_state(transformer_options).phase is Phase.REFERENCE:
+            seen.append((x.clone(), c_crossattn.clone(), forward_state(transformer_options).reference_rows))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "probe", probe)
+    branch_outputs(tiny, family, patched, positive, negative, steps=1)
+    (x, context, rows), = seen
+    assert rows == (0, 1, 2, 0, 1, 2)
+    torch.testing.assert_close(x[:3], x[3:])
+    torch.testing.assert_close(context[:3], ref_text[0][0].expand(3, -1, -1))
+    torch.testing.assert_close(context[3:], negative[0][0].expand(3, -1, -1))
+
+
+def test_flux_first_step_shares_text_tokens_too(tiny):
+    """SynCDSharedAttention on Flux: upstream applies no mask at σ = 1, so the text queries also see the other
+    images; sd15 has no text tokens in its self-attention, so the option changes nothing there."""
+    from comfyui_syncd.nodes.shared_attention_node import SynCDSharedAttention
+
+    for family, differs in (("flux", True), ("sd15", False)):
+        model = tiny.build_model(family, seed=3, width=32, std=0.1)
+        masks = torch.zeros(3, 64, 64)
+        masks[:, 16:48, 16:48] = 1
+        pos, neg = tiny.encode_text(family, "a photo of a dog"), tiny.encode_text(family, "")
+        noise = torch.randn(3, tiny.LATENT_CHANNELS[family], 8, 8, generator=torch.Generator().manual_seed(0))
+        outs = []
+        for shares_text in (True, False):
+            patched = SynCDSharedAttention.execute(model, 3, "foreground_masks", 0.0, 1.0, True, "all",
+                                                   foreground_masks=masks, first_step_shares_text=shares_text).args[0]
+            import comfy.sample
+            outs.append(comfy.sample.sample(patched, noise, 1, 1.0, "euler", "simple", pos, neg,
+                                            torch.zeros_like(noise), seed=0, disable_pbar=True))
+        assert ((outs[0] - outs[1]).abs().max() > 1e-6) == differs, family
