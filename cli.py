@@ -1,7 +1,8 @@
 """``python -m comfyui_syncd run | bench | convert-checkpoint ...``: the pack's command line.
 
 ``run`` queues a workflow (editor or API format) to a ComfyUI server, or to a private server it
-starts and stops itself, prints progress and saves the output files.
+starts and stops itself, prints progress and saves the output files. ``run --tiny`` first swaps the
+workflow's model and image loaders for the pack's tiny demo nodes (``client/tiny_swap.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=pathlib.Path, default=pathlib.Path("output"),
                      help="directory for the output files (default: ./output)")
     run.add_argument("--timeout", type=float, default=None, help="seconds to wait for the prompt (default: no limit)")
+    run.add_argument("--tiny", action="store_true",
+                     help="run on the pack's tiny demo models and demo images instead of the real loaders' files "
+                          "(editor-format workflows only): any machine, no downloads, noise-like images; sizes "
+                          "down to 64 px and at most 4 steps")
     for name, module in DELEGATED.items():
         commands.add_parser(name, add_help=False, help=f"see python -m comfyui_syncd.{module} --help")
     return parser
@@ -68,6 +73,7 @@ def apply_overrides(prompt: dict, overrides: list[str], object_info: dict) -> No
 def run_command(args: argparse.Namespace) -> int:
     """Queue WORKFLOW, follow its progress, save the outputs; exit status 1 if the server refuses or fails it."""
     from .client.api import ComfyAPIError, ComfyClient, ExecutionError, PromptValidationError
+    from .client.tiny_swap import TinySwapError, tiny_swap
     from .client.workflow_format import WorkflowFormatError, is_api_format, to_api
 
     try:
@@ -75,14 +81,25 @@ def run_command(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: cannot read {args.workflow}: {exc}", file=sys.stderr)
         return 1
+    if args.tiny and is_api_format(workflow):
+        print(f"error: --tiny works on editor-format workflows (as in workflows/, or saved with Workflow > Save); "
+              f"{args.workflow} is in API format, whose loaders it does not swap. Use the editor-format file.",
+              file=sys.stderr)
+        return 1
 
     def execute(url: str) -> int:
+        nonlocal workflow
         client = ComfyClient(url)
         try:
             object_info = client.object_info()
+            if args.tiny:
+                workflow, swapped = tiny_swap(workflow, object_info)
+                print(f"--tiny: {len(swapped)} change(s) for the tiny demo models:")
+                for line in swapped:
+                    print(f"  {line}")
             prompt = to_api(workflow, object_info)
             apply_overrides(prompt, args.overrides, object_info)
-        except (WorkflowFormatError, ValueError) as exc:
+        except (WorkflowFormatError, TinySwapError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         extra = {} if is_api_format(workflow) or args.overrides else {"extra_pnginfo": {"workflow": workflow}}

@@ -45,10 +45,6 @@ def subject_groups(batch_rows: int, transformer_options: dict, images_per_subjec
     return groups
 
 
-def latent_batch_size(batch_rows: int, transformer_options: dict) -> int:
-    return batch_rows // len(transformer_options.get("cond_or_uncond") or [0])
-
-
 def conditioning_chunks(batch_rows: int, transformer_options: dict) -> list[tuple[int, slice]]:
     """(cond index, rows) of every conditioning chunk in a model batch."""
     cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])

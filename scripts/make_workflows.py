@@ -1,6 +1,11 @@
-"""Regenerate workflows/*.json (editor format) from a server's /object_info, so widget orders are right.
+"""Regenerate workflows/*.json (editor format, real-model loaders) from a server's /object_info.
 
     python scripts/make_workflows.py [--server URL]   # default: a private embedded server
+
+Widget values come from the node definitions' defaults plus the explicit values below (upstream's
+settings), so a node that gains inputs only needs a rerun. Every workflow loads the real models
+(ComfyUI's loaders plus the pack's SynCD loaders), names the files and folders in a Note and groups its
+nodes by stage; ``python -m comfyui_syncd run WORKFLOW --tiny`` runs it on the tiny demo models.
 """
 
 from __future__ import annotations
@@ -10,173 +15,429 @@ import json
 import pathlib
 
 from comfyui_syncd.client.api import ComfyClient
-from comfyui_syncd.client.workflow_format import input_defs
+from comfyui_syncd.client.ui_graph import UIGraph
 
 WORKFLOWS = pathlib.Path(__file__).resolve().parent.parent / "workflows"
-PROMPT = "a photo of a dog on the beach"
+
+# -- model files: (folder, file name, download URL for the editor's missing-models dialog or None) -------
+HF = "https://huggingface.co"
+SD15 = ("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors",
+        f"{HF}/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors")
+TERMINUS = ("checkpoints", "terminus-xl-gamma-v1.safetensors", None)
+FLUX_DEV = ("diffusion_models", "flux1-dev.safetensors", f"{HF}/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors")
+CLIP_L = ("text_encoders", "clip_l.safetensors",
+          f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors")
+T5XXL = ("text_encoders", "t5xxl_fp16.safetensors",
+         f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors")
+FLUX_VAE = ("vae", "ae.safetensors",
+            f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors")
+IP_ADAPTER = ("ipadapter", "ip-adapter-plus_sdxl_vit-h.safetensors",
+              f"{HF}/h94/IP-Adapter/resolve/main/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors")
+CLIP_VISION = ("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", None)
+SYNCD_SDXL = ("syncd", "sdxl_finetuned_20k.ckpt", None)
+SYNCD_FLUX = ("syncd", "pytorch_model.bin", None)
+
+SYNCD_SDXL_URL = "https://www.cs.cmu.edu/~syncd-project/assets/sdxl_finetuned_20k.ckpt"
+SYNCD_FLUX_URL = f"{HF}/spaces/nupurkmr9/SynCD/resolve/main/models/pytorch_model.bin"
+CLIP_VISION_URL = f"{HF}/h94/IP-Adapter/resolve/main/models/image_encoder/model.safetensors"
+EXAMPLE_SUBJECT_URL = "https://www.cs.cmu.edu/~syncd-project/assets/actionfigure_1.tar.gz"
+
+# -- upstream's prompts (method/README.md of nupurkmr9/syncd) ---------------------------------------------
+SDXL_PROMPT = "An action figure riding a motorcycle"
+FLUX_PROMPT = "An action figure on top of a mountain, sunset in the background. Realistic shot."
+CATEGORY = "action figure"
+FLUX_NEGATIVE = "3d render, cartoon, low resolution, illustration, blurry, unrealistic"  # sample_flux.py
+DATAGEN_PROMPT = ("A sunlit living room with a wooden floor and a large window. A fluffy brown dog with floppy ears "
+                  "and a red collar. wide angle shot")  # "{background}. {description}. wide angle shot"
+JEDI_PROMPT = "a photo of a corgi dog on the beach"
+
+COLORS = {"Models": "#3f789e", "References": "#8a6d3b", "Prompts": "#3f8e5a", "Sampling": "#7a4f9e",
+          "Output": "#555555"}
+
+TINY_HINT = ("Try it without any download (tiny random models, noise-like images):\n"
+             "  python -m comfyui_syncd run workflows/{name} --tiny")
 
 
-class UIGraph:
-    """Builds the editor's workflow JSON (version 0.4: node list plus link arrays)."""
-
-    def __init__(self, object_info: dict):
-        self.object_info = object_info
-        self.nodes: list[dict] = []
-        self.links: list[list] = []
-
-    def add(self, kind: str, pos: tuple[int, int], size: tuple[int, int] = (315, 130), **widgets) -> dict:
-        node_def = self.object_info[kind]
-        values = []
-        for d in input_defs(node_def):
-            if not d.is_widget:
-                continue
-            if d.name in widgets:
-                values.append(widgets.pop(d.name))
-            elif "default" in d.options:
-                values.append(d.options["default"])
-            else:
-                raise ValueError(f"{kind}.{d.name} has no default; pass it")
-            values += ["fixed"] * min(d.control_widgets, 1) + [""] * max(d.control_widgets - 1, 0)
-        if widgets:
-            raise ValueError(f"{kind} has no widget inputs {sorted(widgets)}")
-        node = {
-            "id": len(self.nodes) + 1, "type": kind, "pos": list(pos), "size": list(size), "flags": {},
-            "order": len(self.nodes), "mode": 0,
-            "inputs": [{"name": d.name, "type": d.type, "link": None} for d in input_defs(node_def)
-                       if not d.is_widget],
-            "outputs": [{"name": name, "type": kind_, "links": [], "slot_index": i}
-                        for i, (name, kind_) in enumerate(zip(node_def["output_name"], node_def["output"]))],
-            "properties": {"Node name for S&R": kind},
-            "widgets_values": values,
-        }
-        self.nodes.append(node)
-        return node
-
-    def connect(self, origin: dict, slot: int, target: dict, input_name: str) -> None:
-        link_id = len(self.links) + 1
-        kind = origin["outputs"][slot]["type"]
-        names = [s["name"] for s in target["inputs"]]
-        if input_name not in names:  # a widget input fed by a link gets a socket entry
-            target["inputs"].append({"name": input_name, "type": kind, "widget": {"name": input_name}, "link": None})
-            names.append(input_name)
-        target_slot = names.index(input_name)
-        target["inputs"][target_slot]["link"] = link_id
-        origin["outputs"][slot]["links"].append(link_id)
-        self.links.append([link_id, origin["id"], slot, target["id"], target_slot, kind])
-
-    def to_json(self) -> dict:
-        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-                "links": self.links, "groups": [], "config": {},
-                "extra": {"ds": {"scale": 0.7, "offset": [0, 0]}}, "version": 0.4}
+def models_property(*files) -> dict:
+    """``properties.models``: the editor lists missing ones with a download button (Hugging Face safetensors)."""
+    return {"models": [{"name": name, "url": url, "directory": folder} for folder, name, url in files if url]}
 
 
-def demo_workflow(object_info: dict, family: str, mask_mode: str, latent: str, cfg: float, prefix: str) -> dict:
-    g = UIGraph(object_info)
-    model = g.add("SynCDTinyDemoModel", (50, 100), (340, 150), family=family)
-    shared = g.add("SynCDSharedAttention", (450, 100), (400, 680), images_per_subject=3, mask_mode=mask_mode,
-                   prompt=PROMPT, subject_word="dog")
-    positive = g.add("SynCDTinyDemoTextEncode", (50, 310), (340, 230), family=family, text=PROMPT)
-    negative = g.add("SynCDTinyDemoTextEncode", (50, 590), (340, 230), family=family, text="")
-    empty = g.add(latent, (50, 870), (340, 130), width=64, height=64, batch_size=3)
-    sampler = g.add("KSampler", (900, 100), (315, 280), steps=4, cfg=cfg, sampler_name="euler", scheduler="normal")
-    decode = g.add("VAEDecode", (1260, 100), (210, 50))
-    save = g.add("SaveImage", (1520, 100), (400, 320), filename_prefix=prefix)
-    g.connect(model, 0, shared, "model")
-    g.connect(shared, 0, sampler, "model")
-    g.connect(positive, 0, sampler, "positive")
-    g.connect(negative, 0, sampler, "negative")
-    g.connect(empty, 0, sampler, "latent_image")
-    g.connect(sampler, 0, decode, "samples")
-    g.connect(model, 1, decode, "vae")
-    g.connect(decode, 0, save, "images")
-    return g.to_json()
+def files_block(lines: list[tuple[tuple, str]]) -> str:
+    return "\n".join(f"• models/{folder}/{name}\n    {how}" for (folder, name, _), how in lines)
 
 
-def customization_workflow(object_info: dict, family: str, references: int, all_in_one: bool, prefix: str) -> dict:
-    """SynCD customization: references encoded once, injected every step, normalized text+image guidance."""
-    g = UIGraph(object_info)
-    flux = family == "flux"
-    # upstream defaults: SDXL s_txt 7.5 and s_img 8 rising by 5 over 50 steps; Flux true_cfg 1.5, image_cfg 1.0
-    scales = dict(text_scale=1.5, image_scale_start=1.0, image_scale_end=1.0) if flux else {}
-    model = g.add("SynCDTinyDemoModel", (50, 100), (340, 150), family=family)
-    refs_in = g.add("SynCDTinyDemoReferences", (50, 300), (340, 130), count=references)
-    refs = g.add("SynCDReferenceImages", (450, 300), (340, 100))
-    ref_text = g.add("SynCDTinyDemoTextEncode", (50, 480), (340, 230), family=family, text="photo of a dog")
-    apply = g.add("SynCDApplyReferences", (450, 100), (340, 180))
-    positive = g.add("SynCDTinyDemoTextEncode", (50, 760), (340, 230), family=family, text=PROMPT)
-    negative = g.add("SynCDTinyDemoTextEncode", (50, 1040), (340, 230), family=family, text="")
-    empty = g.add("EmptySD3LatentImage" if flux else "EmptyLatentImage", (450, 760), (340, 130),
-                  width=64, height=64, batch_size=1)
-    decode = g.add("VAEDecode", (1360, 100), (210, 50))
-    save = g.add("SaveImage", (1620, 100), (400, 320), filename_prefix=prefix)
-    g.connect(refs_in, 0, refs, "images")
-    g.connect(refs_in, 1, refs, "masks")
-    g.connect(model, 1, refs, "vae")
-    g.connect(model, 0, apply, "model")
-    g.connect(refs, 0, apply, "references")
-    g.connect(ref_text, 0, apply, "reference_conditioning")
-    if not flux:  # the SDXL model's global image feature: IP-Adapter Plus on one reference (scale 0.6)
-        ip_models = g.add("SynCDTinyDemoIPAdapter", (450, 1000), (340, 100))
-        first = g.add("ImageFromBatch", (450, 1150), (340, 100), batch_index=0, length=1)
-        ip = g.add("SynCDIPAdapterApply", (450, 1300), (340, 200), weight=0.6, reference_weight=1.0)
-        g.connect(model, 0, ip_models, "model")
-        g.connect(refs_in, 0, first, "image")
-        g.connect(apply, 0, ip, "model")
-        g.connect(ip_models, 0, ip, "ipadapter")
-        g.connect(ip_models, 1, ip, "clip_vision")
-        g.connect(first, 0, ip, "image")
-        g.connect(refs, 0, ip, "references")
-        apply = ip
+REFERENCE_HOWTO = (
+    "• input/{first} ... — photos of your subject (or upload them on the Load Image nodes), subject centred "
+    "(they are centre-cropped to a square). Mark the subject on each: right-click the Load Image node › Open in MaskEditor and paint it; the "
+    "painted area is the foreground mask (Load Image's MASK output is 1 − alpha, so transparent = subject). A "
+    "black-and-white mask file works too: Load Image (as Mask), channel red, in place of the MASK link.")
+
+
+class Builder(UIGraph):
+    """UIGraph with the pieces the workflows share."""
+
+    def reference_chain(self, count: int, size: int, prefix: str = "syncd_reference") -> dict:
+        """``count`` Load Image nodes -> one IMAGE batch and one MASK batch at ``size``², centre-cropped the same
+        way (masks go through images so they are batched and cropped exactly like their photos)."""
+        loads = [self.add("LoadImage", title=f"Reference {k + 1}", image=f"{prefix}_{k + 1}.png")
+                 for k in range(count)]
+        as_images = [self.add("MaskToImage", title=f"Mask {k + 1} as image") for k in range(count)]
+        for load, as_image in zip(loads, as_images):
+            self.connect(load, 1, as_image, "mask")
+
+        def batch(nodes: list[dict], what: str) -> tuple[dict, list[dict]]:
+            current, made = nodes[0], []
+            for k, node in enumerate(nodes[1:], start=2):
+                joined = self.add("ImageBatch", title=f"{what} 1–{k}")
+                self.connect(current, 0, joined, "image1")
+                self.connect(node, 0, joined, "image2")
+                current = joined
+                made.append(joined)
+            return current, made
+
+        images, image_batches = batch(loads, "Photos")
+        masks, mask_batches = batch(as_images, "Masks")
+        scale_images = self.add("ImageScale", title="Photos to model size", upscale_method="lanczos", width=size,
+                                height=size, crop="center")
+        scale_masks = self.add("ImageScale", title="Masks to model size", upscale_method="bilinear", width=size,
+                               height=size, crop="center")
+        to_mask = self.add("ImageToMask", channel="red")
+        self.connect(images, 0, scale_images, "image")
+        self.connect(masks, 0, scale_masks, "image")
+        self.connect(scale_masks, 0, to_mask, "image")
+        return {"loads": loads, "images": scale_images, "masks": to_mask,
+                "columns": [loads, as_images, image_batches + mask_batches + [scale_images, scale_masks, to_mask]]}
+
+    def output(self, latent_source: dict, vae_source: tuple[dict, int], prefix: str) -> list[dict]:
+        decode = self.add("VAEDecode")
+        save = self.add("SaveImage", size=(420, 460), filename_prefix=prefix)
+        self.connect(latent_source, 0, decode, "samples")
+        self.connect(vae_source[0], vae_source[1], decode, "vae")
+        self.connect(decode, 0, save, "images")
+        return [decode, save]
+
+    def groups_in_order(self, **stages: list[list[dict]]) -> None:
+        for title, columns in stages.items():
+            self.group(title, *columns, color=COLORS[title])
+
+
+def sdxl_customization(object_info: dict, name: str, references: int, all_in_one: bool) -> dict:
+    """SynCD SDXL: terminus-xl-gamma-v1 (v-prediction, zero-SNR) + the SynCD LoRA and IP-Adapter, references
+    injected every step, normalized text+image guidance (sdxl_pipeline/sample.py)."""
+    g = Builder(object_info)
+    g.extra["syncd"] = {"family": "sdxl"}
+    checkpoint = g.add("CheckpointLoaderSimple", properties=models_property(TERMINUS), ckpt_name=TERMINUS[1])
+    sampling = g.add("ModelSamplingDiscrete", title="v-prediction + zero terminal SNR", sampling="v_prediction",
+                     zsnr=True)
+    ip_loader = g.add("SynCDIPAdapterLoader", properties=models_property(IP_ADAPTER), ipadapter_name=IP_ADAPTER[1])
+    vision = g.add("CLIPVisionLoader", clip_name=CLIP_VISION[1])
+    syncd = g.add("SynCDCheckpointLoader", checkpoint_name=SYNCD_SDXL[1], strength=1.0)
+    g.connect(checkpoint, 0, sampling, "model")
+    g.connect(sampling, 0, syncd, "model")
+    g.connect(ip_loader, 0, syncd, "ipadapter")
+
+    refs = g.reference_chain(references, 1024)
+    encoded = g.add("SynCDReferenceImages")
+    first = g.add("ImageFromBatch", title="Global image (one reference)", batch_index=0, length=1)
+    g.connect(refs["images"], 0, encoded, "images")
+    g.connect(refs["masks"], 0, encoded, "masks")
+    g.connect(checkpoint, 2, encoded, "vae")
+    g.connect(refs["images"], 0, first, "image")
+
+    positive = g.add("CLIPTextEncode", title="Prompt", text=SDXL_PROMPT)
+    negative = g.add("ConditioningZeroOut", title="Negative: zeroed text (upstream)")
+    reference_text = g.add("CLIPTextEncode", title="Reference prompt: photo of a <category>",
+                           text=f"photo of a {CATEGORY}")
+    for encoder in (positive, reference_text):
+        g.connect(checkpoint, 1, encoder, "clip")
+    g.connect(positive, 0, negative, "conditioning")
+
+    apply = g.add("SynCDApplyReferences")
+    ip = g.add("SynCDIPAdapterApply", weight=0.6, reference_weight=1.0)
+    empty = g.add("EmptyLatentImage", width=1024, height=1024, batch_size=1)
+    g.connect(syncd, 0, apply, "model")
+    g.connect(encoded, 0, apply, "references")
+    g.connect(reference_text, 0, apply, "reference_conditioning")
+    g.connect(apply, 0, ip, "model")
+    g.connect(syncd, 1, ip, "ipadapter")
+    g.connect(vision, 0, ip, "clip_vision")
+    g.connect(first, 0, ip, "image")
+    g.connect(encoded, 0, ip, "references")
+    # upstream: s_txt 7.5, s_img 8 rising by 5 over the steps; EulerAncestral, 50 steps with trailing
+    # spacing, which is ComfyUI's 'simple' scheduler
+    scales = dict(text_scale=7.5, image_scale_start=8.0, image_scale_end=13.0, combination="normalized")
     if all_in_one:
-        sampler = g.add("SynCDCustomizationSampler", (900, 100), (380, 420), steps=4, sampler_name="euler",
-                        scheduler="normal", **scales)
-        g.connect(apply, 0, sampler, "model")
+        sampler = g.add("SynCDCustomizationSampler", steps=50, sampler_name="euler_ancestral", scheduler="simple",
+                        **scales)
+        g.connect(ip, 0, sampler, "model")
         g.connect(positive, 0, sampler, "positive")
         g.connect(negative, 0, sampler, "negative")
         g.connect(empty, 0, sampler, "latent_image")
-        g.connect(sampler, 0, decode, "samples")
+        sampling_nodes = [[apply, ip, empty], [sampler]]
     else:
-        guider = g.add("SynCDNormalizedGuider", (900, 100), (380, 250), **scales)
-        noise = g.add("RandomNoise", (900, 400), (315, 82))
-        select = g.add("KSamplerSelect", (900, 530), (315, 58), sampler_name="euler_ancestral")
-        schedule = g.add("BasicScheduler", (900, 640), (315, 106), scheduler="normal", steps=4)
-        sampler = g.add("SamplerCustomAdvanced", (1000, 800), (300, 110))
-        g.connect(apply, 0, guider, "model")
+        guider = g.add("SynCDNormalizedGuider", **scales)
+        noise = g.add("RandomNoise")
+        select = g.add("KSamplerSelect", sampler_name="euler_ancestral")
+        schedule = g.add("BasicScheduler", scheduler="simple", steps=50)
+        sampler = g.add("SamplerCustomAdvanced")
+        g.connect(ip, 0, guider, "model")
         g.connect(positive, 0, guider, "positive")
         g.connect(negative, 0, guider, "negative")
-        g.connect(apply, 0, schedule, "model")
+        g.connect(ip, 0, schedule, "model")
         g.connect(noise, 0, sampler, "noise")
         g.connect(guider, 0, sampler, "guider")
         g.connect(select, 0, sampler, "sampler")
         g.connect(schedule, 0, sampler, "sigmas")
         g.connect(empty, 0, sampler, "latent_image")
-        g.connect(sampler, 0, decode, "samples")
-    g.connect(model, 1, decode, "vae")
-    g.connect(decode, 0, save, "images")
-    return g.to_json()
+        sampling_nodes = [[apply, ip, empty], [guider, noise, select, schedule, sampler]]
+    outputs = g.output(sampler, (checkpoint, 2), f"syncd_sdxl_{references}ref")
+
+    first_file = "syncd_reference_1.png"
+    note = g.note("\n".join([
+        f"SynCD customization — SDXL (the paper's model), {references} reference image(s)",
+        "",
+        "Put these files into your ComfyUI folder:",
+        files_block([
+            (TERMINUS, "base model bghira/terminus-xl-gamma-v1 (Hugging Face) as one single-file checkpoint. It is "
+                       "v-prediction with zero terminal SNR: keep the ModelSamplingDiscrete node (v_prediction, "
+                       "zsnr on) right after the loader. Its own VAE decodes here (upstream: sdxl-vae-fp16-fix, "
+                       "the same VAE made safe for fp16)."),
+            (SYNCD_SDXL, f"the SynCD SDXL model: {SYNCD_SDXL_URL} (read with torch.load(weights_only=True); "
+                         "python -m comfyui_syncd convert-checkpoint turns it into .safetensors)"),
+            (IP_ADAPTER, IP_ADAPTER[2]),
+            (CLIP_VISION, f"{CLIP_VISION_URL}, renamed"),
+        ]),
+        REFERENCE_HOWTO.format(first=first_file),
+        f"  Upstream's example subject: {EXAMPLE_SUBJECT_URL}",
+        "",
+        "Upstream's settings (method/sample.py): euler_ancestral, 50 steps, 'simple' scheduler (= trailing "
+        "spacing), 1024×1024; normalized guidance with text scale 7.5 and image scale 8 → 13 over the steps; "
+        "IP-Adapter weight 0.6 with one reference as the global image (1.0 in the reference pass); negative = "
+        "zeroed text embedding (ConditioningZeroOut); reference prompt 'photo of a <category>' — change the "
+        f"category ('{CATEGORY}') and the prompt to your subject.",
+        "",
+        TINY_HINT.format(name=name),
+    ]))
+    g.groups_in_order(Models=[[checkpoint, sampling, syncd], [ip_loader, vision]],
+                      References=refs["columns"] + [[encoded, first]],
+                      Prompts=[[positive, negative, reference_text]], Sampling=sampling_nodes, Output=[outputs])
+    return g.to_json(left=[note])
 
 
-def jedi_inpainting_workflow(object_info: dict, family: str, prefix: str) -> dict:
+def flux_models(g: Builder) -> tuple[dict, dict, dict]:
+    unet = g.add("UNETLoader", properties=models_property(FLUX_DEV), unet_name=FLUX_DEV[1])
+    clip = g.add("DualCLIPLoader", properties=models_property(CLIP_L, T5XXL), clip_name1=CLIP_L[1],
+                 clip_name2=T5XXL[1], type="flux")
+    vae = g.add("VAELoader", properties=models_property(FLUX_VAE), vae_name=FLUX_VAE[1])
+    return unet, clip, vae
+
+
+FLUX_FILES = [(FLUX_DEV, "FLUX.1-dev"), (CLIP_L, "text encoder"), (T5XXL, "text encoder (or an fp8 T5-XXL)"),
+              (FLUX_VAE, "the FLUX VAE")]
+
+
+def flux_customization(object_info: dict, name: str, references: int, all_in_one: bool) -> dict:
+    """SynCD Flux (repo-only in-context model): FLUX.1-dev + the SynCD LoRA, clean references beside the
+    target, normalized guidance (flux_pipeline/sample_flux.py)."""
+    g = Builder(object_info)
+    g.extra["syncd"] = {"family": "flux"}
+    unet, clip, vae = flux_models(g)
+    syncd = g.add("SynCDCheckpointLoader", checkpoint_name=SYNCD_FLUX[1], strength=1.0)
+    # upstream shifts the sigmas by the whole canvas' length: target + references side by side at 512 px
+    shift = g.add("ModelSamplingFlux", title="Shift for the canvas (target + references)", width=512 * (references + 1),
+                  height=512)
+    g.connect(unet, 0, syncd, "model")
+
+    refs = g.reference_chain(references, 512)
+    encoded = g.add("SynCDReferenceImages")
+    g.connect(refs["images"], 0, encoded, "images")
+    g.connect(refs["masks"], 0, encoded, "masks")
+    g.connect(vae, 0, encoded, "vae")
+
+    positive_text = g.add("CLIPTextEncode", title="Prompt", text=FLUX_PROMPT)
+    negative_text = g.add("CLIPTextEncode", title="Negative prompt (upstream)", text=FLUX_NEGATIVE)
+    positive = g.add("FluxGuidance", guidance=3.5)
+    negative = g.add("FluxGuidance", guidance=3.5)
+    for encoder in (positive_text, negative_text):
+        g.connect(clip, 0, encoder, "clip")
+    g.connect(positive_text, 0, positive, "conditioning")
+    g.connect(negative_text, 0, negative, "conditioning")
+
+    apply = g.add("SynCDApplyReferences")
+    empty = g.add("EmptySD3LatentImage", width=512, height=512, batch_size=1)
+    g.connect(syncd, 0, apply, "model")
+    g.connect(encoded, 0, apply, "references")
+    g.connect(positive, 0, apply, "reference_conditioning")  # one canvas, one text upstream
+    g.connect(apply, 0, shift, "model")
+    # upstream README: true_cfg 1.5 (text scale), image_cfg 1.0, no adaptive schedule
+    scales = dict(text_scale=1.5, image_scale_start=1.0, image_scale_end=1.0, combination="normalized")
+    if all_in_one:
+        sampler = g.add("SynCDCustomizationSampler", steps=30, sampler_name="euler", scheduler="simple", **scales)
+        g.connect(shift, 0, sampler, "model")
+        g.connect(positive, 0, sampler, "positive")
+        g.connect(negative, 0, sampler, "negative")
+        g.connect(empty, 0, sampler, "latent_image")
+        sampling_nodes = [[apply, shift, empty], [sampler]]
+    else:
+        guider = g.add("SynCDNormalizedGuider", **scales)
+        noise = g.add("RandomNoise")
+        select = g.add("KSamplerSelect", sampler_name="euler")
+        schedule = g.add("BasicScheduler", scheduler="simple", steps=30)
+        sampler = g.add("SamplerCustomAdvanced")
+        g.connect(shift, 0, guider, "model")
+        g.connect(positive, 0, guider, "positive")
+        g.connect(negative, 0, guider, "negative")
+        g.connect(shift, 0, schedule, "model")
+        g.connect(noise, 0, sampler, "noise")
+        g.connect(guider, 0, sampler, "guider")
+        g.connect(select, 0, sampler, "sampler")
+        g.connect(schedule, 0, sampler, "sigmas")
+        g.connect(empty, 0, sampler, "latent_image")
+        sampling_nodes = [[apply, shift, empty], [guider, noise, select, schedule, sampler]]
+    outputs = g.output(sampler, (vae, 0), f"syncd_flux_{references}ref")
+
+    note = g.note("\n".join([
+        f"SynCD customization — FLUX.1-dev (the repository's in-context model), {references} reference image(s)",
+        "",
+        "Put these files into your ComfyUI folder:",
+        files_block(FLUX_FILES + [(SYNCD_FLUX, f"the SynCD Flux LoRA: {SYNCD_FLUX_URL}")]),
+        REFERENCE_HOWTO.format(first="syncd_reference_1.png"),
+        f"  Upstream's example subject: {EXAMPLE_SUBJECT_URL}",
+        "",
+        "Upstream's settings (method/sample_flux.py, README): 512×512 target, references at 512 px placed clean "
+        "beside it; 30 steps euler, FluxGuidance 3.5; true CFG (text scale) 1.5, image scale 1.0; negative prompt "
+        "as upstream; the references share the prompt's text (one canvas upstream); the sigma shift is computed "
+        "for the whole canvas (ModelSamplingFlux, width 512 × (references + 1)). Text scale 1.0 skips the "
+        "separate guidance branches and is faster.",
+        "",
+        TINY_HINT.format(name=name),
+    ]))
+    g.groups_in_order(Models=[[unet, clip, vae, syncd]], References=refs["columns"] + [[encoded]],
+                      Prompts=[[positive_text, negative_text], [positive, negative]], Sampling=sampling_nodes,
+                      Output=[outputs])
+    return g.to_json(left=[note])
+
+
+def flux_datagen(object_info: dict, name: str) -> dict:
+    """SynCD data generation, deformable objects (dataset/gen_deformable.py): 3 images of one subject share
+    attention to each other's foreground; masks estimated every step from the attention to the subject word."""
+    g = Builder(object_info)
+    g.extra["syncd"] = {"family": "flux"}
+    unet, clip, vae = flux_models(g)
+    prompt = g.add("PrimitiveStringMultiline", title="Prompt: {background}. {description}. wide angle shot",
+                   size=(400, 200), value=DATAGEN_PROMPT)
+    positive_text = g.add("CLIPTextEncode", title="Prompt", text=DATAGEN_PROMPT)  # the text comes from the link
+    positive = g.add("FluxGuidance", guidance=3.5)
+    negative = g.add("ConditioningZeroOut", title="Negative (unused at cfg 1)")
+    g.connect(prompt, 0, positive_text, "text")
+    g.connect(clip, 0, positive_text, "clip")
+    g.connect(positive_text, 0, positive, "conditioning")
+    g.connect(positive_text, 0, negative, "conditioning")
+
+    shared = g.add("SynCDSharedAttention", images_per_subject=3, mask_mode="automatic", subject_word="dog",
+                   unmasked_first_step=True)
+    empty = g.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=3)
+    sampler = g.add("KSampler", steps=50, cfg=1.0, sampler_name="euler", scheduler="simple")
+    g.connect(unet, 0, shared, "model")
+    g.connect(clip, 0, shared, "clip")
+    g.connect(prompt, 0, shared, "prompt")
+    g.connect(shared, 0, sampler, "model")
+    g.connect(positive, 0, sampler, "positive")
+    g.connect(negative, 0, sampler, "negative")
+    g.connect(empty, 0, sampler, "latent_image")
+    outputs = g.output(sampler, (vae, 0), "syncd_datagen")
+
+    note = g.note("\n".join([
+        "SynCD data generation — deformable subject on FLUX.1-dev (Masked Shared Attention)",
+        "",
+        "Three images of one subject are generated together: every image attends to its own tokens and to the "
+        "foreground of the other two, so the subject stays the same while poses and views vary. The foreground "
+        "masks are estimated at every step from the attention to the subject word (Otsu threshold); the first "
+        "step shares everything.",
+        "",
+        "Put these files into your ComfyUI folder:",
+        files_block(FLUX_FILES),
+        "",
+        "Upstream's settings (dataset/gen_deformable.py): 3 images per subject, 1024×1024, 50 steps, guidance 3.5, "
+        "no true CFG (cfg 1), prompt '{background}. {description}. wide angle shot', subject word = the category "
+        "in lower case. Upstream gives each of the three images its own background prompt; here one prompt "
+        "drives the batch (edit it on the Prompt node, which feeds both the text encoder and the shared "
+        "attention's subject-word lookup).",
+        "",
+        TINY_HINT.format(name=name),
+    ]))
+    g.groups_in_order(Models=[[unet, clip, vae]], Prompts=[[prompt, positive_text], [positive, negative]],
+                      Sampling=[[shared], [empty, sampler]], Output=[outputs])
+    return g.to_json(left=[note])
+
+
+def sd15_checkpoint(g: Builder) -> dict:
+    return g.add("CheckpointLoaderSimple", properties=models_property(SD15), ckpt_name=SD15[1])
+
+
+JEDI_WEIGHTS = ("JeDi's fine-tuned joint-image model is not public: on plain SD1.5 this runs JeDi's sampling "
+                "(coupled self-attention over the image set) training-free, so the subject is only loosely shared.")
+
+
+def jedi_coupled(object_info: dict, name: str) -> dict:
+    """JeDi coupled self-attention: a set of 3 images of one subject attends jointly (no masks)."""
+    g = Builder(object_info)
+    g.extra["syncd"] = {"family": "sd15"}
+    checkpoint = sd15_checkpoint(g)
+    positive = g.add("CLIPTextEncode", title="Prompt", text=JEDI_PROMPT)
+    negative = g.add("CLIPTextEncode", title="Negative prompt", text="")
+    for encoder in (positive, negative):
+        g.connect(checkpoint, 1, encoder, "clip")
+    coupled = g.add("SynCDSharedAttention", images_per_subject=3, mask_mode="none")
+    empty = g.add("EmptyLatentImage", width=512, height=512, batch_size=3)
+    sampler = g.add("KSampler", steps=30, cfg=7.5, sampler_name="euler", scheduler="normal")
+    g.connect(checkpoint, 0, coupled, "model")
+    g.connect(coupled, 0, sampler, "model")
+    g.connect(positive, 0, sampler, "positive")
+    g.connect(negative, 0, sampler, "negative")
+    g.connect(empty, 0, sampler, "latent_image")
+    outputs = g.output(sampler, (checkpoint, 2), "jedi_coupled")
+    note = g.note("\n".join([
+        "JeDi coupled self-attention — a set of 3 images of one subject on SD1.5",
+        "",
+        "Every image's self-attention sees all tokens of the other images of its set (mask_mode none), so the "
+        "three images share one subject. " + JEDI_WEIGHTS,
+        "",
+        "Put this file into your ComfyUI folder:",
+        files_block([(SD15, "Stable Diffusion 1.5 (any SD1.5 checkpoint works)")]),
+        "",
+        "Settings: 512×512, batch 3 = one set, euler, 30 steps, cfg 7.5.",
+        "",
+        TINY_HINT.format(name=name),
+    ]), size=(480, 560))
+    g.groups_in_order(Models=[[checkpoint]], Prompts=[[positive, negative]], Sampling=[[coupled], [empty, sampler]],
+                      Output=[outputs])
+    return g.to_json(left=[note])
+
+
+def jedi_inpainting(object_info: dict, name: str) -> dict:
     """JeDi personalization as inpainting: [2 references | 1 new image], coupled attention, image guidance."""
-    g = UIGraph(object_info)
-    model = g.add("SynCDTinyDemoModel", (50, 100), (340, 150), family=family)
-    refs_in = g.add("SynCDTinyDemoReferences", (50, 300), (340, 130), count=2)
-    joint = g.add("JeDiJointImageSet", (450, 300), (340, 130), images_to_generate=1)
-    coupled = g.add("SynCDSharedAttention", (450, 480), (400, 680), images_per_subject=3,
-                    mask_mode="foreground_masks", unmasked_first_step=True)
-    positive = g.add("SynCDTinyDemoTextEncode", (50, 480), (340, 230), family=family, text=PROMPT)
-    negative = g.add("SynCDTinyDemoTextEncode", (50, 760), (340, 230), family=family, text="")
-    guider = g.add("JeDiImageGuider", (900, 100), (340, 120))
-    noise = g.add("RandomNoise", (900, 260), (315, 82))
-    select = g.add("KSamplerSelect", (900, 380), (315, 58), sampler_name="euler")
-    schedule = g.add("BasicScheduler", (900, 480), (315, 106), scheduler="normal", steps=4)
-    sampler = g.add("SamplerCustomAdvanced", (1000, 640), (300, 110))
-    decode = g.add("VAEDecode", (1360, 100), (210, 50))
-    save = g.add("SaveImage", (1620, 100), (400, 320), filename_prefix=prefix)
-    g.connect(refs_in, 0, joint, "reference_images")
-    g.connect(refs_in, 1, joint, "reference_masks")
-    g.connect(model, 1, joint, "vae")
-    g.connect(model, 0, coupled, "model")
+    g = Builder(object_info)
+    g.extra["syncd"] = {"family": "sd15"}
+    checkpoint = sd15_checkpoint(g)
+    refs = g.reference_chain(2, 512, prefix="jedi_reference")
+    joint = g.add("JeDiJointImageSet", images_to_generate=1)
+    g.connect(refs["images"], 0, joint, "reference_images")
+    g.connect(refs["masks"], 0, joint, "reference_masks")
+    g.connect(checkpoint, 2, joint, "vae")
+    positive = g.add("CLIPTextEncode", title="Prompt", text=JEDI_PROMPT)
+    negative = g.add("CLIPTextEncode", title="Negative prompt", text="")
+    for encoder in (positive, negative):
+        g.connect(checkpoint, 1, encoder, "clip")
+    coupled = g.add("SynCDSharedAttention", images_per_subject=3, mask_mode="foreground_masks",
+                    unmasked_first_step=True)
+    guider = g.add("JeDiImageGuider")
+    noise = g.add("RandomNoise")
+    select = g.add("KSamplerSelect", sampler_name="euler")
+    schedule = g.add("BasicScheduler", scheduler="normal", steps=50)
+    sampler = g.add("SamplerCustomAdvanced")
+    g.connect(checkpoint, 0, coupled, "model")
     g.connect(joint, 1, coupled, "foreground_masks")
     g.connect(coupled, 0, guider, "model")
     g.connect(positive, 0, guider, "positive")
@@ -187,10 +448,80 @@ def jedi_inpainting_workflow(object_info: dict, family: str, prefix: str) -> dic
     g.connect(select, 0, sampler, "sampler")
     g.connect(schedule, 0, sampler, "sigmas")
     g.connect(joint, 0, sampler, "latent_image")
-    g.connect(sampler, 0, decode, "samples")
-    g.connect(model, 1, decode, "vae")
-    g.connect(decode, 0, save, "images")
-    return g.to_json()
+    outputs = g.output(sampler, (checkpoint, 2), "jedi_inpainting")
+    note = g.note("\n".join([
+        "JeDi personalization as inpainting — 2 references + 1 new image on SD1.5",
+        "",
+        "The references and the image to generate form one joint set; every step the references are replaced "
+        "by their forward-diffused versions, coupled self-attention shares the subject's foreground, and JeDi's "
+        "image guidance (ε⁰ without reference access) pulls the new image towards the references. "
+        + JEDI_WEIGHTS,
+        "",
+        "Put these files into your ComfyUI folder:",
+        files_block([(SD15, "Stable Diffusion 1.5 (any SD1.5 checkpoint works)")]),
+        REFERENCE_HOWTO.format(first="jedi_reference_1.png"),
+        "",
+        "Settings: 512×512, euler, 50 steps, image guidance scale 3. The output holds the 2 reconstructed "
+        "references and the new image.",
+        "",
+        TINY_HINT.format(name=name),
+    ]))
+    g.groups_in_order(Models=[[checkpoint]], References=refs["columns"] + [[joint]], Prompts=[[positive, negative]],
+                      Sampling=[[coupled, guider], [noise, select, schedule, sampler]], Output=[outputs])
+    return g.to_json(left=[note])
+
+
+# -- template browser thumbnails: the editor shows workflows/<name>.jpg on each template card -------------
+THUMBNAILS = {  # name -> (title, subtitle, reference images, generated images, accent colour)
+    "syncd_customization_sdxl_1ref.json": ("SynCD customization", "SDXL · 1 reference", 1, 1, "#3f789e"),
+    "syncd_customization_sdxl_3ref.json": ("SynCD customization", "SDXL · 3 references", 3, 1, "#3f789e"),
+    "syncd_customization_flux_1ref.json": ("SynCD customization", "FLUX.1-dev · 1 reference", 1, 1, "#3f789e"),
+    "syncd_customization_flux_3ref.json": ("SynCD customization", "FLUX.1-dev · 3 references", 3, 1, "#3f789e"),
+    "syncd_datagen_deformable_flux.json": ("SynCD data generation", "FLUX.1-dev · 3 images share a subject", 0, 3,
+                                           "#8a6d3b"),
+    "jedi_coupled_attention_sd15.json": ("JeDi coupled attention", "SD1.5 · a set of 3 images", 0, 3, "#3f8e5a"),
+    "jedi_inpainting_sd15.json": ("JeDi inpainting", "SD1.5 · 2 references + 1 new image", 2, 1, "#3f8e5a"),
+}
+
+
+def thumbnail(title: str, subtitle: str, references: int, generated: int, accent: str, size: int = 512):
+    """A title card: the method, the base model, and the images in and out as squares."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (size, size), "#202020")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([0, 0, size, 14], fill=accent)
+    draw.text((32, 48), title, font=ImageFont.load_default(size=36), fill="#f0f0f0")
+    draw.text((32, 104), subtitle, font=ImageFont.load_default(size=24), fill="#b0b0b0")
+    box, gap, top = 88, 16, 250
+    boxes = [("ref", k) for k in range(references)] + [("out", k) for k in range(generated)]
+    width = len(boxes) * box + (len(boxes) - 1) * gap + (48 if references else 0)
+    x = (size - width) // 2
+    for i, (kind, _) in enumerate(boxes):
+        if kind == "out" and references and i == references:
+            draw.polygon([(x + 4, top + box // 2 - 14), (x + 28, top + box // 2), (x + 4, top + box // 2 + 14)],
+                         fill="#d0d0d0")
+            x += 48
+        fill = "#3a3a3a" if kind == "ref" else accent
+        draw.rounded_rectangle([x, top, x + box, top + box], radius=10, fill=fill, outline="#d0d0d0", width=2)
+        cx, cy = x + box // 2, top + box // 2  # the subject: the same disc in every image
+        draw.ellipse([cx - 22, cy - 22, cx + 22, cy + 22], fill="#e8c070")
+        x += box + gap
+    legend = "grey: your references · coloured: generated" if references else "generated together, one subject"
+    draw.text((32, 400), legend, font=ImageFont.load_default(size=22), fill="#909090")
+    draw.text((32, 450), "ComfyUI-SynCD", font=ImageFont.load_default(size=20), fill=accent)
+    return image
+
+
+BUILDERS = {
+    "syncd_customization_sdxl_1ref.json": lambda info, name: sdxl_customization(info, name, 1, False),
+    "syncd_customization_sdxl_3ref.json": lambda info, name: sdxl_customization(info, name, 3, True),
+    "syncd_customization_flux_1ref.json": lambda info, name: flux_customization(info, name, 1, False),
+    "syncd_customization_flux_3ref.json": lambda info, name: flux_customization(info, name, 3, True),
+    "syncd_datagen_deformable_flux.json": flux_datagen,
+    "jedi_coupled_attention_sd15.json": jedi_coupled,
+    "jedi_inpainting_sd15.json": jedi_inpainting,
+}
 
 
 def main() -> None:
@@ -204,19 +535,14 @@ def main() -> None:
 
         with EmbeddedServer() as server:
             object_info = ComfyClient(server.url).object_info()
-    workflows = {
-        "syncd_tiny_demo_sd15.json": demo_workflow(object_info, "sd15", "automatic", "EmptyLatentImage", 5.0,
-                                                   "syncd_demo"),
-        "jedi_tiny_demo_flux.json": demo_workflow(object_info, "flux", "none", "EmptySD3LatentImage", 1.0,
-                                                  "jedi_demo"),
-        "syncd_customization_sdxl_1ref.json": customization_workflow(object_info, "sdxl", 1, False, "syncd_sdxl_1ref"),
-        "syncd_customization_sdxl_3ref.json": customization_workflow(object_info, "sdxl", 3, True, "syncd_sdxl_3ref"),
-        "syncd_customization_flux_1ref.json": customization_workflow(object_info, "flux", 1, False, "syncd_flux_1ref"),
-        "syncd_customization_flux_3ref.json": customization_workflow(object_info, "flux", 3, True, "syncd_flux_3ref"),
-        "jedi_inpainting_sd15.json": jedi_inpainting_workflow(object_info, "sd15", "jedi_inpainting"),
-    }
-    for name, workflow in workflows.items():
-        (WORKFLOWS / name).write_text(json.dumps(workflow, indent=2) + "\n")
+    wanted = set(BUILDERS) | {pathlib.Path(name).with_suffix(".jpg").name for name in BUILDERS}
+    for stale in sorted({p.name for p in WORKFLOWS.glob("*.json")} | {p.name for p in WORKFLOWS.glob("*.jpg")}):
+        if stale not in wanted:  # this script is the only writer of workflows/
+            (WORKFLOWS / stale).unlink()
+            print(f"removed {WORKFLOWS / stale}")
+    for name, build in BUILDERS.items():
+        (WORKFLOWS / name).write_text(json.dumps(build(object_info, name), indent=2, ensure_ascii=False) + "\n")
+        thumbnail(*THUMBNAILS[name]).save(WORKFLOWS / pathlib.Path(name).with_suffix(".jpg"), quality=88)
         print(WORKFLOWS / name)
 
 

@@ -9,9 +9,22 @@ What is checked, in this order, on one page:
    come from the frontend itself on a fresh, offline install are listed but do not fail the test);
 2. every node the pack registers (``/object_info``) is found by the node search box (double-click
    on the empty canvas, type the display name, Enter) and lands on the canvas as a node of that type;
-3. every shipped workflow (``workflows/*.json``) loads with no missing node types;
-4. screenshots of each step are saved to ``$SYNCD_TEST_ARTIFACTS`` (default ``<repo>/artifacts/``),
+3. every shipped workflow (``workflows/*.json``) loads with no missing node types, and the editor's
+   missing-models dialog lists the model files its loaders name with a download URL;
+4. ComfyUI's template browser lists the shipped workflows under the pack, with their thumbnails, and
+   opening one from there loads it;
+5. the ``--tiny`` form of a shipped workflow (``client/tiny_swap.py``), loaded with
+   ``app.loadGraphData``, runs from the Run button and its image appears on the Save Image node;
+6. screenshots of each step are saved to ``$SYNCD_TEST_ARTIFACTS`` (default ``<repo>/artifacts/``),
    with the browser console log.
+
+How ComfyUI 0.3.64 finds a pack's templates (``app/custom_node_manager.py``): ``GET
+/api/workflow_templates`` globs ``custom_nodes/*/<folder>/*.json`` for the folder names
+``example_workflows``, ``example``, ``examples``, ``workflow`` and ``workflows``, keyed by the pack's folder
+name, and each of those folders is served statically at ``/api/workflow_templates/<pack folder>/``. The pack
+ships ``workflows/`` (a name on that list), so nothing is duplicated. Frontend 1.27 shows them in the
+template browser under "Custom Nodes" > the pack's folder name, one card per file, with
+``<name>.jpg`` from the same folder as the card image.
 
 How frontend 1.27.x reports missing node types (``app.loadGraphData``): every node whose type is
 not in ``LiteGraph.registered_node_types`` is collected into ``missingNodeTypes``, which is handed to
@@ -42,6 +55,8 @@ CHROMIUM = os.environ.get("SYNCD_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    # Resolve nothing but the local server: the frontend's look-ups of model download sizes never leave the machine.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 ]
 VIEWPORT = {"width": 1400, "height": 900}
 TIMEOUT_MS = 20_000
@@ -61,6 +76,8 @@ SETTINGS = {
 # Fresh user: no user.css, no workflows/ or subgraphs/ user folders, no saved templates; no favicon.
 HARMLESS_404_PATHS = {"/favicon.ico", "/user.css", "/api/userdata/user.css", "/api/userdata/comfy.templates.json"}
 HARMLESS_404_USERDATA_DIRS = {"workflows", "subgraphs", "subgraphs/"}
+# The missing-models dialog asks each listed download URL for its size; offline that fetch fails.
+OFFLINE_DOWNLOAD_HOSTS = {"huggingface.co"}
 
 
 def _browser_problem() -> str | None:
@@ -121,6 +138,11 @@ def _is_harmless(entry: dict) -> bool:
             folder = urllib.parse.parse_qs(url.query).get("dir", [""])[0]
             return folder in HARMLESS_404_USERDATA_DIRS
         return False
+    if entry["kind"] == "console.error" and entry["text"].startswith("Failed to load resource: net::ERR_"):
+        return urllib.parse.urlsplit(entry["url"] or "").hostname in OFFLINE_DOWNLOAD_HOSTS
+    if entry["kind"] == "console.error" and entry["text"].startswith("Error fetching file size: TypeError: "
+                                                                      "Failed to fetch"):
+        return True
     if entry["kind"] == "pageerror":
         # Frontend 1.27.10 bug: registering the core setting Comfy.Canvas.NavigationMode runs its
         # onChange, which sets Comfy.Canvas.LeftMouseClickBehavior before that one is registered.
@@ -238,7 +260,30 @@ def pack_nodes(chromium_executable, comfy_server) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def frontend(chromium_executable, comfy_server, pack_nodes, tmp_path_factory):
+def reference_inputs(comfy_server) -> list[str]:
+    """The input files the shipped workflows' Load Image nodes name, as a user provides them: a photo of a
+    subject whose area was painted in the mask editor (alpha 0 there, so Load Image's MASK is the subject).
+    Without them the editor's image previews ask the server for missing files (404)."""
+    from PIL import Image, ImageDraw
+
+    names = sorted({n["widgets_values"][0] for path in WORKFLOWS_DIR.glob("*.json")
+                    for n in json.loads(path.read_text())["nodes"] if n["type"] in ("LoadImage", "LoadImageMask")})
+    folder = comfy_server.base_dir / "input"
+    folder.mkdir(exist_ok=True)
+    for k, name in enumerate(names):
+        image = Image.new("RGBA", (256, 256), (70 + 20 * k, 110, 150, 255))
+        draw = ImageDraw.Draw(image)
+        box = [60 + 8 * k, 70, 190 + 8 * k, 200]
+        draw.ellipse(box, fill=(230, 180, 90, 255))
+        alpha = Image.new("L", image.size, 255)
+        ImageDraw.Draw(alpha).ellipse(box, fill=0)
+        image.putalpha(alpha)
+        image.save(folder / name)
+    return names
+
+
+@pytest.fixture(scope="module")
+def frontend(chromium_executable, comfy_server, pack_nodes, reference_inputs, tmp_path_factory):
     from playwright.sync_api import sync_playwright
 
     url = comfy_server.url.rstrip("/")
@@ -450,6 +495,17 @@ def _missing_dialog(page, wait_ms: int) -> list[str]:
     return [t.strip() for t in dialog.first.locator(".p-listbox-option").all_inner_texts()]
 
 
+def _missing_models_dialog(page, wait_ms: int) -> list[str]:
+    """The 'folder / file' labels of a visible missing-models dialog, sorted (empty when there is none)."""
+    dialog = page.locator(".comfy-missing-models")
+    try:
+        dialog.first.wait_for(state="visible", timeout=wait_ms)
+    except PlaywrightTimeoutError:
+        return []
+    labels = dialog.first.locator(".p-listbox-option span[title]").all_inner_texts()
+    return sorted(label.strip() for label in labels)
+
+
 def _load(frontend: Frontend, data, name: str) -> dict:
     is_api = isinstance(data, dict) and bool(data) and all(
         isinstance(v, dict) and "class_type" in v for v in data.values())
@@ -511,6 +567,12 @@ def test_shipped_workflows_load_without_missing_nodes(frontend, pack_nodes):
             assert not changed, f"{path.name}: widget values changed on load (file, frontend): {changed}"
         error_toasts = page.locator(".p-toast-message-error:visible").all_inner_texts()
         assert not error_toasts, f"{path.name}: error toasts {error_toasts}"
+        # The loaders' properties.models (files with a download URL) show up in the missing-models dialog:
+        # the server has no model files, so every one of them is missing.
+        downloadable = sorted(f"{m['directory']} / {m['name']}" for n in data.get("nodes", [])
+                              for m in (n.get("properties") or {}).get("models", []))
+        assert _missing_models_dialog(page, wait_ms=5_000 if downloadable else 700) == downloadable, path.name
+        frontend.close_overlays()
         used_pack_types |= {n["type"] for n in nodes} & set(pack_nodes)
         frontend.command("Comfy.Canvas.FitView")
         page.wait_for_timeout(150)
@@ -518,3 +580,88 @@ def test_shipped_workflows_load_without_missing_nodes(frontend, pack_nodes):
         frontend.assert_no_errors(since, f"loading {path.name}")
     print(f"[browser] pack node types used by the shipped workflows: {sorted(used_pack_types)}")
     assert used_pack_types, f"none of the shipped workflows uses a node of the pack ({sorted(pack_nodes)})"
+
+
+def test_template_browser_lists_the_pack_workflows(frontend, comfy_server):
+    """Workflow > Browse Templates: "Custom Nodes" > the pack's folder lists every shipped workflow with its
+    thumbnail, and clicking a card loads that workflow (fetched from /api/workflow_templates/<pack>/)."""
+    from comfyui_syncd.client.embedded import PACK_FOLDER  # the server's custom_nodes/<folder> for this pack
+
+    page = frontend.page
+    frontend.close_overlays()
+    since = len(frontend.console)
+    stems = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
+    listed = _http_json(frontend.url + "/api/workflow_templates")
+    assert sorted(listed.get(PACK_FOLDER, [])) == stems, f"/api/workflow_templates: {listed}"
+
+    frontend.command("Comfy.BrowseTemplates")
+    category = page.locator(f'li.p-listbox-option[aria-label="{PACK_FOLDER}"]')
+    category.click()
+    page.wait_for_function("(n) => document.querySelectorAll('[data-testid^=\"template-workflow-\"]').length === n",
+                           arg=len(stems))
+    shown = page.evaluate("() => [...document.querySelectorAll('[data-testid^=\"template-workflow-\"]')]"
+                          ".map((c) => c.dataset.testid.slice('template-workflow-'.length))")
+    assert sorted(shown) == stems, f"template cards {shown}"
+    for stem in stems:  # cards load their image when scrolled into view
+        card = page.locator(f'[data-testid="template-workflow-{stem}"]')
+        card.scroll_into_view_if_needed()
+        assert card.get_by_text(stem, exact=True).count(), f"card {stem} does not show its name"
+        page.wait_for_function("(id) => { const img = document.querySelector(`[data-testid=\"${id}\"] img`);"
+                               " return img && img.complete && img.naturalWidth === 512; }",
+                               arg=f"template-workflow-{stem}")
+    page.locator(f'[data-testid="template-workflow-{shown[0]}"]').scroll_into_view_if_needed()
+    frontend.screenshot("template-browser")
+
+    chosen = "jedi_coupled_attention_sd15"
+    page.locator(f'[data-testid="template-workflow-{chosen}"]').click()
+    expected = json.loads((WORKFLOWS_DIR / f"{chosen}.json").read_text())
+    page.wait_for_function("(n) => !document.querySelector('[data-testid^=\"template-workflow-\"]')"
+                           " && window.app.graph.nodes.length === n", arg=len(expected["nodes"]))
+    loaded = page.evaluate("() => window.app.graph.nodes.map((n) => [n.id, n.type]).sort((a, b) => a[0] - b[0])")
+    assert loaded == [[n["id"], n["type"]] for n in sorted(expected["nodes"], key=lambda n: n["id"])]
+    missing = _missing_models_dialog(page, wait_ms=5_000)
+    assert missing == ["checkpoints / v1-5-pruned-emaonly-fp16.safetensors"], missing
+    frontend.screenshot("template-opened")
+    frontend.close_overlays()
+    frontend.assert_no_errors(since, "browsing the templates")
+
+
+RUN_WORKFLOW = "syncd_customization_sdxl_1ref.json"
+
+
+def test_run_button_runs_a_tiny_workflow(frontend, comfy_server):
+    """The --tiny form of a shipped workflow, loaded into the page, runs from the Run button; the output image
+    is shown on its Save Image node and is the file the server saved for that prompt."""
+    from comfyui_syncd.client.tiny_swap import tiny_swap
+
+    page = frontend.page
+    frontend.close_overlays()
+    since = len(frontend.console)
+    info = _http_json(frontend.url + "/object_info")
+    workflow, _ = tiny_swap(json.loads((WORKFLOWS_DIR / RUN_WORKFLOW).read_text()), info)
+    save = next(n for n in workflow["nodes"] if n["type"] == "SaveImage")
+    page.evaluate("async ([wf, name]) => { await window.app.loadGraphData(wf, true, true, name); }",
+                  [workflow, f"{pathlib.Path(RUN_WORKFLOW).stem} (tiny)"])
+    assert _missing_models_dialog(page, wait_ms=700) == [], "the tiny form needs no model files"
+    # Nodes off screen are not drawn and do not load their images: show the Save Image node.
+    page.evaluate("""(id) => { const node = window.app.graph.getNodeById(id);
+        window.app.canvas.ds.scale = 1; window.app.canvas.centerOnNode(node);
+        window.app.canvas.setDirty(true, true); }""", save["id"])
+    history_before = set(_http_json(frontend.url + "/api/history"))
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.wait_for_function("""(id) => { const node = window.app.graph.getNodeById(id);
+        return node && node.imgs && node.imgs.length === 1 && node.imgs[0].complete
+            && node.imgs[0].naturalWidth === 64; }""", arg=save["id"], timeout=180_000)
+    shown = page.evaluate("(id) => window.app.graph.getNodeById(id).imgs[0].src", save["id"])
+    history = _http_json(frontend.url + "/api/history")
+    new = [entry for prompt_id, entry in history.items() if prompt_id not in history_before]
+    assert len(new) == 1 and new[0]["status"]["status_str"] == "success", new
+    saved = new[0]["outputs"][str(save["id"])]["images"]
+    assert len(saved) == 1 and saved[0]["type"] == "output"
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(shown).query)
+    assert query["filename"] == [saved[0]["filename"]], (shown, saved)
+    ran = {n["class_type"] for n in new[0]["prompt"][2].values()}
+    assert {"SynCDTinyDemoModel", "SynCDApplyReferences", "SynCDIPAdapterApply", "SynCDNormalizedGuider"} <= ran
+    page.wait_for_timeout(200)
+    frontend.screenshot("run-tiny-workflow")
+    frontend.assert_no_errors(since, "running the tiny workflow from the Run button")

@@ -1,37 +1,65 @@
-"""Every workflow in workflows/ is editor-format JSON that runs end to end through the server API."""
+"""The shipped workflows (workflows/*.json): real-model editor graphs with a Note and stage groups, upstream's
+settings, and every one runs end to end with ``run --tiny`` through the real headless server."""
 
 from __future__ import annotations
 
-import io
 import json
 import pathlib
+import re
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 
-from comfyui_syncd.client.workflow_format import is_ui_format, to_api
+from comfyui_syncd.client.workflow_format import FRONTEND_ONLY_NODES, is_ui_format, to_api
 
-WORKFLOWS = sorted((pathlib.Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
+REPO = pathlib.Path(__file__).resolve().parents[2]
+WORKFLOWS_DIR = REPO / "workflows"
+WORKFLOWS = sorted(WORKFLOWS_DIR.glob("*.json"))
 
-
-# workflow -> (pack nodes it must use, images it saves)
+CUSTOMIZATION = {"SynCDReferenceImages", "SynCDApplyReferences", "SynCDCheckpointLoader"}
+# workflow -> (family, pack nodes it must use, images it saves)
 EXPECTED = {
-    "syncd_tiny_demo_sd15.json": ({"SynCDSharedAttention"}, 3),
-    "jedi_tiny_demo_flux.json": ({"SynCDSharedAttention"}, 3),
-    "syncd_customization_sdxl_1ref.json": ({"SynCDReferenceImages", "SynCDApplyReferences", "SynCDNormalizedGuider",
-                                            "SamplerCustomAdvanced", "SynCDIPAdapterApply"}, 1),
-    "syncd_customization_sdxl_3ref.json": ({"SynCDReferenceImages", "SynCDApplyReferences",
-                                            "SynCDCustomizationSampler", "SynCDIPAdapterApply"}, 1),
-    "syncd_customization_flux_1ref.json": ({"SynCDReferenceImages", "SynCDApplyReferences", "SynCDNormalizedGuider",
-                                            "SamplerCustomAdvanced"}, 1),
-    "syncd_customization_flux_3ref.json": ({"SynCDReferenceImages", "SynCDApplyReferences",
-                                            "SynCDCustomizationSampler"}, 1),
-    "jedi_inpainting_sd15.json": ({"JeDiJointImageSet", "SynCDSharedAttention", "JeDiImageGuider"}, 3),
+    "syncd_customization_sdxl_1ref.json": ("sdxl", CUSTOMIZATION | {"SynCDNormalizedGuider", "SynCDIPAdapterLoader",
+                                                                    "SynCDIPAdapterApply"}, 1),
+    "syncd_customization_sdxl_3ref.json": ("sdxl", CUSTOMIZATION | {"SynCDCustomizationSampler",
+                                                                    "SynCDIPAdapterLoader", "SynCDIPAdapterApply"}, 1),
+    "syncd_customization_flux_1ref.json": ("flux", CUSTOMIZATION | {"SynCDNormalizedGuider"}, 1),
+    "syncd_customization_flux_3ref.json": ("flux", CUSTOMIZATION | {"SynCDCustomizationSampler"}, 1),
+    "syncd_datagen_deformable_flux.json": ("flux", {"SynCDSharedAttention"}, 3),
+    "jedi_coupled_attention_sd15.json": ("sd15", {"SynCDSharedAttention"}, 3),
+    "jedi_inpainting_sd15.json": ("sd15", {"JeDiJointImageSet", "SynCDSharedAttention", "JeDiImageGuider"}, 3),
 }
+# loader -> {widget index: models folder} for the files it names
+LOADER_FILES = {"CheckpointLoaderSimple": {0: "checkpoints"}, "UNETLoader": {0: "diffusion_models"},
+                "DualCLIPLoader": {0: "text_encoders", 1: "text_encoders"}, "VAELoader": {0: "vae"},
+                "CLIPVisionLoader": {0: "clip_vision"}, "SynCDIPAdapterLoader": {0: "ipadapter"},
+                "SynCDCheckpointLoader": {0: "syncd"}}
+TINY_TYPES = {"SynCDTinyDemoModel", "SynCDTinyDemoTextEncode", "SynCDTinyDemoReferences", "SynCDTinyDemoIPAdapter"}
+
+
+def load(name: str) -> dict:
+    return json.loads((WORKFLOWS_DIR / name).read_text())
+
+
+def by_type(api: dict) -> dict[str, list[dict]]:
+    found: dict[str, list[dict]] = {}
+    for node in api.values():
+        found.setdefault(node["class_type"], []).append(node["inputs"])
+    return found
+
+
+def note_text(workflow: dict) -> str:
+    notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1, "one Note node"
+    return notes[0]["widgets_values"][0]
 
 
 def test_workflows_are_shipped():
     assert {p.name for p in WORKFLOWS} == set(EXPECTED)
+    # the template browser's card image for each (ComfyUI serves workflows/ at /api/workflow_templates/<pack>/)
+    assert {p.name for p in WORKFLOWS_DIR.glob("*.jpg")} == {p.with_suffix(".jpg").name for p in WORKFLOWS}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -46,54 +74,168 @@ def test_editor_format(path):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_runs_and_saves_images(path, comfy_client):
+def test_real_loaders_note_and_groups(path, comfy_client):
+    """Only real loaders (no SynCD/testing node); the Note names every model file with its folder; every node
+    but the Note sits inside one of the stage groups, and the groups do not overlap."""
     workflow = json.loads(path.read_text())
-    api = to_api(workflow, comfy_client.object_info())
-    nodes, count = EXPECTED[path.name]
-    assert nodes <= {n["class_type"] for n in api.values()}
-    result = comfy_client.run(api, timeout=300, extra_data={"extra_pnginfo": {"workflow": workflow}})
-    images = [f for f in result.files() if f.kind == "images" and f.type == "output"]
-    assert len(images) == count
-    for item in images:
-        with Image.open(io.BytesIO(comfy_client.view(item.filename, item.subfolder, item.type))) as image:
-            assert image.size == (64, 64)
-            assert json.loads(image.info["workflow"])["nodes"] == workflow["nodes"]
+    info = comfy_client.object_info()
+    family, _, _ = EXPECTED[path.name]
+    types = {n["type"] for n in workflow["nodes"]}
+    testing = {t for t in types if info.get(t, {}).get("category", "").startswith("SynCD/testing")}
+    assert not testing and not types & TINY_TYPES, f"demo nodes in a shipped workflow: {testing}"
+    assert workflow["extra"]["syncd"]["family"] == family
+    loaders = {"flux": {"UNETLoader", "DualCLIPLoader", "VAELoader"}}.get(family, {"CheckpointLoaderSimple"})
+    assert loaders <= types
+    if "SynCDReferenceImages" in types or "JeDiJointImageSet" in types:
+        assert "LoadImage" in types
+
+    note = note_text(workflow)
+    for node in workflow["nodes"]:
+        for index, folder in LOADER_FILES.get(node["type"], {}).items():
+            assert f"models/{folder}/{node['widgets_values'][index]}" in note, (node["type"], folder)
+        if node["type"] == "LoadImage":
+            assert f"input/{workflow_first_reference(workflow)}" in note
+    assert f"python -m comfyui_syncd run workflows/{path.name} --tiny" in note
+
+    titles = [g["title"] for g in workflow["groups"]]
+    assert {"Models", "Prompts", "Sampling", "Output"} <= set(titles)
+    assert ("References" in titles) == ("LoadImage" in types)
+    boxes = [g["bounding"] for g in workflow["groups"]]
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY_NODES:
+            continue
+        x, y = node["pos"]
+        inside = [t for t, (gx, gy, w, h) in zip(titles, boxes)
+                  if gx <= x and x + node["size"][0] <= gx + w and gy <= y - 30 and y + node["size"][1] <= gy + h]
+        assert len(inside) == 1, f"#{node['id']} {node['type']} lies in groups {inside}"
+    for i, (ax, ay, aw, ah) in enumerate(boxes):
+        for bx, by, bw, bh in boxes[i + 1:]:
+            assert ax + aw <= bx or bx + bw <= ax or ay + ah <= by or by + bh <= ay, "overlapping groups"
 
 
-@pytest.mark.parametrize("name,family,mask_mode", [("syncd_tiny_demo_sd15.json", "sd15", "automatic"),
-                                                   ("jedi_tiny_demo_flux.json", "flux", "none")])
-def test_demo_settings(name, family, mask_mode, comfy_client):
-    api = to_api(json.loads((WORKFLOWS[0].parent / name).read_text()), comfy_client.object_info())
-    by_type = {}
-    for node in api.values():
-        by_type.setdefault(node["class_type"], []).append(node["inputs"])
-    assert by_type["SynCDTinyDemoModel"][0]["family"] == family
-    attention = by_type["SynCDSharedAttention"][0]
-    assert (attention["images_per_subject"], attention["mask_mode"]) == (3, mask_mode)
-    assert sorted(e["text"] for e in by_type["SynCDTinyDemoTextEncode"]) == ["", "a photo of a dog on the beach"]
-    sampler = by_type["KSampler"][0]
-    assert (sampler["steps"], sampler["sampler_name"], sampler["scheduler"]) == (4, "euler", "normal")
-    assert "SaveImage" in by_type and "VAEDecode" in by_type
+def workflow_first_reference(workflow: dict) -> str:
+    return min((n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "LoadImage"))
 
 
-@pytest.mark.parametrize("name,family,references", [("syncd_customization_sdxl_1ref.json", "sdxl", 1),
-                                                    ("syncd_customization_sdxl_3ref.json", "sdxl", 3),
-                                                    ("syncd_customization_flux_1ref.json", "flux", 1),
-                                                    ("syncd_customization_flux_3ref.json", "flux", 3)])
-def test_customization_settings(name, family, references, comfy_client):
-    api = to_api(json.loads((WORKFLOWS[0].parent / name).read_text()), comfy_client.object_info())
-    by_type = {}
-    for node in api.values():
-        by_type.setdefault(node["class_type"], []).append(node["inputs"])
-    assert by_type["SynCDTinyDemoModel"][0]["family"] == family
-    assert by_type["SynCDTinyDemoReferences"][0]["count"] == references
-    apply = by_type["SynCDApplyReferences"][0]
-    assert apply["reference_noise"] == "auto" and (apply["start_percent"], apply["end_percent"]) == (0.0, 1.0)
-    guidance = (by_type.get("SynCDNormalizedGuider") or by_type["SynCDCustomizationSampler"])[0]
-    want = (1.5, 1.0, 1.0) if family == "flux" else (7.5, 8.0, 13.0)
-    assert (guidance["text_scale"], guidance["image_scale_start"], guidance["image_scale_end"]) == want
-    assert guidance["combination"] == "normalized"
-    if family == "sdxl":  # global image feature of one reference at the upstream inference scale
-        ip = by_type["SynCDIPAdapterApply"][0]
+def test_sdxl_customization_settings(comfy_client):
+    """Upstream's SDXL inference (method/sample.py): terminus-xl-gamma-v1 as v-prediction + zero-SNR, the SynCD
+    checkpoint with the IP-Adapter, euler_ancestral 50 steps at 1024², s_txt 7.5, s_img 8 -> 13, IP 0.6."""
+    for name, all_in_one, references in (("syncd_customization_sdxl_1ref.json", False, 1),
+                                         ("syncd_customization_sdxl_3ref.json", True, 3)):
+        workflow = load(name)
+        api = to_api(workflow, comfy_client.object_info())
+        found = by_type(api)
+        assert found["CheckpointLoaderSimple"][0]["ckpt_name"] == "terminus-xl-gamma-v1.safetensors"
+        assert found["ModelSamplingDiscrete"][0] == {"sampling": "v_prediction", "zsnr": True,
+                                                     "model": [id_of(api, "CheckpointLoaderSimple"), 0]}
+        assert found["SynCDCheckpointLoader"][0]["checkpoint_name"] == "sdxl_finetuned_20k.ckpt"
+        assert found["SynCDCheckpointLoader"][0]["model"] == [id_of(api, "ModelSamplingDiscrete"), 0]
+        assert found["SynCDIPAdapterLoader"][0]["ipadapter_name"] == "ip-adapter-plus_sdxl_vit-h.safetensors"
+        assert found["CLIPVisionLoader"][0]["clip_name"] == "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+        assert len(found["LoadImage"]) == references
+        assert found["EmptyLatentImage"][0] == {"width": 1024, "height": 1024, "batch_size": 1}
+        texts = sorted(e["text"] for e in found["CLIPTextEncode"])
+        assert texts == ["An action figure riding a motorcycle", "photo of a action figure"]
+        negative = found["ConditioningZeroOut"][0]["conditioning"]
+        assert api[negative[0]]["inputs"]["text"] == "An action figure riding a motorcycle"
+        ip = found["SynCDIPAdapterApply"][0]
         assert (ip["weight"], ip["reference_weight"]) == (0.6, 1.0)
-        assert by_type["ImageFromBatch"][0]["length"] == 1
+        assert found["ImageFromBatch"][0]["length"] == 1
+        guidance = (found["SynCDCustomizationSampler"] if all_in_one else found["SynCDNormalizedGuider"])[0]
+        assert (guidance["text_scale"], guidance["image_scale_start"], guidance["image_scale_end"],
+                guidance["combination"]) == (7.5, 8.0, 13.0, "normalized")
+        if all_in_one:
+            assert (guidance["steps"], guidance["sampler_name"], guidance["scheduler"]) == (50, "euler_ancestral",
+                                                                                           "simple")
+        else:
+            assert found["BasicScheduler"][0]["steps"] == 50 and found["BasicScheduler"][0]["scheduler"] == "simple"
+            assert found["KSamplerSelect"][0]["sampler_name"] == "euler_ancestral"
+        note = note_text(workflow)
+        assert "v_prediction" in note and "zsnr" in note and "ModelSamplingDiscrete" in note
+
+
+def id_of(api: dict, class_type: str) -> str:
+    (node_id,) = [i for i, n in api.items() if n["class_type"] == class_type]
+    return node_id
+
+
+def test_flux_customization_settings(comfy_client):
+    """Upstream's Flux sampling (sample_flux.py + README): FLUX.1-dev + pytorch_model.bin, 512 px, 30 steps,
+    guidance 3.5, true CFG 1.5, image scale 1.0, references conditioned on the prompt itself."""
+    for name, all_in_one, references in (("syncd_customization_flux_1ref.json", False, 1),
+                                         ("syncd_customization_flux_3ref.json", True, 3)):
+        api = to_api(load(name), comfy_client.object_info())
+        found = by_type(api)
+        assert found["UNETLoader"][0]["unet_name"] == "flux1-dev.safetensors"
+        assert found["DualCLIPLoader"][0]["type"] == "flux"
+        assert found["SynCDCheckpointLoader"][0]["checkpoint_name"] == "pytorch_model.bin"
+        assert found["EmptySD3LatentImage"][0] == {"width": 512, "height": 512, "batch_size": 1}
+        assert [g["guidance"] for g in found["FluxGuidance"]] == [3.5, 3.5]
+        assert found["ModelSamplingFlux"][0]["width"] == 512 * (references + 1)
+        apply = found["SynCDApplyReferences"][0]
+        guidance = (found["SynCDCustomizationSampler"] if all_in_one else found["SynCDNormalizedGuider"])[0]
+        assert apply["reference_conditioning"] == guidance["positive"], "references share the prompt's text"
+        assert (guidance["text_scale"], guidance["image_scale_start"], guidance["image_scale_end"]) == (1.5, 1.0, 1.0)
+        steps = guidance["steps"] if all_in_one else found["BasicScheduler"][0]["steps"]
+        assert steps == 30
+        negative_text = api[api[guidance["negative"][0]]["inputs"]["conditioning"][0]]["inputs"]["text"]
+        assert negative_text == "3d render, cartoon, low resolution, illustration, blurry, unrealistic"
+
+
+def test_datagen_and_jedi_settings(comfy_client):
+    info = comfy_client.object_info()
+    api = to_api(load("syncd_datagen_deformable_flux.json"), info)
+    found = by_type(api)
+    shared = found["SynCDSharedAttention"][0]
+    assert (shared["images_per_subject"], shared["mask_mode"], shared["subject_word"]) == (3, "automatic", "dog")
+    assert shared["clip"] == [id_of(api, "DualCLIPLoader"), 0], "real models find the subject word with T5/CLIP"
+    prompt = api[shared["prompt"][0]]["inputs"]["value"]
+    assert prompt.endswith(". wide angle shot") and prompt.count(". ") >= 2  # "{background}. {description}. ..."
+    assert found["CLIPTextEncode"][0]["text"] == shared["prompt"], "one prompt feeds the encoder and the masks"
+    assert found["EmptySD3LatentImage"][0] == {"width": 1024, "height": 1024, "batch_size": 3}
+    sampler = found["KSampler"][0]
+    assert (sampler["steps"], sampler["cfg"]) == (50, 1.0) and found["FluxGuidance"][0]["guidance"] == 3.5
+
+    found = by_type(to_api(load("jedi_coupled_attention_sd15.json"), info))
+    assert found["SynCDSharedAttention"][0]["mask_mode"] == "none"
+    assert found["EmptyLatentImage"][0]["batch_size"] == found["SynCDSharedAttention"][0]["images_per_subject"] == 3
+
+    found = by_type(to_api(load("jedi_inpainting_sd15.json"), info))
+    assert len(found["LoadImage"]) == 2 and found["JeDiJointImageSet"][0]["images_to_generate"] == 1
+    assert found["SynCDSharedAttention"][0]["images_per_subject"] == 3
+
+
+def test_real_workflow_without_models_is_refused(comfy_client):
+    """Without --tiny the server validates the real loaders: no model files -> the names are not in the lists."""
+    from comfyui_syncd.client.api import PromptValidationError
+
+    api = to_api(load("jedi_coupled_attention_sd15.json"), comfy_client.object_info())
+    with pytest.raises(PromptValidationError, match="ckpt_name"):
+        comfy_client.run(api, timeout=60)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_runs_with_tiny(path, comfy_server, tmp_path):
+    """``python -m comfyui_syncd run WORKFLOW --tiny``: loaders swapped, the server runs it, images come back."""
+    family, pack_nodes, count = EXPECTED[path.name]
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "comfyui_syncd", "run", str(path), "--tiny", "--server",
+                           comfy_server.url, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert re.match(r"--tiny: \d+ change\(s\) for the tiny demo models:", lines[0])
+    workflow = json.loads(path.read_text())
+    loader = next(n for n in workflow["nodes"] if n["type"] in ("CheckpointLoaderSimple", "UNETLoader"))
+    assert f"  #{loader['id']} SynCDTinyDemoModel: was {loader['type']} ({family})" in lines
+    saved = sorted(out.glob("*.png"))
+    assert len(saved) == count and [str(p) for p in saved] == sorted(l for l in lines if l.endswith(".png"))
+    for png in saved:
+        with Image.open(png) as image:
+            assert image.size == (64, 64)
+            embedded = json.loads(image.info["workflow"])  # the graph that ran: the swapped one
+            prompt = json.loads(image.info["prompt"])
+        ran = {n["class_type"] for n in prompt.values()}
+        assert pack_nodes - {"SynCDCheckpointLoader", "SynCDIPAdapterLoader"} <= ran
+        assert "SynCDTinyDemoModel" in ran
+        assert not ran & (set(LOADER_FILES) | {"LoadImage", "LoadImageMask"}), "a real loader was left"
+        assert embedded["extra"]["syncd"] == {"family": family, "tiny": True}
