@@ -43,8 +43,10 @@ def _branch_options(model_options: dict, branches: dict, negative=None) -> tuple
 
 
 def _calc(inner_model, conds, x, timestep, model_options):
-    """``calc_cond_batch``, or the model's ``sampler_calc_cond_batch_function`` hook as ``sampling_function`` does."""
-    if "sampler_calc_cond_batch_function" in model_options:
+    """``calc_cond_batch``; for a (cond, uncond) pair the model's ``sampler_calc_cond_batch_function`` hook instead,
+    as ``sampling_function`` does (hooks such as SkipLayerGuidanceDiTSimple unpack exactly two conds; ComfyUI's own
+    three-cond guider calls ``calc_cond_batch`` directly too)."""
+    if "sampler_calc_cond_batch_function" in model_options and len(conds) == 2:
         return model_options["sampler_calc_cond_batch_function"](
             {"conds": conds, "input": x, "sigma": timestep, "model": inner_model, "model_options": model_options})
     return comfy.samplers.calc_cond_batch(inner_model, conds, x, timestep, model_options)
@@ -116,29 +118,38 @@ class NormalizedGuider(comfy.samplers.CFGGuider):
         self.image_scales = []  # a guider cached by ComfyUI is sampled again
         return super().sample(*args, **kwargs)
 
+    def unguided(self, timestep) -> bool:
+        """Upstream Flux guides from its second step: the first step of a full schedule (σ = σ_max) is unguided."""
+        sigma_max = float(self.inner_model.model_sampling.sigma_max)
+        return not self.first_step_guidance and float(timestep.max()) >= sigma_max * (1 - 1e-4)
+
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         to = model_options.get("transformer_options", {})
-        steps = kit.sampling_steps(to)
         step = kit.current_step({"sample_sigmas": to.get("sample_sigmas"), "sigmas": timestep})
+        positive, negative, image = (self.conds.get(k) for k in ("positive", "negative", "image"))
+        if self.unguided(timestep):  # the text+image branch alone, as ComfyUI's cfg-1 path
+            keep_uncond = model_options.get("disable_cfg1_optimization", False)
+            conds = [positive, negative if keep_uncond else None]
+            options, _ = _branch_options(model_options, {FULL: positive, UNCOND: conds[1]}, self.negative)
+            outs = _pre_cfg(options, conds, _calc(self.inner_model, conds, x, timestep, options), 1.0, x, timestep,
+                            self.inner_model)
+            return _post_cfg(options, outs[0], conds[0], conds[1], outs[0], outs[1], 1.0, x, timestep,
+                             self.inner_model)
         # [positive, negative, …]: the order ComfyUI's pre-CFG hooks (APG, TCFG, FreSca) read as (cond, uncond).
-        conds = [self.conds.get("positive"), self.conds.get("negative"), self.conds.get("image")]
-        if step == 0 and not self.first_step_guidance:
-            conds[1:] = [None, None]
-        options, guidance = _branch_options(model_options, {FULL: conds[0], UNCOND: conds[1], IMAGE: conds[2]},
+        conds = [positive, negative, image]
+        options, guidance = _branch_options(model_options, {FULL: positive, UNCOND: negative, IMAGE: image},
                                             self.negative)
         outs = _calc(self.inner_model, conds, x, timestep, options)
         outs = _pre_cfg(options, conds, outs, self.text_scale, x, timestep, self.inner_model)
-        if conds[1] is None:  # upstream Flux: the full branch alone on the first step
-            return _post_cfg(options, outs[0], conds[0], None, outs[0], outs[0], self.text_scale, x, timestep,
-                             self.inner_model)
-        full, uncond, image = (x - o for o in outs)
+        full, uncond, image_out = (x - o for o in outs)
         canvas = None
         refs = guidance.reference_outputs
         if self.norm_includes_references and refs:
+            # Every sample shares the references, so their differences add the same amount to each sample's norm.
             text_free = refs.get(kit.NEGATIVE_TEXT, refs.get(kit.REFERENCE_TEXT))
             canvas = (text_free, text_free, refs.get(kit.REFERENCE_TEXT, text_free))  # refs' uncond, image, full
-        guided = COMBINATIONS[self.combination](uncond, image, full, self.image_scale(step, steps), self.text_scale,
-                                                canvas=canvas)
+        guided = COMBINATIONS[self.combination](uncond, image_out, full, self.image_scale(step, kit.sampling_steps(to)),
+                                                self.text_scale, canvas=canvas)
         if self.rescale:
             guided = self._rescale(x, timestep, guided, full)
         return _post_cfg(options, x - guided, conds[0], conds[1], outs[0], outs[1], self.text_scale, x, timestep,

@@ -209,6 +209,19 @@ def unet_attention_blocks(diffusion_model) -> list[tuple[str, int]]:
     return found
 
 
+def unet_self_attentions(diffusion_model) -> dict[tuple[str, int, int], torch.nn.Module]:
+    """{(block name, number, index in its SpatialTransformer): attn1 module} of every UNet transformer block: the
+    ``(*extra_options["block"], extra_options["block_index"])`` an attention patch is called with."""
+    found = {}
+    for name, number in unet_attention_blocks(diffusion_model):
+        block = diffusion_model.middle_block if name == "middle" else getattr(diffusion_model, f"{name}_blocks")[number]
+        for module in block.modules():
+            if isinstance(module, SpatialTransformer):
+                for index, transformer_block in enumerate(module.transformer_blocks):
+                    found[(name, number, index)] = transformer_block.attn1
+    return found
+
+
 def flux_blocks(diffusion_model) -> list[tuple[str, int]]:
     """("double", i) and ("single", i) of every Flux block."""
     return ([("double", i) for i in range(len(diffusion_model.double_blocks))]

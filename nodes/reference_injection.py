@@ -12,10 +12,10 @@ rows from its own ``cond_or_uncond`` and shapes, so a layout that changes betwee
 
 * UNet (SD1.5/SDXL, ``method/pipelines/sdxl_pipeline/pipeline.py``): references are noised to the current sigma
   with fresh noise every step. An ``attn1_patch`` records each self-attention layer's input (after norm1) in the
-  reference pass; in the target pass it appends the references' foreground tokens (masks binarized, dilated at the
-  latent grid, nearest per layer) to the keys/values input, so the target's own ``to_k``/``to_v`` (with any LoRA)
-  project them, as upstream. An ``attn1`` replace patch lets rows of branches without reference access attend to
-  their own tokens only.
+  reference pass; in the target pass the ``attn1`` replace patch projects the references' foreground tokens (masks
+  binarized, dilated at the latent grid, nearest per layer) with the layer's own ``to_k``/``to_v`` (with any LoRA),
+  as upstream, and appends them to the keys/values; rows of branches without reference access attend to their own
+  tokens only.
 * Flux (the repo's in-context variant, ``method/pipelines/flux_pipeline/``): references stay clean and share the
   target's timestep; their post-RoPE keys/values of every attention layer are recorded and moved, by one more
   rotation of the column axis, to positions beside the target (the upstream canvas ``[target | ref 1 | ref 2 …]``).
@@ -50,6 +50,7 @@ PATCH_KEY = "syncd_reference_injection"
 NODE = "SynCD Apply References"
 NOISE_MODES = ("auto", "noised", "clean")
 REFERENCE_TEXT_MODES = ("per_branch", "reference_prompt")
+MASK_USES = ("auto", "on", "off")
 REFERENCE, NEGATIVE = kit.REFERENCE_TEXT, kit.NEGATIVE_TEXT
 
 
@@ -63,6 +64,7 @@ class ReferenceConfig:
     sigma_end: float
     reference_text: str = "per_branch"        # "reference_prompt": one text (the reference prompt) for every branch
     flux_uncond_text_sees_references: bool = True
+    use_masks: str = "auto"                   # auto: SD1.5/SDXL yes, Flux no (upstream's Flux model is unmasked)
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,15 @@ class ReferenceRun:
         self.features, self.grids, self.tokens, self.outputs = {}, {}, {}, {}
 
     def foreground(self, grid: tuple[int, int]) -> torch.Tensor:
-        """(R, h·w) bool: the references' foreground on a token grid (upstream: binarized, dilated at the latent
-        grid, nearest per layer)."""
+        """(R, h·w) bool: the references' foreground on a token grid (upstream SD: binarized, dilated at the latent
+        grid, nearest per layer; upstream Flux: every token, its in-context model attends unmasked)."""
         if grid not in self._foreground:
             refs = self.config.references
-            self._foreground[grid] = layer_foreground(refs.masks, tuple(refs.latents.shape[-2:]),
-                                                      refs.mask_dilation, grid)
+            if self.config.use_masks == "off" or (self.config.use_masks == "auto" and self.is_flux):
+                self._foreground[grid] = torch.ones(len(refs), grid[0] * grid[1], dtype=torch.bool)
+            else:
+                self._foreground[grid] = layer_foreground(refs.masks, tuple(refs.latents.shape[-2:]),
+                                                          refs.mask_dilation, grid)
         return self._foreground[grid]
 
     # -- which rows see which reference text ---------------------------------------------------------------------
@@ -118,8 +123,10 @@ class ReferenceRun:
         return REFERENCE
 
     def uncond_text_of(self, state: kit.ForwardState) -> Optional[str]:
-        """Flux: the reference text the unconditional branch's text tokens see (upstream: its own, negative)."""
-        if not (self.is_flux and self.config.flux_uncond_text_sees_references):
+        """Flux with the SynCD guider: the reference text the unconditional branch's text tokens see (upstream: its
+        own, negative). JeDi's ε⁰ (no negative handed over) has no reference access at all."""
+        if not (self.is_flux and self.config.flux_uncond_text_sees_references) or state.guidance is None \
+                or state.guidance.negative is None:
             return None
         return self.text_of(IMAGE, state)
 
@@ -267,31 +274,35 @@ def _layer(extra_options: dict) -> tuple:
 
 
 def make_unet_attn1_patch() -> Callable:
+    """Reference pass: record every self-attention layer's input (after norm1), as upstream caches it."""
     def attn1_patch(n, context, value, extra_options):
         state = kit.forward_state(extra_options)
-        view: Optional[ReferenceView] = state.reference
-        if view is None:
-            return n, context, value
-        run, layer = view.run, _layer(extra_options)
-        if state.phase is kit.Phase.REFERENCE:
-            run.features[layer] = n.detach()
-            run.grids[layer] = tuple(extra_options["activations_shape"][-2:])
-            return n, context, value
-        if layer not in run.features or context is not n or value is not n:
-            return n, context, value
-        tokens = run.unet_tokens(layer)
-        if tokens.shape[1] == 0:
-            return n, context, value
-        joint = torch.cat([n, tokens[_row_slots(view)].to(n.dtype)], dim=1)
-        return n, joint, joint
+        if state.phase is kit.Phase.REFERENCE and state.reference is not None:
+            layer = _layer(extra_options)
+            state.reference.run.features[layer] = n.detach()
+            state.reference.run.grids[layer] = tuple(extra_options["activations_shape"][-2:])
+        return n, context, value
     return attn1_patch
 
 
-def make_unet_attn1_replace() -> Callable:
+def make_unet_attn1_replace(self_attentions: dict) -> Callable:
+    """Target pass: attend to [own tokens ‖ the references' foreground tokens], the reference tokens projected by
+    this layer's own ``to_k``/``to_v`` (with the SynCD LoRA), as upstream; rows without access see their own only.
+    The layer's input is left as it is, so other patches of the block (PAG, SAG) see an ordinary self-attention."""
     def attn1(q, k, v, extra_options):
-        view = kit.forward_state(extra_options).reference
-        if view is None or k.shape[1] == q.shape[1]:
+        state = kit.forward_state(extra_options)
+        view: Optional[ReferenceView] = state.reference
+        layer = _layer(extra_options)
+        if view is None or state.phase is not kit.Phase.TARGET or layer not in view.run.features:
             return kit.attention(q, k, v, extra_options)
+        tokens = view.run.unet_tokens(layer)  # (S, P, C)
+        if tokens.shape[1] == 0:
+            return kit.attention(q, k, v, extra_options)
+        module = self_attentions[layer]
+        tokens = tokens.to(q.dtype)
+        slots = _row_slots(view)
+        k = torch.cat([k, module.to_k(tokens)[slots]], dim=1)
+        v = torch.cat([v, module.to_v(tokens)[slots]], dim=1)
         heads = extra_options["n_heads"]
         out = reference_attention(kit.heads_first(q, heads), kit.heads_first(k, heads), kit.heads_first(v, heads),
                                   q.shape[1], view.slots >= 0)
@@ -354,5 +365,5 @@ def apply_reference_injection(model, config: ReferenceConfig):
         raise ValueError(f"{NODE} replaces the self-attention of every UNet block, and this model already has "
                          f"self-attention replace patches from another node; apply only one of them")
     m.set_model_attn1_patch(make_unet_attn1_patch())
-    kit.add_attn1_replace(m, make_unet_attn1_replace(), blocks)
+    kit.add_attn1_replace(m, make_unet_attn1_replace(kit.unet_self_attentions(diffusion_model)), blocks)
     return m, run

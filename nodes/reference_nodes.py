@@ -7,7 +7,8 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from .reference_injection import NOISE_MODES, REFERENCE_TEXT_MODES, ReferenceConfig, apply_reference_injection
+from .reference_injection import (MASK_USES, NOISE_MODES, REFERENCE_TEXT_MODES, ReferenceConfig,
+                                  apply_reference_injection)
 from .references import MAX_REFERENCES, ReferenceSet, References, foreground_masks
 
 
@@ -99,13 +100,18 @@ class SynCDApplyReferences(io.ComfyNode):
                                      tooltip="Flux with the SynCD guider: in the unconditional branch the target's "
                                              "text tokens still attend to the references while its image tokens "
                                              "keep to themselves (upstream's block-diagonal negative branch). Off: "
-                                             "the unconditional branch sees no references at all.")],
+                                             "the unconditional branch sees no references at all."),
+                    io.Combo.Input("use_masks", options=list(MASK_USES), default="auto",
+                                   tooltip="Whether only the references' foreground (their masks) is seen. auto: as "
+                                           "upstream, yes for SD1.5/SDXL, no for Flux (the SynCD Flux model attends "
+                                           "to the whole references, unmasked).")],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
 
     @classmethod
     def execute(cls, model, references, reference_conditioning, reference_noise, noise_seed, start_percent,
-                end_percent, reference_text="per_branch", flux_uncond_text_sees_references=True) -> io.NodeOutput:
+                end_percent, reference_text="per_branch", flux_uncond_text_sees_references=True,
+                use_masks="auto") -> io.NodeOutput:
         if start_percent > end_percent:
             raise ValueError(f"SynCD Apply References: start_percent ({start_percent}) is after end_percent "
                              f"({end_percent})")
@@ -117,6 +123,7 @@ class SynCDApplyReferences(io.ComfyNode):
                                  noise_mode=reference_noise, seed=noise_seed,
                                  sigma_start=sampling.percent_to_sigma(start_percent),
                                  sigma_end=sampling.percent_to_sigma(end_percent), reference_text=reference_text,
-                                 flux_uncond_text_sees_references=flux_uncond_text_sees_references)
+                                 flux_uncond_text_sees_references=flux_uncond_text_sees_references,
+                                 use_masks=use_masks)
         patched, _ = apply_reference_injection(model, config)
         return io.NodeOutput(patched)

@@ -48,15 +48,18 @@ class SharedAttentionConfig:
 class SharedAttentionRun:
     """State of one sampling run: step index, per-grid mask caches and the automatic mask estimate."""
 
-    def __init__(self, config: SharedAttentionConfig, is_flux: bool, blocks: list[tuple[str, int]]):
+    def __init__(self, config: SharedAttentionConfig, is_flux: bool, blocks: list[tuple[str, int]],
+                 sigma_max: float = float("inf")):
         self.config = config
         self.is_flux = is_flux
         self.blocks = frozenset(blocks)
+        self.sigma_max = sigma_max
         self.reset(None)
 
     def reset(self, latent_shape: Optional[torch.Size]) -> None:
         self.latent_shape = latent_shape
         self.step = -1
+        self.sigma = 0.0
         self._resized: dict = {}
         self.estimator: Optional[AutomaticMaskEstimator] = None
         if latent_shape is not None and self.config.mask_mode == "automatic":
@@ -95,11 +98,14 @@ class SharedAttentionRun:
             if self.estimator is not None and state.step > self.step:
                 self.estimator.finish_step()
             self.step = state.step
+        self.sigma = state.sigma
         state.sharing = (state.phase is kit.Phase.TARGET
                          and kit.in_sigma_window(state.sigma, self.config.sigma_start, self.config.sigma_end))
 
     def first_step_unmasked(self) -> bool:
-        return self.config.unmasked_first_step and self.step == 0
+        """Upstream applies no mask while ``timestep[0] < 1`` is false, i.e. at σ = σ_max (the first step of a full
+        schedule; a partial schedule starting lower is masked from its first step)."""
+        return self.config.unmasked_first_step and self.sigma >= self.sigma_max * (1 - 1e-4)
 
     def foreground(self, latent_index: int, n: int, grid: tuple[int, int], n_tokens: int) -> Optional[torch.Tensor]:
         """(n, n_tokens) key-side foreground of the group starting at ``latent_index``, or None for full sharing."""
@@ -218,7 +224,7 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
     diffusion_model = m.get_model_object("diffusion_model")
     selected = kit.select_blocks(blocks, kit.model_blocks(diffusion_model, NODE), NODE)
     flux = kit.is_flux(diffusion_model)
-    run = SharedAttentionRun(config, flux, selected)
+    run = SharedAttentionRun(config, flux, selected, float(m.get_model_object("model_sampling").sigma_max))
 
     def start(noise):
         run.validate(noise.shape[0])

@@ -20,47 +20,42 @@ def tiny():
     return tiny_models
 
 
-def _separate_passes_hook(reverse: bool = False):
-    """A ``sampler_calc_cond_batch_function`` that runs every cond in its own forward pass (in reverse order when
-    asked), as ComfyUI does when memory is short."""
-    import comfy.samplers
+def _split_calc(reverse: bool = False, every_other: bool = False):
+    """A ``CALC_COND_BATCH`` wrapper that runs every cond in its own forward pass (in reverse order when asked), as
+    ComfyUI does when memory is short; with ``every_other`` only on every second call (the layout then changes from
+    step to step). A wrapper reaches every ``calc_cond_batch``: KSampler's and any guider's."""
+    calls = []
 
-    def calc(args):
-        conds, model, x, sigma, options = args["conds"], args["model"], args["input"], args["sigma"], \
-            args["model_options"]
+    def wrapper(executor, model, conds, x_in, timestep, model_options):
+        calls.append(1)
+        if every_other and len(calls) % 2:
+            return executor(model, conds, x_in, timestep, model_options)
         order = list(range(len(conds)))[::-1] if reverse else range(len(conds))
         outs = [None] * len(conds)
         for i in order:
-            outs[i] = comfy.samplers.calc_cond_batch(model, [conds[i]], x, sigma, options)[0]
+            outs[i] = executor(model, [conds[i]], x_in, timestep, model_options)[0]
         return outs
-    return calc
+    return wrapper
 
 
-def _alternating_passes_hook():
-    """Joint batches on even calls, separate passes on odd ones: the layout changes from step to step."""
-    import comfy.samplers
+def _with_calc_wrapper(model, wrapper):
+    import comfy.patcher_extension
 
-    calls = []
-
-    def calc(args):
-        calls.append(1)
-        if len(calls) % 2:
-            return comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
-                                                  args["model_options"])
-        return _separate_passes_hook(reverse=True)(args)
-    return calc
+    model = model.clone()
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test_layout", wrapper)
+    return model
 
 
 @pytest.fixture
 def separate_passes():
-    """``separate_passes(reverse=False)`` -> model options whose conds run in separate forward passes."""
-    return lambda reverse=False: {"sampler_calc_cond_batch_function": _separate_passes_hook(reverse)}
+    """``separate_passes(model, reverse=False)`` -> a clone whose conds run in separate forward passes."""
+    return lambda model, reverse=False: _with_calc_wrapper(model, _split_calc(reverse))
 
 
 @pytest.fixture
 def alternating_passes():
-    """``alternating_passes()`` -> model options whose batch layout alternates between calls."""
-    return lambda: {"sampler_calc_cond_batch_function": _alternating_passes_hook()}
+    """``alternating_passes(model)`` -> a clone whose batch layout alternates between joint and separate passes."""
+    return lambda model: _with_calc_wrapper(model, _split_calc(reverse=True, every_other=True))
 
 
 @pytest.fixture(params=FAMILIES)

@@ -40,13 +40,13 @@ def references(vae, n=2, masks=None):
     return encode_references(vae, ref_images(n), masks)
 
 
-def inject(tiny, family, model, refs, mode="auto", start=0.0, end=1.0):
+def inject(tiny, family, model, refs, mode="auto", start=0.0, end=1.0, **kw):
     """(patched model, run) through the node's own path (percent → sigma) and the run for counting passes."""
     from comfyui_syncd.nodes.reference_injection import ReferenceConfig, apply_reference_injection
 
     sampling = model.get_model_object("model_sampling")
     config = ReferenceConfig(refs, tiny.encode_text(family, "photo of a dog"), mode, 0,
-                             sampling.percent_to_sigma(start), sampling.percent_to_sigma(end))
+                             sampling.percent_to_sigma(start), sampling.percent_to_sigma(end), **kw)
     return apply_reference_injection(model, config)
 
 
@@ -105,57 +105,55 @@ def test_references_change_the_output(tiny, models, vaes, family):
 
 
 def test_zero_mask_references_change_nothing(tiny, models, vaes, family):
+    """With masks in use (the SD default; on for Flux) references without foreground are invisible."""
     noise = noise_for(tiny, family)
     plain = ksample(models[family], tiny, family, noise)
-    patched, _ = inject(tiny, family, models[family], references(vaes[family], masks=torch.zeros(2, 64, 64)))
+    refs = references(vaes[family], masks=torch.zeros(2, 64, 64))
+    patched, _ = inject(tiny, family, models[family], refs, use_masks="on")
     assert torch.equal(ksample(patched, tiny, family, noise), plain)
+    default, _ = inject(tiny, family, models[family], refs)
+    # upstream's Flux model attends to the whole references, unmasked: by default Flux ignores the masks
+    assert torch.equal(ksample(default, tiny, family, noise), plain) == (family != "flux")
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_keys_are_the_reference_foreground_tokens_of_each_layer(tiny, models, vaes, family):
-    """A probe attn1 patch registered after ours sees [own tokens ‖ the references' foreground tokens on this
-    layer's grid]: the key-side mask of eq. 1, resized per layer."""
-    from comfyui_syncd.nodes.patch_kit import Phase, forward_state
-
+    """Every self-attention layer's extra keys are the references' tokens under upstream's mask on this layer's grid
+    (the key-side mask of eq. 1)."""
     masks = torch.zeros(2, 64, 64)
     masks[0, :32, :48] = 1
     masks[1, 17:, :] = 1
     masks[1, 40, 5] = 0.1  # a stray pixel: foreground once binarized (> 0), grown by the dilation
-    patched, _ = inject(tiny, family, models[family], references(vaes[family], masks=masks))
+    patched, run = inject(tiny, family, models[family], references(vaes[family], masks=masks))
+    captured = []
     patched = patched.clone()
-    seen = []
-
-    def probe(n, context, value, extra):
-        if forward_state(extra).phase is Phase.TARGET:
-            h, w = extra["activations_shape"][-2:]
-            seen.append((context.shape[1] - n.shape[1], int(upstream_layer_mask(masks, (8, 8), 3, (h, w)).sum())))
-        return n, context, value
-
-    patched.set_model_attn1_patch(probe)
+    patched.set_model_sampler_post_cfg_function(  # after the step's evaluation, while its features exist
+        lambda a: captured.append({layer: (run.unet_tokens(layer).shape[1], run.grids[layer])
+                                   for layer in run.features}) or a["denoised"])
     ksample(patched, tiny, family, noise_for(tiny, family), steps=1)
-    assert seen and all(added == expected for added, expected in seen)
-    assert any(expected > 0 for _, expected in seen)
+    (tokens,) = captured
+    assert tokens and any(count > 0 for count, _ in tokens.values())
+    for layer, (count, grid) in tokens.items():
+        assert count == int(upstream_layer_mask(masks, (8, 8), 3, grid).sum()), layer
 
 
 def test_one_reference_pass_per_step_for_all_branches_and_layouts(tiny, models, vaes, family, separate_passes,
                                                                  alternating_passes):
     patched, run = inject(tiny, family, models[family], references(vaes[family], n=3))
-    for options in (None, separate_passes(reverse=True), alternating_passes()):
-        guided_sample(normalized(patched, tiny, family), patched, noise_for(tiny, family), steps=3,
-                      model_options=options)
-        assert run.passes == [0, 1, 2], options
+    for layout in (patched, separate_passes(patched, reverse=True), alternating_passes(patched)):
+        guided_sample(normalized(layout, tiny, family), layout, noise_for(tiny, family), steps=3)
+        assert run.passes == [0, 1, 2]
 
 
 def test_layouts_give_the_same_result(tiny, models, vaes, family, separate_passes, alternating_passes):
     patched, _ = inject(tiny, family, models[family], references(vaes[family]))
     noise = noise_for(tiny, family)
     joint = guided_sample(normalized(patched, tiny, family), patched, noise)
-    for options in (separate_passes(reverse=True), alternating_passes()):
-        other = guided_sample(normalized(patched, tiny, family), patched, noise, model_options=options)
+    for layout in (separate_passes(patched, reverse=True), alternating_passes(patched)):
+        other = guided_sample(normalized(layout, tiny, family), layout, noise)
         torch.testing.assert_close(other, joint, rtol=1e-4, atol=1e-4)
     # plain CFG (every branch sees the references): one pass vs separate passes
-    torch.testing.assert_close(ksample(patched, tiny, family, noise,
-                                       model_options=separate_passes(reverse=True)),
+    torch.testing.assert_close(ksample(separate_passes(patched, reverse=True), tiny, family, noise),
                                ksample(patched, tiny, family, noise), rtol=1e-4, atol=1e-4)
 
 
@@ -484,3 +482,15 @@ def test_customization_sampler_equals_the_guider_with_sampler_custom_advanced(ti
     want = guider.sample(noise, latent["samples"], comfy.samplers.sampler_object("euler"), sigmas, seed=7,
                          disable_pbar=True)
     torch.testing.assert_close(out, want)
+
+
+def test_perturbed_attention_guidance_runs_on_a_model_with_references(tiny, models, vaes):
+    """PAG replaces the middle block's self-attention in its extra pass; that pass must see an ordinary block (the
+    references are projected inside our attn1 replace, the block's input is untouched)."""
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+
+    patched, _ = inject(tiny, "sdxl", models["sdxl"], references(vaes["sdxl"]))
+    pag = PerturbedAttentionGuidance.execute(patched, 3.0).args[0]
+    noise = noise_for(tiny, "sdxl")
+    out = ksample(pag, tiny, "sdxl", noise)
+    assert torch.isfinite(out).all() and (out - ksample(patched, tiny, "sdxl", noise)).abs().max() > 1e-6

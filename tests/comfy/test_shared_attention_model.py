@@ -107,8 +107,8 @@ def test_batch_layouts_give_the_same_result(tiny, models, family, separate_passe
     pos, neg = conds(tiny, family)
     noise = noise_for(tiny, family, 3)
     joint = sample(model, noise, pos, neg, steps=3)
-    for options in (separate_passes(), separate_passes(reverse=True), alternating_passes()):
-        other = sample(model, noise, pos, neg, steps=3, model_options=options)
+    for layout in (separate_passes(model), separate_passes(model, reverse=True), alternating_passes(model)):
+        other = sample(layout, noise, pos, neg, steps=3)
         torch.testing.assert_close(other, joint, rtol=1e-4, atol=1e-4)
     unpatched = sample(models[family], noise, pos, neg, steps=3)
     assert (joint - unpatched).abs().max() > 1e-6
@@ -132,9 +132,8 @@ def test_three_condition_guider_shares_within_each_chunk(tiny, models, family, s
     sampler = comfy.samplers.sampler_object("euler")
     seen = []
 
-    def run(model_options):
-        m = model.clone()
-        m.model_options.update(model_options)
+    def run(m):
+        m = m.clone()
 
         def spy(apply_model, args):
             seen.append(list(args["cond_or_uncond"]))
@@ -146,9 +145,11 @@ def test_three_condition_guider_shares_within_each_chunk(tiny, models, family, s
         return guider.sample(noise, torch.zeros_like(noise), sampler, torch.tensor(sigmas), seed=0,
                              disable_pbar=True)
 
-    joint = run({})
+    joint = run(model)
     assert [2, 1, 0] in seen  # three chunks in one forward pass
-    separate = run(separate_passes())
+    seen.clear()
+    separate = run(separate_passes(model))
+    assert seen and all(len(chunks) == 1 for chunks in seen)  # really one cond per forward pass
     torch.testing.assert_close(separate, joint, rtol=1e-4, atol=1e-4)
 
 

@@ -120,3 +120,94 @@ def test_flux_first_step_shares_text_tokens_too(tiny):
             outs.append(comfy.sample.sample(patched, noise, 1, 1.0, "euler", "simple", pos, neg,
                                             torch.zeros_like(noise), seed=0, disable_pbar=True))
         assert ((outs[0] - outs[1]).abs().max() > 1e-6) == differs, family
+
+
+def test_first_step_rules_follow_sigma_max_not_the_step_index(tiny):
+    """Upstream masks while timestep < 1 and guides Flux from its second step: a schedule that starts below σ_max
+    (img2img, a later KSamplerAdvanced segment) is masked and guided from its first step."""
+    import comfy.samplers
+
+    from comfyui_syncd.nodes.guiders import NormalizedGuider
+    from comfyui_syncd.nodes.shared_attention_node import SynCDSharedAttention
+
+    family = "flux"
+    model = tiny.build_model(family, seed=3, width=32, std=0.1)
+    sampling = model.get_model_object("model_sampling")
+    full = comfy.samplers.calculate_sigmas(sampling, "simple", 4).cpu()
+    partial = full[1:]
+    masks = torch.zeros(3, 64, 64)
+    masks[:, 16:48, 16:48] = 1
+    pos, neg = tiny.encode_text(family, "a photo of a dog"), tiny.encode_text(family, "")
+    noise = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def msa(unmasked_first_step, sigmas):
+        patched = SynCDSharedAttention.execute(model, 3, "foreground_masks", 0.0, 1.0, unmasked_first_step, "all",
+                                               foreground_masks=masks).args[0]
+        guider = comfy.samplers.CFGGuider(patched)
+        guider.set_conds(pos, neg)
+        guider.set_cfg(1.0)
+        return guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas, seed=0,
+                             disable_pbar=True)
+
+    assert (msa(True, full) - msa(False, full)).abs().max() > 1e-6          # σ_max: the first step is unmasked
+    torch.testing.assert_close(msa(True, partial), msa(False, partial))    # below it: masked from the start
+
+    def guided_steps(sigmas):
+        guider = NormalizedGuider(model, 1.5, 1.0, 1.0)
+        guider.set_conds(pos, neg)
+        guider.sample(noise[:1], torch.zeros_like(noise[:1]), comfy.samplers.sampler_object("euler"), sigmas, seed=0,
+                      disable_pbar=True)
+        return [step for step, _ in guider.image_scales]
+
+    assert guided_steps(full) == [1, 2, 3]        # upstream Flux: no guidance at σ = 1
+    assert guided_steps(partial) == [0, 1, 2]     # a partial schedule is guided from its first step
+
+
+def test_unguided_first_step_calls_the_cfg_hooks_like_comfyui_at_cfg_1(tiny):
+    """The unguided Flux step runs ComfyUI's cfg-1 path: pre-CFG hooks get (cond, None) at scale 1, post-CFG hooks
+    get no uncond; with disable_cfg1_optimization the uncond branch is evaluated all the same."""
+    import comfy.samplers
+
+    from comfyui_syncd.nodes.guiders import NormalizedGuider
+
+    model = tiny.build_model("flux", seed=3, width=32).clone()
+    calls = []
+    model.set_model_sampler_pre_cfg_function(
+        lambda a: calls.append(("pre", len(a["conds"]), a["conds"][1] is None, a["cond_scale"])) or a["conds_out"])
+    model.set_model_sampler_post_cfg_function(
+        lambda a: calls.append(("post", a["uncond"] is None, a["cond_scale"])) or a["denoised"])
+    pos, neg = tiny.encode_text("flux", "a dog"), tiny.encode_text("flux", "")
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 2).cpu()
+    noise = torch.randn(1, 16, 8, 8)
+    for disable in (False, True):
+        calls.clear()
+        guider = NormalizedGuider(model, 1.5, 1.0, 1.0)
+        guider.set_conds(pos, neg)
+        if disable:
+            guider.model_options = {**guider.model_options, "disable_cfg1_optimization": True}
+        guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas, seed=0,
+                      disable_pbar=True)
+        assert calls[:2] == [("pre", 2, not disable, 1.0), ("post", not disable, 1.0)]
+        assert calls[2] == ("pre", 3, False, 1.5)   # the next step is guided, three branches
+
+
+def test_jedi_guider_null_branch_sees_no_references_on_flux(tiny, vaes):
+    """JeDi's ε⁰ has no reference access, also on Flux (the SynCD guider's text access is SynCD's negative branch)."""
+    import comfy.samplers
+
+    from comfyui_syncd.nodes.guiders import JeDiGuider
+
+    model = tiny.build_model("flux", seed=3, width=32, std=0.1)
+    outs = {}
+    for name, m in (("plain", model), ("patched", apply(model, references(vaes["flux"]),
+                                                        tiny.encode_text("flux", "a dog"))[0])):
+        m = m.clone()
+        m.set_model_sampler_pre_cfg_function(lambda a, name=name: outs.setdefault(name, a["conds_out"]))
+        guider = JeDiGuider(m, 3.0)
+        guider.set_conds(tiny.encode_text("flux", "a dog"), tiny.encode_text("flux", ""))
+        noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+        sigmas = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), "simple", 1).cpu()
+        guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas, seed=0,
+                      disable_pbar=True)
+    torch.testing.assert_close(outs["patched"][1], outs["plain"][1])
+    assert (outs["patched"][0] - outs["plain"][0]).abs().max() > 1e-6
