@@ -254,10 +254,7 @@ def tiny_swap(workflow: dict, object_info: dict, family: str | None = None, step
             primary = node
             report.append(f"{g.describe(node)}: was VAELoader ({family})")
             continue
-        for link in g.links_from(node, 0):
-            g.repoint(link, primary["id"], 1)
-        g.remove_node(node)
-        report.append(f"#{node['id']} VAELoader: removed; its consumers use the VAE of {g.describe(primary)}")
+        _fold_into(g, node, primary, 1, "VAE", report)
     for kind in ("DualCLIPLoader", "CLIPLoader"):
         for node in g.of_type(kind):
             g.remove_node(node)
@@ -295,11 +292,7 @@ def tiny_swap(workflow: dict, object_info: dict, family: str | None = None, step
             tiny_ip = node
             report.append(f"{g.describe(node)}: was CLIPVisionLoader")
             continue
-        for link in g.links_from(node, 0):
-            g.repoint(link, tiny_ip["id"], 1)
-        g.remove_node(node)
-        report.append(f"#{node['id']} CLIPVisionLoader: removed; its consumers use the CLIP vision model of "
-                      f"{g.describe(tiny_ip)}")
+        _fold_into(g, node, tiny_ip, 1, "CLIP vision model", report)
 
     # 5. Input images: synthetic views of one subject with its mask, one per loader.
     for node in g.of_type(*IMAGE_LOADERS):
@@ -329,3 +322,10 @@ def tiny_swap(workflow: dict, object_info: dict, family: str | None = None, step
     swapped.setdefault("extra", {}).setdefault("syncd", {}).update(family=family, tiny=True)
     return swapped, report
 
+
+def _fold_into(g, node: dict, target: dict, slot: int, what: str, report: list) -> None:
+    """Point the consumers of ``node``'s output 0 at ``target``'s output ``slot`` and drop ``node``."""
+    for link in g.links_from(node, 0):
+        g.repoint(link, target["id"], slot)
+    g.remove_node(node)
+    report.append(f"#{node['id']} {node['type']}: removed; its consumers use the {what} of {g.describe(target)}")

@@ -122,6 +122,35 @@ class Builder(UIGraph):
             self.group(title, *columns, color=COLORS[title])
 
 
+def normalized_sampling(g: Builder, model: dict, positive: dict, negative: dict, latent: dict, all_in_one: bool,
+                        steps: int, sampler_name: str, scales: dict) -> tuple[dict, list]:
+    """The sampling stage of a customization workflow: SynCD Customization Sampler (all in one), or the normalized
+    guider with SamplerCustomAdvanced. Returns (the node whose output 0 is the LATENT, the stage's nodes)."""
+    if all_in_one:
+        sampler = g.add("SynCDCustomizationSampler", steps=steps, sampler_name=sampler_name, scheduler="simple",
+                        **scales)
+        g.connect(model, 0, sampler, "model")
+        g.connect(positive, 0, sampler, "positive")
+        g.connect(negative, 0, sampler, "negative")
+        g.connect(latent, 0, sampler, "latent_image")
+        return sampler, [sampler]
+    guider = g.add("SynCDNormalizedGuider", **scales)
+    noise = g.add("RandomNoise")
+    select = g.add("KSamplerSelect", sampler_name=sampler_name)
+    schedule = g.add("BasicScheduler", scheduler="simple", steps=steps)
+    sampler = g.add("SamplerCustomAdvanced")
+    g.connect(model, 0, guider, "model")
+    g.connect(positive, 0, guider, "positive")
+    g.connect(negative, 0, guider, "negative")
+    g.connect(model, 0, schedule, "model")
+    g.connect(noise, 0, sampler, "noise")
+    g.connect(guider, 0, sampler, "guider")
+    g.connect(select, 0, sampler, "sampler")
+    g.connect(schedule, 0, sampler, "sigmas")
+    g.connect(latent, 0, sampler, "latent_image")
+    return sampler, [guider, noise, select, schedule, sampler]
+
+
 def sdxl_customization(object_info: dict, name: str, references: int, all_in_one: bool) -> dict:
     """SynCD SDXL: terminus-xl-gamma-v1 (v-prediction, zero-SNR) + the SynCD LoRA and IP-Adapter, references
     injected every step, normalized text+image guidance (sdxl_pipeline/sample.py)."""
@@ -167,30 +196,8 @@ def sdxl_customization(object_info: dict, name: str, references: int, all_in_one
     # upstream: s_txt 7.5, s_img 8 rising by 5 over the steps; EulerAncestral, 50 steps with trailing
     # spacing, which is ComfyUI's 'simple' scheduler
     scales = dict(text_scale=7.5, image_scale_start=8.0, image_scale_end=13.0, combination="normalized")
-    if all_in_one:
-        sampler = g.add("SynCDCustomizationSampler", steps=50, sampler_name="euler_ancestral", scheduler="simple",
-                        **scales)
-        g.connect(ip, 0, sampler, "model")
-        g.connect(positive, 0, sampler, "positive")
-        g.connect(negative, 0, sampler, "negative")
-        g.connect(empty, 0, sampler, "latent_image")
-        sampling_nodes = [[apply, ip, empty], [sampler]]
-    else:
-        guider = g.add("SynCDNormalizedGuider", **scales)
-        noise = g.add("RandomNoise")
-        select = g.add("KSamplerSelect", sampler_name="euler_ancestral")
-        schedule = g.add("BasicScheduler", scheduler="simple", steps=50)
-        sampler = g.add("SamplerCustomAdvanced")
-        g.connect(ip, 0, guider, "model")
-        g.connect(positive, 0, guider, "positive")
-        g.connect(negative, 0, guider, "negative")
-        g.connect(ip, 0, schedule, "model")
-        g.connect(noise, 0, sampler, "noise")
-        g.connect(guider, 0, sampler, "guider")
-        g.connect(select, 0, sampler, "sampler")
-        g.connect(schedule, 0, sampler, "sigmas")
-        g.connect(empty, 0, sampler, "latent_image")
-        sampling_nodes = [[apply, ip, empty], [guider, noise, select, schedule, sampler]]
+    sampler, stage = normalized_sampling(g, ip, positive, negative, empty, all_in_one, 50, "euler_ancestral", scales)
+    sampling_nodes = [[apply, ip, empty], stage]
     outputs = g.output(sampler, (checkpoint, 2), f"syncd_sdxl_{references}ref")
 
     first_file = "syncd_reference_1.png"
@@ -272,29 +279,8 @@ def flux_customization(object_info: dict, name: str, references: int, all_in_one
     g.connect(apply, 0, shift, "model")
     # upstream README: true_cfg 1.5 (text scale), image_cfg 1.0, no adaptive schedule
     scales = dict(text_scale=1.5, image_scale_start=1.0, image_scale_end=1.0, combination="normalized")
-    if all_in_one:
-        sampler = g.add("SynCDCustomizationSampler", steps=30, sampler_name="euler", scheduler="simple", **scales)
-        g.connect(shift, 0, sampler, "model")
-        g.connect(positive, 0, sampler, "positive")
-        g.connect(negative, 0, sampler, "negative")
-        g.connect(empty, 0, sampler, "latent_image")
-        sampling_nodes = [[apply, shift, empty], [sampler]]
-    else:
-        guider = g.add("SynCDNormalizedGuider", **scales)
-        noise = g.add("RandomNoise")
-        select = g.add("KSamplerSelect", sampler_name="euler")
-        schedule = g.add("BasicScheduler", scheduler="simple", steps=30)
-        sampler = g.add("SamplerCustomAdvanced")
-        g.connect(shift, 0, guider, "model")
-        g.connect(positive, 0, guider, "positive")
-        g.connect(negative, 0, guider, "negative")
-        g.connect(shift, 0, schedule, "model")
-        g.connect(noise, 0, sampler, "noise")
-        g.connect(guider, 0, sampler, "guider")
-        g.connect(select, 0, sampler, "sampler")
-        g.connect(schedule, 0, sampler, "sigmas")
-        g.connect(empty, 0, sampler, "latent_image")
-        sampling_nodes = [[apply, shift, empty], [guider, noise, select, schedule, sampler]]
+    sampler, stage = normalized_sampling(g, shift, positive, negative, empty, all_in_one, 30, "euler", scales)
+    sampling_nodes = [[apply, shift, empty], stage]
     outputs = g.output(sampler, (vae, 0), f"syncd_flux_{references}ref")
 
     note = g.note("\n".join([
