@@ -69,11 +69,14 @@ class ReferenceConfig:
 
 @dataclass(frozen=True)
 class ReferenceView:
-    """What one target forward pass sees: the run, and per batch row the slot of the reference text whose features
-    it attends to (-1: none), plus, for Flux's unconditional rows, the slot its text tokens see (-1: none)."""
+    """What one target forward pass sees, worked out once per pass: the run, and per batch row whether it sees the
+    references (``access``), whether its text tokens do (``text_access``, Flux's unconditional rows; None: no row)
+    and the slot of the reference text whose tokens are appended to its keys (``slots``; rows without access: any,
+    their extra keys are unused)."""
     run: "ReferenceRun"
-    slots: Optional[torch.Tensor] = None       # (B,) long
-    text_slots: Optional[torch.Tensor] = None  # (B,) long
+    access: Optional[torch.Tensor] = None       # (B,) bool
+    text_access: Optional[torch.Tensor] = None  # (B,) bool
+    slots: Optional[torch.Tensor] = None        # (B,) long
 
 
 class ReferenceRun:
@@ -148,8 +151,9 @@ class ReferenceRun:
                 slots[rows] = self.texts.index(text)
             elif (uncond_text := self.uncond_text_of(state)) is not None:
                 text_slots[rows] = self.texts.index(uncond_text)
-        has_text = bool((text_slots >= 0).any())
-        return ReferenceView(self, slots.to(device), text_slots.to(device) if has_text else None)
+        text_access = text_slots >= 0
+        return ReferenceView(self, (slots >= 0).to(device), text_access.to(device) if text_access.any() else None,
+                             torch.where(slots >= 0, slots, text_slots).clamp(min=0).to(device))
 
     # -- the reference pass --------------------------------------------------------------------------------------
 
@@ -259,14 +263,6 @@ class ReferenceRun:
         return self.tokens[(layer, target_w)]
 
 
-def _row_slots(view: ReferenceView) -> torch.Tensor:
-    """Per row, the reference text whose tokens are appended (rows without access: any; their keys are unused)."""
-    slots = view.slots
-    if view.text_slots is not None:
-        slots = torch.where(slots >= 0, slots, view.text_slots)
-    return slots.clamp(min=0)
-
-
 # --- UNet ----------------------------------------------------------------------------------------------------
 
 def _layer(extra_options: dict) -> tuple:
@@ -300,12 +296,12 @@ def make_unet_attn1_replace(self_attentions: dict) -> Callable:
             return kit.attention(q, k, v, extra_options)
         module = self_attentions[layer]
         tokens = tokens.to(q.dtype)
-        slots = _row_slots(view)
+        slots = view.slots
         k = torch.cat([k, module.to_k(tokens)[slots]], dim=1)
         v = torch.cat([v, module.to_v(tokens)[slots]], dim=1)
         heads = extra_options["n_heads"]
         out = reference_attention(kit.heads_first(q, heads), kit.heads_first(k, heads), kit.heads_first(v, heads),
-                                  q.shape[1], view.slots >= 0)
+                                  q.shape[1], view.access)
         return kit.heads_last(out)
     return attn1
 
@@ -333,12 +329,11 @@ def make_flux_handler(axes_dim, theta) -> Callable:
         tokens_k, tokens_v = run.flux_tokens(layer, target_w, axes_dim, theta)
         if tokens_k.shape[2] == 0:  # no reference foreground on this grid: nothing to add
             return None
-        slots = _row_slots(view)
+        slots = view.slots
         n_own = k.shape[2]
         k = torch.cat([k, tokens_k[slots].to(k.dtype)], dim=2)
         v = torch.cat([v, tokens_v[slots].to(v.dtype)], dim=2)
-        text_access = view.text_slots >= 0 if view.text_slots is not None else None
-        return reference_attention(q, k, v, n_own, view.slots >= 0, n_text, text_access)
+        return reference_attention(q, k, v, n_own, view.access, n_text, view.text_access)
     return handler
 
 
@@ -346,6 +341,11 @@ def make_flux_handler(axes_dim, theta) -> Callable:
 
 def apply_reference_injection(model, config: ReferenceConfig):
     """A clone of ``model`` (a ModelPatcher) that injects the references' features, and its run state."""
+    for name, value, options in (("reference_noise", config.noise_mode, NOISE_MODES),
+                                 ("reference_text", config.reference_text, REFERENCE_TEXT_MODES),
+                                 ("use_masks", config.use_masks, MASK_USES)):
+        if value not in options:
+            raise ValueError(f"{NODE}: {name} must be one of {', '.join(options)}; got {value!r}")
     kit.claim_self_attention(model, PATCH_KEY)
     m = model.clone()
     diffusion_model = m.get_model_object("diffusion_model")

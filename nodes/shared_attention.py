@@ -219,6 +219,9 @@ def make_flux_handler(run: SharedAttentionRun, axes_dim, theta) -> Callable:
 
 def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "all"):
     """A clone of ``model`` (a ModelPatcher) with Masked Shared Attention patched in, and its run state."""
+    if config.mask_dilation < 1 or config.mask_dilation % 2 == 0:
+        raise ValueError(f"{NODE}: mask_dilation must be an odd box size (1 = none, 3, 5, ...); got "
+                         f"{config.mask_dilation}")
     kit.claim_self_attention(model, PATCH_KEY)
     m = model.clone()
     diffusion_model = m.get_model_object("diffusion_model")

@@ -211,3 +211,20 @@ def test_jedi_guider_null_branch_sees_no_references_on_flux(tiny, vaes):
                       disable_pbar=True)
     torch.testing.assert_close(outs["patched"][1], outs["plain"][1])
     assert (outs["patched"][0] - outs["plain"][0]).abs().max() > 1e-6
+
+
+def test_bad_options_of_the_new_inputs_name_the_fix(tiny, vaes):
+    """Unknown option values and even dilation boxes are refused when the node runs, naming the input."""
+    from comfyui_syncd.nodes.reference_nodes import encode_references
+    from comfyui_syncd.nodes.shared_attention import SharedAttentionConfig, apply_shared_attention
+
+    model = tiny.build_model("sd15")
+    refs = references(vaes["sd15"])
+    cond = tiny.encode_text("sd15", "a dog")
+    for kw, name in (({"reference_text": "both"}, "reference_text"), ({"use_masks": "yes"}, "use_masks")):
+        with pytest.raises(ValueError, match=f"SynCD Apply References: {name} must be one of"):
+            apply(model, refs, cond, **kw)
+    with pytest.raises(ValueError, match="mask_dilation must be an odd box size"):
+        apply_shared_attention(model, SharedAttentionConfig(1, "none", 1e9, 0.0, mask_dilation=4))
+    with pytest.raises(ValueError, match="mask_dilation must be an odd box size"):
+        encode_references(vaes["sd15"], torch.rand(1, 64, 64, 3), mask_dilation=2)
