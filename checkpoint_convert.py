@@ -22,6 +22,10 @@ def convert(src, dst) -> dict:
     dst = pathlib.Path(dst)
     if dst.suffix.lower() not in SAFETENSORS_SUFFIXES:
         raise ValueError(f"{dst}: the output must be a .safetensors file")
+    if not dst.resolve().parent.is_dir():
+        raise ValueError(f"{dst}: the output folder {dst.resolve().parent} does not exist; create it first")
+    if not pathlib.Path(src).is_file():
+        raise ValueError(f"{src}: no such file")
     tensors, dropped = tensor_dict(read_weights(src), str(src))
     if not tensors:
         raise ValueError(f"{src}: no tensors found")

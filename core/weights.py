@@ -9,19 +9,33 @@ objects.
 from __future__ import annotations
 
 import pathlib
+import pickle
 
 import torch
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 
 
+# How torch.save files begin: a zip archive (since torch 1.6), or the legacy format's pickle protocol opcode.
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
 def read_pickle(path) -> dict:
     """``torch.load(weights_only=True)`` on the CPU, with an error that says what to do when it refuses."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(TORCH_MAGIC):
+        raise ValueError(f"{path} is not a PyTorch checkpoint (it is neither a torch.save zip archive nor a pickle); "
+                         f"give the .ckpt/.bin/.pt file itself, or a .safetensors file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure gets the same advice
-        raise ValueError(f"cannot read {path} with torch.load(weights_only=True): {exc}. Only tensor checkpoints "
-                         f"are read (never arbitrary pickles); re-save it as a plain state dict or .safetensors") \
+    except pickle.UnpicklingError as exc:  # weights_only refused an object
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} holds more than tensors, which torch.load(weights_only=True) refuses ({first}); "
+                         f"only tensor checkpoints are read (never arbitrary pickles): re-save it as a plain state "
+                         f"dict or .safetensors") from None
+    except Exception as exc:  # noqa: BLE001 - truncated or damaged files fail in many ways inside torch
+        raise ValueError(f"{path} is a damaged or truncated PyTorch checkpoint ({type(exc).__name__}: {exc})") \
             from None
 
 
@@ -42,5 +56,9 @@ def read_weights(path) -> dict:
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         import safetensors.torch
 
-        return safetensors.torch.load_file(str(path), device="cpu")
+        try:
+            return safetensors.torch.load_file(str(path), device="cpu")
+        except safetensors.SafetensorError as exc:
+            raise ValueError(f"{path} is not a valid .safetensors file ({exc}); it may be damaged or incomplete") \
+                from None
     return read_pickle(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..nodes import choices
 from . import tiny_models
 
 
@@ -34,6 +35,10 @@ class SynCDTinyDemoModel(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, family=None):
+        return choices.check(cls, family=family)
+
+    @classmethod
     def execute(cls, family: str, seed: int, width: int) -> io.NodeOutput:
         return io.NodeOutput(tiny_models.build_model(family, seed, width), tiny_models.build_vae(family, seed))
 
@@ -56,6 +61,10 @@ class SynCDTinyDemoTextEncode(io.ComfyNode):
             ],
             outputs=[io.Conditioning.Output(display_name="CONDITIONING")],
         )
+
+    @classmethod
+    def validate_inputs(cls, family=None):
+        return choices.check(cls, family=family)
 
     @classmethod
     def execute(cls, family: str, text: str, seed: int) -> io.NodeOutput:

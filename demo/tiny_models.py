@@ -20,7 +20,7 @@ import comfy.sd1_clip
 import comfy.supported_models
 import comfy.taesd.taesd
 
-from ..nodes.patch_kit import TOKENIZER
+from ..nodes.patch_kit import ENCODED_TOKENS, TOKENIZER, add_conditioning_check
 
 FAMILIES = ("sd15", "sdxl", "flux")
 
@@ -123,6 +123,7 @@ def build_model(family: str, seed: int = 0, width: int = 32, std: float = 0.02) 
         offload_device=comfy.model_management.unet_offload_device(),
     )
     patcher.model_options[TOKENIZER] = token_ids  # the tokens of encode_text, for automatic masks
+    add_conditioning_check(patcher, "SynCD Tiny Demo Model")  # e.g. a tiny text encoding of another family
     return patcher
 
 
@@ -155,9 +156,10 @@ def tokenizer() -> comfy.sd1_clip.SDTokenizer:
 
 
 def token_ids(text: str) -> list[int]:
-    """The 77 CLIP-L token ids of ``text`` (start, words, end, padding) as ComfyUI tokenizes them."""
+    """The CLIP-L token ids of ``text`` as ComfyUI tokenizes them: 77 per chunk (start, words, end, padding), the
+    chunks one after the other, as CLIPTextEncode concatenates their encodings."""
     batches = tokenizer().tokenize_with_weights(text)
-    return [int(t[0]) for t in batches[0]]
+    return [int(t[0]) for batch in batches for t in batch]
 
 
 def _vector(key: str, dim: int) -> torch.Tensor:
@@ -169,16 +171,16 @@ def _vector(key: str, dim: int) -> torch.Tensor:
 def encode_text(family: str, text: str, seed: int = 0) -> list:
     """CONDITIONING for a tiny ``family`` model without a text encoder.
 
-    Each of the 77 CLIP-L tokens becomes a seeded random vector of its token id
-    plus one of its position, so equal prompts give equal conditioning and the
-    token positions are the real tokenizer's (automatic masks find the subject
-    word there).
+    Each CLIP-L token becomes a seeded random vector of its token id plus one of
+    its position in its 77-token chunk, so equal prompts give equal conditioning
+    and the token positions are the real tokenizer's (automatic masks find the
+    subject word there, and check the ids under ``ENCODED_TOKENS``).
     """
     ctx_dim, pooled_dim = CONTEXT_DIMS[family]
     ids = token_ids(text)
-    ctx = torch.stack([_vector(f"{seed}/tok/{t}", ctx_dim) + 0.5 * _vector(f"{seed}/pos/{i}", ctx_dim)
+    ctx = torch.stack([_vector(f"{seed}/tok/{t}", ctx_dim) + 0.5 * _vector(f"{seed}/pos/{i % 77}", ctx_dim)
                        for i, t in enumerate(ids)]).unsqueeze(0)
-    extra = {}
+    extra = {ENCODED_TOKENS: tuple(ids)}
     if pooled_dim:
         extra["pooled_output"] = ctx[:, :, :pooled_dim].mean(1)
     if family == "flux":

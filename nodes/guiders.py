@@ -24,6 +24,7 @@ from comfy_api.latest import io
 
 from ..attention.guidance import (brooks_guidance, guidance_rescale, jedi_image_guidance, linear_image_scale,
                                   normalized_guidance)
+from . import choices, wiring
 from . import patch_kit as kit
 from .layout import FULL, IMAGE, UNCOND
 
@@ -92,9 +93,7 @@ class NormalizedGuider(comfy.samplers.CFGGuider):
         for name, value, options in (("combination", combination, COMBINATIONS),
                                      ("first_step_guidance", first_step_guidance, AUTO_ON_OFF),
                                      ("norm_includes_references", norm_includes_references, AUTO_ON_OFF)):
-            if value not in options:
-                raise ValueError(f"SynCD Normalized Text+Image Guider: {name} must be one of {list(options)}; "
-                                 f"got {value!r}")
+            choices.require("SynCD Normalized Text+Image Guider", name, value, options)
         self.text_scale, self.image_scale_start, self.image_scale_end = text_scale, image_scale_start, image_scale_end
         self.combination, self.rescale = combination, rescale
         flux = kit.is_flux(model_patcher.get_model_object("diffusion_model"))
@@ -244,8 +243,14 @@ class SynCDNormalizedGuider(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, combination=None, first_step_guidance=None, norm_includes_references=None):
+        return choices.check(cls, combination=combination, first_step_guidance=first_step_guidance,
+                             norm_includes_references=norm_includes_references)
+
+    @classmethod
     def execute(cls, model, positive, negative, text_scale, image_scale_start, image_scale_end, combination,
                 guidance_rescale, first_step_guidance="auto", norm_includes_references="auto") -> io.NodeOutput:
+        wiring.check_conditioning(cls.define_schema().display_name, model, positive=positive, negative=negative)
         guider = NormalizedGuider(model, text_scale, image_scale_start, image_scale_end, combination, guidance_rescale,
                                   first_step_guidance, norm_includes_references)
         guider.set_conds(positive, negative)
@@ -272,6 +277,7 @@ class JeDiImageGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, image_scale) -> io.NodeOutput:
+        wiring.check_conditioning("JeDi Image Guider", model, positive=positive, negative=negative)
         guider = JeDiGuider(model, image_scale)
         guider.set_conds(positive, negative)
         return io.NodeOutput(guider)
@@ -298,9 +304,16 @@ class SynCDCustomizationSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sampler_name=None, scheduler=None, combination=None, first_step_guidance=None,
+                        norm_includes_references=None):
+        return choices.check(cls, sampler_name=sampler_name, scheduler=scheduler, combination=combination,
+                             first_step_guidance=first_step_guidance, norm_includes_references=norm_includes_references)
+
+    @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, sampler_name, scheduler, text_scale,
                 image_scale_start, image_scale_end, combination, guidance_rescale, first_step_guidance="auto",
                 norm_includes_references="auto") -> io.NodeOutput:
+        wiring.check_conditioning(cls.define_schema().display_name, model, positive=positive, negative=negative)
         guider = NormalizedGuider(model, text_scale, image_scale_start, image_scale_end, combination, guidance_rescale,
                                   first_step_guidance, norm_includes_references)
         guider.set_conds(positive, negative)

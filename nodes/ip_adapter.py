@@ -32,6 +32,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 
 from ..core.ip_adapter_model import Resampler, check_plus_layout, ip_layers, split_flat_state_dict
 from ..core.weights import read_weights, tensor_dict
+from . import choices
 from . import patch_kit as kit
 from .layout import chunk_reference_access
 from .references import References
@@ -275,6 +276,10 @@ class SynCDIPAdapterLoader(io.ComfyNode):
                                            "(h94/IP-Adapter, sdxl_models); use it with CLIP-ViT-H-14.")],
             outputs=[IPAdapter.Output(display_name="IPADAPTER")],
         )
+
+    @classmethod
+    def validate_inputs(cls, ipadapter_name=None):
+        return choices.check(cls, ipadapter_name=ipadapter_name)
 
     @classmethod
     def execute(cls, ipadapter_name: str) -> io.NodeOutput:

@@ -30,11 +30,14 @@ import comfy.ldm.modules.attention
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer
 
+from . import wiring
+
 KEY = "syncd"                  # transformer_options: the ForwardState of the current forward pass
 # The reference texts a reference pass computes features with (keys of GuidanceBranches.reference_outputs): the
 # reference prompt, and the text-free branches' own conditioning.
 REFERENCE_TEXT, NEGATIVE_TEXT = "reference", "negative"
 TOKENIZER = "syncd_tokenizer"  # model_options: tokenize(text) -> ids for models whose text has no CLIP object
+ENCODED_TOKENS = "syncd_token_ids"  # conditioning dict: the token ids an encoder encoded (the tiny demo encoding)
 
 
 class Phase(str, enum.Enum):
@@ -109,10 +112,10 @@ def add_forward_wrapper(m, key: str, on_forward: Callable) -> None:
 
 
 def add_run(m, key: str, start: Callable, finish: Optional[Callable] = None) -> None:
-    """``OUTER_SAMPLE`` wrapper: ``start(noise)`` before every sampling (state of a previous run never leaks into the
-    next), ``finish()`` after it, also on errors."""
+    """``OUTER_SAMPLE`` wrapper: ``start(noise, guider)`` before every sampling (state of a previous run never leaks
+    into the next), ``finish()`` after it, also on errors."""
     def outer_sample(executor, noise, *args, **kwargs):
-        start(noise)
+        start(noise, executor.class_obj)
         try:
             return executor(noise, *args, **kwargs)
         finally:
@@ -120,6 +123,22 @@ def add_run(m, key: str, start: Callable, finish: Optional[Callable] = None) -> 
                 finish()
 
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, outer_sample)
+
+
+CONDITIONING_CHECK = "syncd_conditioning_check"
+
+
+def add_conditioning_check(m, node: str) -> None:
+    """``OUTER_SAMPLE`` wrapper (once per model): before sampling, the guider's conditionings must fit the model's
+    family (:mod:`wiring`), so a wrong text encoder is named instead of failing as a raw tensor error."""
+    if m.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CONDITIONING_CHECK):
+        return
+
+    def outer_sample(executor, *args, **kwargs):
+        wiring.check_guider(node, executor.class_obj)
+        return executor(*args, **kwargs)
+
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CONDITIONING_CHECK, outer_sample)
 
 
 # --- The phase for code that sees no transformer_options (weight wrappers) -------------------------------------

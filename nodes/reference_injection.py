@@ -42,6 +42,7 @@ import comfy.samplers
 from ..attention.masks import layer_foreground
 from ..attention.rope import shift_axis
 from ..attention.shared import gather_foreground, reference_attention
+from . import choices
 from . import patch_kit as kit
 from .layout import FULL, IMAGE, UNCOND, chunk_roles
 from .references import ReferenceSet
@@ -344,8 +345,7 @@ def apply_reference_injection(model, config: ReferenceConfig):
     for name, value, options in (("reference_noise", config.noise_mode, NOISE_MODES),
                                  ("reference_text", config.reference_text, REFERENCE_TEXT_MODES),
                                  ("use_masks", config.use_masks, MASK_USES)):
-        if value not in options:
-            raise ValueError(f"{NODE}: {name} must be one of {', '.join(options)}; got {value!r}")
+        choices.require(NODE, name, value, options)
     kit.claim_self_attention(model, PATCH_KEY)
     m = model.clone()
     diffusion_model = m.get_model_object("diffusion_model")
@@ -354,7 +354,8 @@ def apply_reference_injection(model, config: ReferenceConfig):
     if config.noise_mode == "auto":
         config = replace(config, noise_mode="clean" if flux else "noised")
     run = ReferenceRun(config, flux)
-    kit.add_run(m, PATCH_KEY, lambda noise: run.reset(), run.clear_features)
+    kit.add_run(m, PATCH_KEY, lambda noise, guider: run.reset(), run.clear_features)
+    kit.add_conditioning_check(m, NODE)
     kit.add_forward_wrapper(m, PATCH_KEY, run.on_forward)
     if flux:
         kit.mark_flux_blocks(m)

@@ -7,6 +7,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
+from . import choices, wiring
 from .reference_injection import (MASK_USES, NOISE_MODES, REFERENCE_TEXT_MODES, ReferenceConfig,
                                   apply_reference_injection)
 from .references import MAX_REFERENCES, ReferenceSet, References, foreground_masks
@@ -109,6 +110,10 @@ class SynCDApplyReferences(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, reference_noise=None, reference_text=None, use_masks=None):
+        return choices.check(cls, reference_noise=reference_noise, reference_text=reference_text, use_masks=use_masks)
+
+    @classmethod
     def execute(cls, model, references, reference_conditioning, reference_noise, noise_seed, start_percent,
                 end_percent, reference_text="per_branch", flux_uncond_text_sees_references=True,
                 use_masks="auto") -> io.NodeOutput:
@@ -118,6 +123,7 @@ class SynCDApplyReferences(io.ComfyNode):
         if not reference_conditioning:
             raise ValueError("SynCD Apply References: reference_conditioning is empty; encode the reference "
                              "prompt (e.g. 'photo of a dog') and connect it")
+        wiring.check_conditioning("SynCD Apply References", model, reference_conditioning=reference_conditioning)
         sampling = model.get_model_object("model_sampling")
         config = ReferenceConfig(references=references, conditioning=reference_conditioning,
                                  noise_mode=reference_noise, seed=noise_seed,

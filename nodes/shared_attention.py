@@ -20,6 +20,7 @@ import torch
 from ..attention.masks import AutomaticMaskEstimator, layer_foreground, resize_to_grid, subject_attention
 from ..attention.rope import shift_axis
 from ..attention.shared import shared_attention, shared_attention_reference
+from . import choices
 from . import patch_kit as kit
 from .layout import UNCOND, check_group_size, chunk_roles, conditioning_chunks, subject_groups
 
@@ -27,6 +28,8 @@ PATCH_KEY = "syncd_shared_attention"
 NODE = "SynCD Masked Shared Attention"
 
 IMPLEMENTATIONS = {"efficient": shared_attention, "reference": shared_attention_reference}
+MASK_MODES = ("foreground_masks", "none", "automatic")
+FLUX_ROPE_LAYOUTS = ("stacked", "shared")  # official: the other images' keys below the own image
 DEFAULT_DILATION = 9  # upstream rigid data generation: 9×9 at the token grid (nupurkmr9/syncd dataset/gen_rigid.py)
 
 
@@ -43,6 +46,7 @@ class SharedAttentionConfig:
     foreground_masks: Optional[torch.Tensor] = None   # (B, H, W), one per latent image
     mask_dilation: int = DEFAULT_DILATION   # box size at the base grid (latent grid; Flux token grid)
     subject_tokens: tuple[int, ...] = ()    # automatic mode: positions of the subject word in the prompt
+    prompt_tokens: tuple[int, ...] = ()     # automatic mode: the prompt's token ids, as tokenized for the search
 
 
 class SharedAttentionRun:
@@ -215,6 +219,19 @@ def make_flux_handler(run: SharedAttentionRun, axes_dim, theta) -> Callable:
     return handler
 
 
+def check_encoded_prompt(config: SharedAttentionConfig, guider) -> None:
+    """Automatic masks locate subject_word in the node's ``prompt``; where the positive conditioning records the
+    token ids it encoded (``kit.ENCODED_TOKENS``: the tiny demo encoding), that must be the same text."""
+    if config.mask_mode != "automatic" or not config.prompt_tokens:
+        return
+    encoded = [entry[kit.ENCODED_TOKENS] for entry in guider.original_conds.get("positive", [])
+               if kit.ENCODED_TOKENS in entry]
+    if encoded and tuple(config.prompt_tokens) not in {tuple(ids) for ids in encoded}:
+        raise ValueError(f"{NODE}: the 'prompt' input is not the text the positive conditioning encoded, so "
+                         f"subject_word's tokens would be located in the wrong text; give the prompt exactly as "
+                         f"encoded (connect the same text to both)")
+
+
 # --- Putting it on a model ------------------------------------------------------------------------------------
 
 def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "all"):
@@ -222,6 +239,10 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
     if config.mask_dilation < 1 or config.mask_dilation % 2 == 0:
         raise ValueError(f"{NODE}: mask_dilation must be an odd box size (1 = none, 3, 5, ...); got "
                          f"{config.mask_dilation}")
+    for name, value, options in (("mask_mode", config.mask_mode, MASK_MODES),
+                                 ("attention_implementation", config.implementation, IMPLEMENTATIONS),
+                                 ("flux_rope_layout", config.flux_rope_layout, FLUX_ROPE_LAYOUTS)):
+        choices.require(NODE, name, value, options)
     kit.claim_self_attention(model, PATCH_KEY)
     m = model.clone()
     diffusion_model = m.get_model_object("diffusion_model")
@@ -229,11 +250,13 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
     flux = kit.is_flux(diffusion_model)
     run = SharedAttentionRun(config, flux, selected, float(m.get_model_object("model_sampling").sigma_max))
 
-    def start(noise):
+    def start(noise, guider):
         run.validate(noise.shape[0])
+        check_encoded_prompt(config, guider)
         run.reset(noise.shape)  # the state of the previous run never leaks into this one
 
     kit.add_run(m, PATCH_KEY, start)
+    kit.add_conditioning_check(m, NODE)
     kit.add_forward_wrapper(m, PATCH_KEY, run.on_forward)
     if flux:
         kit.mark_flux_blocks(m)

@@ -6,11 +6,9 @@ from comfy_api.latest import io
 
 from ..core.tokens import clip_tokenizer, subject_token_positions
 from .patch_kit import TOKENIZER
-from .shared_attention import DEFAULT_DILATION, SharedAttentionConfig, apply_shared_attention
-
-MASK_MODES = ["foreground_masks", "none", "automatic"]
-IMPLEMENTATIONS = ["efficient", "reference"]
-FLUX_ROPE_LAYOUTS = ["stacked", "shared"]
+from . import choices
+from .shared_attention import (DEFAULT_DILATION, FLUX_ROPE_LAYOUTS, IMPLEMENTATIONS, MASK_MODES,
+                               SharedAttentionConfig, apply_shared_attention)
 
 
 class SynCDSharedAttention(io.ComfyNode):
@@ -28,7 +26,7 @@ class SynCDSharedAttention(io.ComfyNode):
                 io.Int.Input("images_per_subject", default=3, min=1, max=64,
                              tooltip="The latent batch is split into consecutive groups of this size; each group is "
                                      "one subject and shares attention. The batch size must be a multiple of it."),
-                io.Combo.Input("mask_mode", options=MASK_MODES, default="foreground_masks",
+                io.Combo.Input("mask_mode", options=list(MASK_MODES), default="foreground_masks",
                                tooltip="foreground_masks: other images are seen only where their mask is set. "
                                        "none: JeDi coupled attention over all image tokens. automatic: masks "
                                        "estimated every step from the attention to subject_word (deformable subjects)."),
@@ -49,13 +47,17 @@ class SynCDSharedAttention(io.ComfyNode):
                               tooltip="automatic mode: the CLIP that encoded the prompt, to find subject_word's "
                                       "tokens. Not needed with the tiny demo text encoding."),
                 io.String.Input("prompt", multiline=True, default="", optional=True,
-                                tooltip="automatic mode: the positive prompt, exactly as encoded."),
+                                tooltip="automatic mode: the positive prompt, character for character the text "
+                                        "the positive conditioning encoded (connect the same text to both): "
+                                        "subject_word's token positions are looked up in it, over all its 77-token "
+                                        "chunks. A different text would point at the wrong tokens; with the tiny "
+                                        "demo encoding the mismatch is refused."),
                 io.String.Input("subject_word", default="", optional=True,
                                 tooltip="automatic mode: the word naming the subject in the prompt, e.g. 'dog'."),
-                io.Combo.Input("flux_rope_layout", options=FLUX_ROPE_LAYOUTS, default="stacked", optional=True,
+                io.Combo.Input("flux_rope_layout", options=list(FLUX_ROPE_LAYOUTS), default="stacked", optional=True,
                                tooltip="Flux: positions of the other images' keys. stacked: below the own image "
                                        "(official code). shared: at the own image's positions."),
-                io.Combo.Input("attention_implementation", options=IMPLEMENTATIONS, default="efficient", optional=True,
+                io.Combo.Input("attention_implementation", options=list(IMPLEMENTATIONS), default="efficient", optional=True,
                                tooltip="efficient: memory linear in the group size. reference: the official dense "
                                        "mask, memory quadratic in the group size (for verification)."),
                 io.Int.Input("mask_dilation", default=DEFAULT_DILATION, min=1, max=31, step=2, optional=True,
@@ -70,6 +72,11 @@ class SynCDSharedAttention(io.ComfyNode):
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
+
+    @classmethod
+    def validate_inputs(cls, mask_mode=None, flux_rope_layout=None, attention_implementation=None):
+        return choices.check(cls, mask_mode=mask_mode, flux_rope_layout=flux_rope_layout,
+                             attention_implementation=attention_implementation)
 
     @classmethod
     def execute(cls, model, images_per_subject, mask_mode, start_percent, end_percent, unmasked_first_step, blocks,
@@ -87,7 +94,7 @@ class SynCDSharedAttention(io.ComfyNode):
                                  "mask_mode 'none' (JeDi coupled attention) or 'automatic'")
             masks = foreground_masks if foreground_masks.ndim == 3 else foreground_masks.unsqueeze(0)
             masks = masks.float().cpu()
-        tokens = ()
+        tokens, prompt_tokens = (), ()
         if mask_mode == "automatic":
             if clip is not None:
                 tokenize = clip_tokenizer(clip)
@@ -97,6 +104,7 @@ class SynCDSharedAttention(io.ComfyNode):
                 raise ValueError("SynCD Masked Shared Attention: automatic masks need the CLIP that encoded the "
                                  "prompt (to find subject_word's tokens); connect it to the 'clip' input")
             tokens = subject_token_positions(tokenize, prompt, subject_word)
+            prompt_tokens = tuple(tokenize(prompt))
         sampling = model.get_model_object("model_sampling")
         config = SharedAttentionConfig(
             images_per_subject=images_per_subject,
@@ -110,6 +118,7 @@ class SynCDSharedAttention(io.ComfyNode):
             foreground_masks=masks,
             mask_dilation=mask_dilation,
             subject_tokens=tokens,
+            prompt_tokens=prompt_tokens,
         )
         patched, _ = apply_shared_attention(model, config, blocks)
         return io.NodeOutput(patched)

@@ -35,6 +35,7 @@ from ..core.checkpoint_keys import (FLUX_LORA_KEY, SDXL_IP_KEY, SDXL_LORA_KEY, C
                                     count_other_keys, detect_family, lora_pairs, raise_unmatched)
 from ..core.ip_adapter_model import check_plus_layout, layer_key
 from ..core.weights import read_weights, tensor_dict
+from . import choices
 from .ip_adapter import IPAdapter, cross_attentions
 from .patch_kit import in_reference_pass, is_flux
 
@@ -210,6 +211,10 @@ class SynCDCheckpointLoader(io.ComfyNode):
             ],
             outputs=[io.Model.Output(display_name="MODEL"), IPAdapter.Output(display_name="IPADAPTER")],
         )
+
+    @classmethod
+    def validate_inputs(cls, checkpoint_name=None):
+        return choices.check(cls, checkpoint_name=checkpoint_name)
 
     @classmethod
     def execute(cls, model, checkpoint_name: str, strength: float, ipadapter=None) -> io.NodeOutput:

@@ -50,3 +50,25 @@ def test_refuses_arbitrary_pickles_and_bad_outputs(tmp_path, capsys):
     torch.save({"a": torch.zeros(1)}, tmp_path / "ok.bin")
     with pytest.raises(ValueError, match=".safetensors"):
         convert(tmp_path / "ok.bin", tmp_path / "out.bin")
+
+
+def test_each_bad_file_gives_one_clear_line(tmp_path, capsys):
+    torch.save({"a": torch.zeros(1)}, tmp_path / "ok.bin")
+    (tmp_path / "notes.ckpt").write_text("hello, this is text\n")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"garbage")
+    torch.save({"a": torch.zeros(1000)}, tmp_path / "whole.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:300])
+    cases = {
+        (tmp_path / "ok.bin", tmp_path / "missing" / "out.safetensors"): "output folder",
+        (tmp_path / "notes.ckpt", tmp_path / "o1.safetensors"): "is not a PyTorch checkpoint",
+        (tmp_path / "corrupt.safetensors", tmp_path / "o2.safetensors"): "is not a valid .safetensors file",
+        (tmp_path / "truncated.pt", tmp_path / "o3.safetensors"): "damaged or truncated",
+        (tmp_path / "absent.ckpt", tmp_path / "o4.safetensors"): "no such file",
+    }
+    for (src, dst), expected in cases.items():
+        assert main([str(src), str(dst)]) == 1, src
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (src, err)
+        assert "pickle" not in lines[0] or src.name == "notes.ckpt"  # pickle advice only where it applies
+        assert not dst.exists()
