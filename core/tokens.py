@@ -6,6 +6,7 @@ falls back to fixed positions when that fails; here a missing word is an error.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable, Optional, Sequence
 
 # Which tokenizer output conditions the diffusion model: Flux's context is T5, SDXL's is CLIP-L ‖ CLIP-G
@@ -44,8 +45,18 @@ def clip_tokenizer(clip) -> Callable[[str], list[int]]:
     """``tokenize(text) -> ids`` for a ComfyUI CLIP object, using the tokenizer that feeds the model's context.
 
     Duck-typed: ``clip.tokenize(text)`` returns ``{key: [[(id, weight, ...), ...], ...]}``; nothing is imported."""
-    def tokenize(text: str) -> list[int]:
+    def tokenize(text: str) -> list:
         tokens = clip.tokenize(text)
         key = next((k for k in CONTEXT_TOKEN_KEYS if k in tokens), next(iter(tokens)))
-        return [int(t[0]) for batch in tokens[key] for t in batch]
+        return [token_key(t[0]) for batch in tokens[key] for t in batch]
     return tokenize
+
+
+def token_key(token) -> object:
+    """A token id, or for a textual-inversion vector (ComfyUI puts the embedding's tensor in place of an id) a
+    hashable key of its values, so ``embedding:name`` is found like any word."""
+    if isinstance(token, int):
+        return token
+    if hasattr(token, "detach"):
+        return ("embedding", hashlib.sha1(token.detach().float().cpu().numpy().tobytes()).hexdigest())
+    return int(token)

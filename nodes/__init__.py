@@ -1,6 +1,7 @@
 """ComfyUI adapters (V3 nodes). Thin: the math lives in ``attention/`` and ``core/``; patches are built from
 ``patch_kit``. The demo nodes live in ``demo/`` and are registered beside these by the pack's entry point."""
 
+from .dci_nodes import DCIDualBranch, DCIGuiderNode, DCIWeightMaps
 from .guiders import JeDiImageGuider, SynCDCustomizationSampler, SynCDNormalizedGuider
 from .ip_adapter import SynCDIPAdapterApply, SynCDIPAdapterLoader
 from .jedi import JeDiJointImageSet
@@ -10,4 +11,4 @@ from .syncd_checkpoint import SynCDCheckpointLoader
 
 NODES = [SynCDSharedAttention, SynCDReferenceImages, SynCDApplyReferences, SynCDNormalizedGuider, JeDiImageGuider,
          SynCDCustomizationSampler, JeDiJointImageSet, SynCDIPAdapterLoader, SynCDIPAdapterApply,
-         SynCDCheckpointLoader]
+         SynCDCheckpointLoader, DCIDualBranch, DCIGuiderNode, DCIWeightMaps]

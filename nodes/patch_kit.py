@@ -43,6 +43,7 @@ ENCODED_TOKENS = "syncd_token_ids"  # conditioning dict: the token ids an encode
 class Phase(str, enum.Enum):
     TARGET = "target"        # the images being sampled
     REFERENCE = "reference"  # the extra pass over the reference images (SynCD §4.2)
+    AUXILIARY = "auxiliary"  # DCI's auxiliary-branch pass, before the concept branch's pass of the same step
 
 
 @dataclass
@@ -72,6 +73,7 @@ class ForwardState:
     sharing: bool = False                               # Masked Shared Attention is on in this pass
     reference: object = None                            # the reference features this pass sees (ReferenceView)
     reference_rows: tuple[int, ...] = ()                # reference pass: which reference each batch row is
+    dual_branch: object = None                          # DCI: the step's auxiliary-branch record (DualBranchStep)
     owner: object = field(default=None, repr=False, compare=False)  # the transformer_options dict it belongs to
 
 

@@ -1,0 +1,160 @@
+"""DCI dual-branch inference on tiny real SD1.5, SDXL and Flux models inside ComfyUI's sampling code."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+
+PROMPT = "a photo of a sks dog in times square"
+
+
+@pytest.fixture(scope="module")
+def models(tiny, families):
+    return {f: tiny.build_model(f, seed=1, std=0.3) for f in families}
+
+
+def dci(tiny, family, model, strength=1.0, window=0.5, prompt=PROMPT, cfg=4.0):
+    from comfyui_syncd.nodes.dci_nodes import DCIDualBranch, DCIGuiderNode
+
+    patched, p, aux = DCIDualBranch.execute(model, prompt, "sks dog", "dog", strength, window).args
+    guider = DCIGuiderNode.execute(patched, tiny.encode_text(family, p), tiny.encode_text(family, aux),
+                                   tiny.encode_text(family, ""), cfg).args[0]
+    return guider
+
+
+def plain(tiny, family, model, cfg=4.0):
+    import comfy.samplers
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(tiny.encode_text(family, PROMPT), tiny.encode_text(family, ""))
+    guider.set_cfg(cfg)
+    return guider
+
+
+def run(guider, tiny, family, steps=4, n=2, sampler="euler"):
+    import comfy.samplers
+
+    noise = torch.randn(n, tiny.LATENT_CHANNELS[family], 8, 8, generator=torch.Generator().manual_seed(0))
+    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "simple",
+                                             steps).cpu()
+    return guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object(sampler), sigmas, seed=3,
+                         disable_pbar=True)
+
+
+def test_window_zero_is_the_plain_model_exactly(tiny, models, family):
+    model = models[family]
+    assert torch.equal(run(dci(tiny, family, model, window=0.0), tiny, family), run(plain(tiny, family, model),
+                                                                                      tiny, family))
+
+
+def test_strength_to_minus_infinity_leaves_the_concept_branch_unchanged(tiny, models, family):
+    model = models[family]
+    guider = dci(tiny, family, model, strength=-1e9)
+    torch.testing.assert_close(run(guider, tiny, family), run(plain(tiny, family, model), tiny, family),
+                               rtol=1e-4, atol=1e-4)
+    assert len(guider.weight_maps) > 0  # the auxiliary branch did run
+
+
+def test_integration_changes_the_concept_branch_with_strength(tiny, models, family):
+    model = models[family]
+    base = run(plain(tiny, family, model), tiny, family)
+    outs = {s: run(dci(tiny, family, model, strength=s), tiny, family) for s in (-2.0, 2.0)}
+    assert (outs[2.0] - base).abs().max() > 1e-3
+    assert (outs[2.0] - outs[-2.0]).abs().max() > 1e-3
+
+
+def count_passes(model):
+    """A clone that records the phase of every forward pass (kit ForwardState) and its batch size."""
+    import comfy.patcher_extension
+
+    from comfyui_syncd.nodes import patch_kit as kit
+
+    passes = []
+    m = model.clone()
+
+    def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        state = transformer_options.get(kit.KEY)
+        passes.append((getattr(state, "phase", None), x.shape[0], float(t.max())))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_count", wrapper)
+    return m, passes
+
+
+@pytest.mark.parametrize("window", [0.15, 0.3])
+def test_auxiliary_passes_only_inside_the_window(tiny, models, window):
+    from comfyui_syncd.nodes.dci import timestep_fraction
+    from comfyui_syncd.nodes.patch_kit import Phase
+
+    model, passes = count_passes(models["sd15"])
+    guider = dci(tiny, "sd15", model, window=window)
+    run(guider, tiny, "sd15", steps=12)
+    sampling = model.get_model_object("model_sampling")
+    aux = [p for p in passes if p[0] is Phase.AUXILIARY]
+    inside = [s for s in {p[2] for p in passes} if timestep_fraction(sampling, s) > 1 - window]
+    assert len(aux) == len(inside) == len(guider.weight_maps) > 0
+    assert all(timestep_fraction(sampling, p[2]) > 1 - window for p in aux)
+    # the auxiliary latents (2) only in their own pass; the concept latents with cond and uncond batched (4)
+    assert all(p[1] == (2 if p[0] is Phase.AUXILIARY else 4) for p in passes)
+    assert len(passes) == 12 + len(aux)  # the concept branch every step, the auxiliary one inside the window
+
+
+def test_every_batch_layout_gives_the_same_result(tiny, models, family, separate_passes, alternating_passes):
+    model = models[family]
+    joint = run(dci(tiny, family, model), tiny, family)
+    effect = (joint - run(plain(tiny, family, model), tiny, family)).abs().max()
+    for layout in (separate_passes(model), separate_passes(model, reverse=True), alternating_passes(model)):
+        # float noise of batching only (the plain model differs as much between layouts), far below DCI's effect
+        difference = (run(dci(tiny, family, layout), tiny, family) - joint).abs().max()
+        assert difference < 2e-6 * joint.abs().max() + 1e-5 or difference < 1e-3 * effect, (difference, effect)
+
+
+def test_only_the_concept_conditional_rows_are_blended(tiny, models, separate_passes):
+    """In separate passes (where cond_or_uncond is (0,) for both), the unconditional pass of a DCI step equals the
+    plain model on the same input, the concept pass does not."""
+    import comfy.patcher_extension
+
+    from comfyui_syncd.nodes import patch_kit as kit
+
+    model = separate_passes(models["sd15"])
+    seen = []
+
+    def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        state = transformer_options.get(kit.KEY)
+        if getattr(state, "dual_branch", None) is not None and state.phase is kit.Phase.TARGET:
+            plain_out = executor(x, t, c_concat, c_crossattn, control,
+                                 {**transformer_options, kit.KEY: kit.ForwardState()}, **kwargs)
+            (uuid,) = transformer_options["uuids"]  # one cond per pass here
+            seen.append((state.guidance.roles[uuid], bool(torch.equal(out, plain_out))))
+        return out
+
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_rows", wrapper)
+    run(dci(tiny, "sd15", m, strength=2.0), tiny, "sd15")
+    assert {role for role, _ in seen} == {"full", "uncond"}
+    assert all(same for role, same in seen if role == "uncond")     # unconditional: untouched
+    assert not any(same for role, same in seen if role == "full")   # concept conditional: blended
+
+
+def test_weight_maps_node_outputs_one_mask_per_step_and_image(tiny, models):
+    from comfyui_syncd.nodes.dci_nodes import DCIWeightMaps
+
+    guider = dci(tiny, "sd15", models["sd15"], strength=1.0, window=0.3)
+    out = run(guider, tiny, "sd15", steps=10)
+    (masks,) = DCIWeightMaps.execute(guider, {"samples": out}, 8).args
+    assert masks.shape == (2 * len(guider.weight_maps), 64, 64)
+    assert 0 <= float(masks.min()) and float(masks.max()) <= 1 and float(masks.std()) > 0
+
+
+def test_wrong_wiring_is_named(tiny, models):
+    from comfyui_syncd.nodes.dci_nodes import DCIDualBranch, DCIGuiderNode
+
+    model = models["sd15"]
+    with pytest.raises(ValueError, match="not patched by DCI Dual-Branch"):
+        DCIGuiderNode.execute(model, *(tiny.encode_text("sd15", t) for t in (PROMPT, "a dog", "")), 4.0)
+    patched = DCIDualBranch.execute(model, PROMPT, "sks dog", "dog", 1.0, 0.3).args[0]
+    with pytest.raises(ValueError, match="auxiliary conditioning did not encode the auxiliary prompt"):
+        DCIGuiderNode.execute(patched, *(tiny.encode_text("sd15", t) for t in (PROMPT, "a cat", "")), 4.0)
+    with pytest.raises(ValueError, match="'sks cat' is not in the prompt"):
+        DCIDualBranch.execute(model, PROMPT, "sks cat", "cat", 1.0, 0.3)
