@@ -11,7 +11,10 @@ import argparse
 import importlib
 import json
 import pathlib
+import signal
 import sys
+import threading
+import uuid
 
 # Subcommands implemented in their own module, which has ``main(argv: list[str] | None) -> int`` and
 # is also runnable as ``python -m comfyui_syncd.<module>``. Add ``datagen`` here the same way.
@@ -31,8 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
                      help="set an input of the API graph (repeatable); VALUE is parsed as JSON, else taken as text")
     run.add_argument("--out", type=pathlib.Path, default=pathlib.Path("output"),
-                     help="directory for the output files (default: ./output)")
-    run.add_argument("--timeout", type=float, default=None, help="seconds to wait for the prompt (default: no limit)")
+                     help="directory for the output files (default: ./output); an existing file is never "
+                          "overwritten, the new one gets the next free number (name_00001_.png -> name_00002_.png)")
+    run.add_argument("--timeout", type=float, default=None,
+                     help="seconds to wait for the prompt once queued; then it is stopped and the exit status is "
+                          "124 (default: no limit)")
     run.add_argument("--tiny", action="store_true",
                      help="run on the pack's tiny demo models and demo images instead of the real loaders' files "
                           "(editor-format workflows only): any machine, no downloads, noise-like images; sizes "
@@ -55,24 +61,106 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return node_id, name, value
 
 
+# Input types the frontend shows as widgets, i.e. that take a literal value; "*" accepts anything.
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "WEBCAM", "*"}
+TYPE_NAMES = {"INT": "an integer", "FLOAT": "a number", "BOOLEAN": "true or false", "STRING": "a string"}
+
+
+def allowed_values(spec: list | tuple, value: object) -> str | None:
+    """None if ``value`` suits an input with ``/object_info`` spec ``[type, options]``, else what it allows.
+
+    Combos: V1 nodes give the option list as the type, V3 nodes type "COMBO" with ``options`` in the dict."""
+    kind = spec[0]
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if isinstance(kind, list) or kind == "COMBO":
+        choices = kind if isinstance(kind, list) else options.get("options")
+        values = value if options.get("multi_select") and isinstance(value, list) else [value]
+        if choices is None or all(item in choices for item in values):
+            return None
+        shown = ", ".join(json.dumps(choice) for choice in choices[:30])
+        return "one of " + (shown + f", ... ({len(choices)} in all)" if len(choices) > 30 else shown)
+    if kind not in WIDGET_TYPES:
+        return f"a link from a {kind} output (connect it in the workflow; --set takes widget values)"
+    if kind not in TYPE_NAMES:
+        return None
+    low, high = options.get("min"), options.get("max")
+    wanted = {"INT": int, "FLOAT": (int, float), "BOOLEAN": bool, "STRING": str}[kind]
+    right_type = isinstance(value, wanted) and (kind == "BOOLEAN" or not isinstance(value, bool))
+    if right_type and (low is None or value >= low) and (high is None or value <= high):
+        return None
+    bounds = " and ".join(f"{op} {limit}" for op, limit in ((">=", low), ("<=", high)) if limit is not None)
+    hint = " (JSON-quote a text that reads as a number, e.g. '\"42\"')" if kind == "STRING" else ""
+    return f"{TYPE_NAMES[kind]} ({kind}{', ' + bounds if bounds else ''}){hint}"
+
+
 def apply_overrides(prompt: dict, overrides: list[str], object_info: dict) -> None:
-    """Set ``--set`` values in the API graph; the node must exist and the input must be one of its inputs."""
+    """Set ``--set`` values in the API graph; ValueError unless the node exists, has the input, and the input's
+    ``/object_info`` spec takes the value (combo option, type, min/max, a widget rather than a link)."""
     for text in overrides:
         node_id, name, value = parse_override(text)
         if node_id not in prompt:
             raise ValueError(f"--set {text!r}: no node {node_id} in the workflow (node ids: {', '.join(prompt)})")
         node = prompt[node_id]
         spec = object_info.get(node["class_type"], {}).get("input", {})
-        known = set(node["inputs"]) | set(spec.get("required", {})) | set(spec.get("optional", {}))
+        specs = {**spec.get("optional", {}), **spec.get("required", {})}
+        known = set(node["inputs"]) | set(specs)
         if name not in known:
             raise ValueError(f"--set {text!r}: node {node_id} ({node['class_type']}) has no input {name!r} "
                              f"(inputs: {', '.join(sorted(known))})")
+        allowed = allowed_values(specs[name], value) if name in specs else None
+        if allowed:
+            raise ValueError(f"--set {text!r}: node {node_id} ({node['class_type']}) input {name!r} does not take "
+                             f"{json.dumps(value)}; allowed: {allowed}")
         node["inputs"][name] = {"__value__": value} if isinstance(value, list) else value
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP during ``run``; ``note`` says what was left behind and cleaned up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.note = ""
+
+
+def _interrupt_on_signals() -> dict:
+    """Turn SIGINT/SIGTERM/SIGHUP (unless ignored) into :class:`Interrupted`, so ``with``/``finally`` cleanup runs;
+    once one came, further ones are ignored so that they cannot cut the cleanup short. Returns the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    signums = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {sig: signal.getsignal(sig) for sig in signums}
+
+    def handler(signum, frame):
+        for sig in signums:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for sig in signums:
+        if previous[sig] is not signal.SIG_IGN:
+            signal.signal(sig, handler)
+    return previous
+
+
 def run_command(args: argparse.Namespace) -> int:
-    """Queue WORKFLOW, follow its progress, save the outputs; exit status 1 if the server refuses or fails it."""
-    from .client.api import ComfyAPIError, ComfyClient, ExecutionError, PromptValidationError
+    """Queue WORKFLOW, follow its progress, save the outputs. Exit status: 0 done, 1 error (refused, failed,
+    unreachable server), 2 usage, 124 --timeout, 130/143/129 SIGINT/SIGTERM/SIGHUP. On --timeout or a signal the
+    prompt is stopped: with --server it is interrupted or removed from the queue, the embedded server is shut down."""
+    previous = _interrupt_on_signals()
+    try:
+        return _run(args)
+    except Interrupted as exc:
+        note = exc.note or ("" if args.server else "stopped the embedded ComfyUI")
+        print("interrupted" + (f": {note}" if note else ""), file=sys.stderr, flush=True)
+        return 128 + exc.signum
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(sig, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .client.api import ComfyAPIError, ComfyClient, ExecutionError, PromptTimeout, PromptValidationError
     from .client.tiny_swap import TinySwapError, tiny_swap
     from .client.workflow_format import WorkflowFormatError, is_api_format, to_api
 
@@ -91,7 +179,7 @@ def run_command(args: argparse.Namespace) -> int:
         nonlocal workflow
         client = ComfyClient(url)
         try:
-            object_info = client.object_info()
+            object_info = client.probe()
             if args.tiny:
                 workflow, swapped = tiny_swap(workflow, object_info)
                 print(f"--tiny: {len(swapped)} change(s) for the tiny demo models:")
@@ -99,7 +187,7 @@ def run_command(args: argparse.Namespace) -> int:
                     print(f"  {line}")
             prompt = to_api(workflow, object_info)
             apply_overrides(prompt, args.overrides, object_info)
-        except (WorkflowFormatError, TinySwapError, ValueError) as exc:
+        except (ComfyAPIError, WorkflowFormatError, TinySwapError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         extra = {} if is_api_format(workflow) or args.overrides else {"extra_pnginfo": {"workflow": workflow}}
@@ -109,8 +197,28 @@ def run_command(args: argparse.Namespace) -> int:
             title = node.get("_meta", {}).get("title") or node.get("class_type", "?")
             print(f"{title} (#{node_id}): {value}/{maximum}", flush=True)
 
+        prompt_id = uuid.uuid4().hex  # chosen here, so that a prompt interrupted while queueing can be found
+
+        def stop_prompt() -> str:
+            """With --server, take our prompt off the server; says what was done."""
+            if not args.server:
+                return ""  # the embedded server is shut down anyway
+            try:
+                return f"prompt {prompt_id} on {client.url}: {client.cancel(prompt_id)}"
+            except (OSError, ValueError) as exc:
+                return f"could not stop prompt {prompt_id} on {client.url}: {exc}"
+
         try:
-            result = client.run(prompt, on_progress=progress, timeout=args.timeout, extra_data=extra)
+            result = client.run(prompt, on_progress=progress, timeout=args.timeout, extra_data=extra,
+                                prompt_id=prompt_id)
+            paths = client.download(result, args.out)
+        except Interrupted as exc:
+            exc.note = stop_prompt()
+            raise
+        except PromptTimeout as exc:
+            note = stop_prompt()
+            print(f"error: {exc}" + (f"; {note}" if note else ""), file=sys.stderr)
+            return 124
         except PromptValidationError as exc:
             print(f"error: the server refused the workflow: {exc}", file=sys.stderr)
             return 1
@@ -119,10 +227,13 @@ def run_command(args: argparse.Namespace) -> int:
             if exc.traceback:
                 print("server traceback (most recent call last):\n" + exc.traceback.rstrip(), file=sys.stderr)
             return 1
-        except (ComfyAPIError, TimeoutError) as exc:
+        except ComfyAPIError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        paths = client.download(result, args.out)
+        except OSError as exc:  # the server went away (URLError, websocket, timeouts)
+            print(f"error: lost the connection to {client.url}: {getattr(exc, 'reason', None) or exc}",
+                  file=sys.stderr)
+            return 1
         for path in paths:
             print(path)
         if not paths:

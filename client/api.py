@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -47,6 +48,14 @@ class ExecutionError(ComfyAPIError):
         self.traceback = "".join(data.get("traceback") or [])
         super().__init__(f"node #{self.node_id} ({self.node_type}) failed: "
                          f"{self.exception_type}: {self.exception_message}".rstrip())
+
+
+class ServerUnavailable(ComfyAPIError):
+    """The URL does not answer, or does not answer like a ComfyUI server."""
+
+
+class PromptTimeout(TimeoutError):
+    """:meth:`ComfyClient.wait` gave up on the prompt (its ``timeout``); the prompt may still be on the server."""
 
 
 class ExecutionInterrupted(ComfyAPIError):
@@ -140,6 +149,24 @@ class ComfyClient:
         raw = self._request(path, body)
         return json.loads(raw) if raw else None
 
+    def probe(self) -> dict:
+        """``/object_info``, or :class:`ServerUnavailable` saying why this URL is not a usable ComfyUI."""
+        where = self.url + "/object_info"
+        try:
+            info = self.object_info()
+        except urllib.error.HTTPError as exc:
+            raise ServerUnavailable(f"{where} answered HTTP {exc.code} {exc.reason}: "
+                                    f"{self.url} does not look like a ComfyUI server") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ServerUnavailable(f"cannot reach {where}: {getattr(exc, 'reason', None) or exc}") from None
+        except ValueError:
+            raise ServerUnavailable(f"{where} did not answer JSON: "
+                                    f"{self.url} does not look like a ComfyUI server") from None
+        if not isinstance(info, dict) or "KSampler" not in info:
+            self._object_info = None
+            raise ServerUnavailable(f"{where} lists no ComfyUI nodes: {self.url} does not look like a ComfyUI server")
+        return info
+
     def system_stats(self) -> dict:
         return self.get_json("/system_stats")
 
@@ -159,8 +186,30 @@ class ComfyClient:
         query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": type})
         return self._request("/view?" + query)
 
-    def interrupt(self) -> None:
-        self._request("/interrupt", {})
+    def interrupt(self, prompt_id: str | None = None) -> None:
+        """Interrupt ``prompt_id`` if it is the running prompt (ComfyUI >= 0.3.5x), or whatever runs."""
+        self._request("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
+
+    def cancel(self, prompt_id: str, timeout: float = 10.0) -> str:
+        """Take ``prompt_id`` off the server: delete it while pending, interrupt it while running, until
+        ``/queue`` no longer lists it (or ``timeout`` s); returns what was done, for a message."""
+        done = "was neither running nor pending"
+        deadline = time.monotonic() + timeout
+        while True:
+            queue = self.get_json("/queue")
+            running = any(item[1] == prompt_id for item in queue.get("queue_running", []))
+            pending = any(item[1] == prompt_id for item in queue.get("queue_pending", []))
+            if not running and not pending:
+                return done
+            if time.monotonic() > deadline:
+                return f"{done}, but it is still {'running' if running else 'pending'} after {timeout:g} s"
+            if pending:
+                self.post_json("/queue", {"delete": [prompt_id]})
+                done = "removed it from the queue"
+            if running:
+                self.interrupt(prompt_id)
+                done = "interrupted it"
+            time.sleep(0.2)
 
     # -- prompts ----------------------------------------------------------------------------------
     def queue_prompt(self, graph: dict, extra_data: dict | None = None, prompt_id: str | None = None) -> str:
@@ -186,7 +235,10 @@ class ComfyClient:
 
         ws_url = "ws" + self.url[len("http"):] + "/ws?clientId=" + urllib.parse.quote(self.client_id)
         ws = websocket.WebSocket()
-        ws.connect(ws_url, timeout=self.timeout)
+        try:
+            ws.connect(ws_url, timeout=self.timeout)
+        except websocket.WebSocketException as exc:
+            raise ComfyAPIError(f"cannot open the websocket {ws_url}: {exc}") from None
         return ws
 
     def wait(self, ws, prompt_id: str, on_progress: ProgressCallback | None = None,
@@ -199,7 +251,7 @@ class ComfyClient:
         failure: ComfyAPIError | None = None
         while True:
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
+                raise PromptTimeout(f"prompt {prompt_id} did not finish within {timeout:g} s")
             try:
                 frame = ws.recv()
             except websocket.WebSocketTimeoutException:
@@ -232,18 +284,21 @@ class ComfyClient:
         return PromptResult(prompt_id, history)
 
     def run(self, graph: dict, on_progress: ProgressCallback | None = None, timeout: float | None = None,
-            extra_data: dict | None = None) -> PromptResult:
+            extra_data: dict | None = None, prompt_id: str | None = None) -> PromptResult:
         """Queue an API-format graph and wait for it; returns its history entry."""
         ws = self.connect()
         try:
-            prompt_id = self.queue_prompt(graph, extra_data)
+            prompt_id = self.queue_prompt(graph, extra_data, prompt_id)
             return self.wait(ws, prompt_id, on_progress, timeout)
         finally:
             ws.close()
 
     def download(self, result: PromptResult, out_dir: str | pathlib.Path,
                  types: tuple[str, ...] = ("output", "temp")) -> list[pathlib.Path]:
-        """Save every output file of ``result`` (of the given /view types) into ``out_dir``; returns the paths."""
+        """Save every output file of ``result`` (of the given /view types) into ``out_dir``; returns the paths.
+
+        An existing file is never overwritten: the name's last number counts up to a free one (ComfyUI's
+        ``name_00001_.png`` -> ``name_00004_.png`` if 00002 and 00003 are taken too), see :func:`free_path`."""
         out = pathlib.Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = []
@@ -254,9 +309,35 @@ class ComfyClient:
             if not path.is_relative_to(out.resolve()):
                 raise ComfyAPIError(f"output {item} would be written outside {out}")
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(self.view(item.filename, item.subfolder, item.type))
+            data = self.view(item.filename, item.subfolder, item.type)
+            while True:
+                path = free_path(path)
+                try:
+                    with open(path, "xb") as file:  # exclusive: a concurrent run may take the same name
+                        file.write(data)
+                    break
+                except FileExistsError:
+                    continue
             paths.append(path)
         return paths
+
+
+def free_path(path: pathlib.Path) -> pathlib.Path:
+    """``path`` if no such file exists, else the first free name counting up its stem's last number (same
+    width), or adding ``_1``, ``_2``, ... when it has none."""
+    if not path.exists():
+        return path
+    match = re.search(r"(\d+)(?=\D*$)", path.stem)
+    if match:
+        head, digits, tail = path.stem[:match.start()], match.group(1), path.stem[match.end():]
+    else:
+        head, digits, tail = path.stem + "_", "0", ""
+    number = int(digits)
+    while True:
+        number += 1
+        candidate = path.with_name(f"{head}{number:0{len(digits)}d}{tail}{path.suffix}")
+        if not candidate.exists():
+            return candidate
 
 
 def _raise_for_status(history: dict) -> None:

@@ -80,22 +80,24 @@ class EmbeddedServer:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
     def start(self) -> None:
+        """Start ``main.py`` in its own session (so a terminal's Ctrl-C reaches only us; :meth:`stop` signals the
+        whole group) under a new temporary base dir ($TMPDIR); on any failure, stop it and remove the dir."""
         self.base_dir = pathlib.Path(tempfile.mkdtemp(prefix="comfyui-syncd-"))
-        (self.base_dir / "custom_nodes").mkdir()
-        (self.base_dir / "user").mkdir()
-        (self.base_dir / "custom_nodes" / PACK_FOLDER).symlink_to(PACK_ROOT, target_is_directory=True)
-        self.log_path = self.base_dir / "comfyui.log"
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                   "--disable-auto-launch", "--base-directory", str(self.base_dir),
-                   "--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}",
-                   "--disable-api-nodes", *self.extra_args]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL,
-                                            preexec_fn=_default_sigint if os.name == "posix" else None)
         try:
+            (self.base_dir / "custom_nodes").mkdir()
+            (self.base_dir / "user").mkdir()
+            (self.base_dir / "custom_nodes" / PACK_FOLDER).symlink_to(PACK_ROOT, target_is_directory=True)
+            self.log_path = self.base_dir / "comfyui.log"
+            port = free_port()
+            self.url = f"http://127.0.0.1:{port}"
+            command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                       "--disable-auto-launch", "--base-directory", str(self.base_dir),
+                       "--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}",
+                       "--disable-api-nodes", *self.extra_args]
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(command, cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL, start_new_session=os.name == "posix",
+                                                preexec_fn=_default_sigint if os.name == "posix" else None)
             self._wait_ready()
             self._check_pack_loaded()
         except BaseException:
@@ -127,15 +129,29 @@ class EmbeddedServer:
         raise EmbeddedServerError(f"ComfyUI started but the SynCD pack did not load ({PROBE_NODE} is not in "
                                   f"/object_info); log {self.log_path}:\n{import_errors(self.log())}")
 
-    def stop(self) -> None:
-        """SIGINT (ComfyUI exits cleanly on KeyboardInterrupt), then SIGKILL after 15 s; remove the base dir."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGINT to the server's process group (ComfyUI exits cleanly on KeyboardInterrupt), SIGKILL to the group
+        after ``grace`` s or if anything of it is left; then remove the base dir."""
+        process, self.process = self.process, None
+        if process is not None:
+            if process.poll() is None:
+                _signal_group(process, signal.SIGINT)
+                try:
+                    process.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    pass
+            _signal_group(process, signal.SIGKILL)  # the rest of the group (and the server, if still there)
+            process.wait()
         if self.base_dir is not None and not self.keep_base_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    """Signal the process group that ``process`` leads (``start_new_session``), or just it elsewhere."""
+    try:
+        if os.name == "posix":
+            os.killpg(process.pid, sig)
+        elif process.poll() is None:
+            process.kill()
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -24,6 +24,8 @@ HF = "https://huggingface.co"
 SD15 = ("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors",
         f"{HF}/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors")
 TERMINUS = ("checkpoints", "terminus-xl-gamma-v1.safetensors", None)
+SDXL_BASE = ("checkpoints", "sd_xl_base_1.0.safetensors",
+             f"{HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors")
 FLUX_DEV = ("diffusion_models", "flux1-dev.safetensors", f"{HF}/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors")
 CLIP_L = ("text_encoders", "clip_l.safetensors",
           f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors")
@@ -457,6 +459,87 @@ def jedi_inpainting(object_info: dict, name: str) -> dict:
     return g.to_json(left=[note])
 
 
+DCI_PROMPT = "a photo of a V* dog in times square"
+DCI_STRENGTHS = (-2.0, 0.0, 2.0)  # λ: the paper's typical range is −2..2
+
+
+def dci_sweep(object_info: dict, name: str, family: str) -> dict:
+    """DCI (official sample.py): one prompt, three λ; DDIM η=1 (ComfyUI's ddpm sampler on the ddim_uniform
+    schedule), 200 steps, CFG 6, window 0.3 (the code's agg_time; the paper: 0.15); weight maps of the middle λ."""
+    g = Builder(object_info)
+    g.extra["syncd"] = {"family": family}
+    checkpoint = sd15_checkpoint(g) if family == "sd15" else g.add(
+        "CheckpointLoaderSimple", properties=models_property(SDXL_BASE), ckpt_name=SDXL_BASE[1])
+    size = 512 if family == "sd15" else 1024
+    prompt = g.add("PrimitiveStringMultiline", title="Prompt (with the concept)", value=DCI_PROMPT)
+    branches = [g.add("DCIDualBranch", title=f"DCI λ = {strength:g}", concept="V* dog", auxiliary_noun="dog",
+                      strength=strength, window=0.3) for strength in DCI_STRENGTHS]
+    for branch in branches:
+        g.connect(checkpoint, 0, branch, "model")
+        g.connect(checkpoint, 1, branch, "clip")
+        g.connect(prompt, 0, branch, "prompt")
+    positive = g.add("CLIPTextEncode", title="Concept prompt", text=DCI_PROMPT)
+    auxiliary = g.add("CLIPTextEncode", title="Auxiliary prompt (built by DCI)", text="a photo of a dog in times square")
+    negative = g.add("CLIPTextEncode", title="Negative prompt", text="")
+    for encoder in (positive, auxiliary, negative):
+        g.connect(checkpoint, 1, encoder, "clip")
+    g.connect(branches[0], 1, positive, "text")
+    g.connect(branches[0], 2, auxiliary, "text")
+    empty = g.add("EmptyLatentImage", width=size, height=size, batch_size=1)
+    noise = g.add("RandomNoise")
+    select = g.add("KSamplerSelect", sampler_name="ddpm")
+    schedule = g.add("BasicScheduler", scheduler="ddim_uniform", steps=200)
+    g.connect(checkpoint, 0, schedule, "model")
+    guiders, samplers, outputs = [], [], []
+    for branch, strength in zip(branches, DCI_STRENGTHS):
+        guider = g.add("DCIGuider", cfg=6.0)
+        sampler = g.add("SamplerCustomAdvanced", title=f"Sample λ = {strength:g}")
+        g.connect(branch, 0, guider, "model")
+        g.connect(positive, 0, guider, "positive")
+        g.connect(auxiliary, 0, guider, "auxiliary")
+        g.connect(negative, 0, guider, "negative")
+        g.connect(noise, 0, sampler, "noise")
+        g.connect(guider, 0, sampler, "guider")
+        g.connect(select, 0, sampler, "sampler")
+        g.connect(schedule, 0, sampler, "sigmas")
+        g.connect(empty, 0, sampler, "latent_image")
+        guiders.append(guider)
+        samplers.append(sampler)
+        outputs += g.output(sampler, (checkpoint, 2), f"dci_lambda_{strength:g}")
+    maps = g.add("DCIWeightMaps", title=f"Auxiliary-branch weight maps (λ = {DCI_STRENGTHS[1]:g})")
+    as_image = g.add("MaskToImage")
+    preview = g.add("SaveImage", size=(420, 460), filename_prefix="dci_weight_maps")
+    g.connect(guiders[1], 0, maps, "guider")
+    g.connect(samplers[1], 0, maps, "samples")
+    g.connect(maps, 0, as_image, "mask")
+    g.connect(as_image, 0, preview, "images")
+    model_file = SD15 if family == "sd15" else SDXL_BASE
+    note = g.note("\n".join([
+        f"DCI dual-branch inference — a λ sweep on {'SD1.5' if family == 'sd15' else 'SDXL'}",
+        "",
+        "The concept branch (your prompt) and the auxiliary branch (the same prompt with 'V* dog' replaced by "
+        "'dog', built by DCI Dual-Branch) are integrated in every cross-attention layer during the first 30% of "
+        "the timesteps. Higher λ follows the prompt more, lower λ keeps the concept. Outputs: one image per λ, "
+        "and the auxiliary branch's weight maps per step for the middle λ (white = from the auxiliary branch).",
+        "",
+        "Put this file into your ComfyUI folder:",
+        files_block([(model_file, "the base model; for a learned concept use your ICO fine-tuned model")]),
+        "",
+        "With an ICO concept (python -m comfyui_syncd.training.ico): add LoraLoaderModelOnly with its k/v file "
+        "after the checkpoint, and write the concept as embedding:<name> in the prompt and in each DCI node's "
+        "concept, e.g. prompt 'a photo of a embedding:my_dog dog in times square', concept 'embedding:my_dog dog'.",
+        "",
+        "Settings (official sample.py): DDIM η=1 (sampler ddpm, scheduler ddim_uniform), 200 steps, CFG 6, "
+        "window 0.3 (the paper uses 0.15).",
+        "",
+        TINY_HINT.format(name=name),
+    ]), size=(480, 640))
+    g.groups_in_order(Models=[[checkpoint]], Prompts=[[prompt], branches, [positive, auxiliary, negative]],
+                      Sampling=[[empty, noise, select, schedule], guiders, samplers],
+                      Output=[outputs[0::2], outputs[1::2], [maps, as_image, preview]])
+    return g.to_json(left=[note])
+
+
 # -- template browser thumbnails: the editor shows workflows/<name>.jpg on each template card -------------
 THUMBNAILS = {  # name -> (title, subtitle, reference images, generated images, accent colour)
     "syncd_customization_sdxl_1ref.json": ("SynCD customization", "SDXL · 1 reference", 1, 1, "#3f789e"),
@@ -467,6 +550,8 @@ THUMBNAILS = {  # name -> (title, subtitle, reference images, generated images, 
                                            "#8a6d3b"),
     "jedi_coupled_attention_sd15.json": ("JeDi coupled attention", "SD1.5 · a set of 3 images", 0, 3, "#3f8e5a"),
     "jedi_inpainting_sd15.json": ("JeDi inpainting", "SD1.5 · 2 references + 1 new image", 2, 1, "#3f8e5a"),
+    "dci_lambda_sweep_sd15.json": ("DCI dual-branch", "SD1.5 · λ sweep −2, 0, 2", 0, 3, "#9e4f4f"),
+    "dci_lambda_sweep_sdxl.json": ("DCI dual-branch", "SDXL · λ sweep −2, 0, 2", 0, 3, "#9e4f4f"),
 }
 
 
@@ -507,6 +592,8 @@ BUILDERS = {
     "syncd_datagen_deformable_flux.json": flux_datagen,
     "jedi_coupled_attention_sd15.json": jedi_coupled,
     "jedi_inpainting_sd15.json": jedi_inpainting,
+    "dci_lambda_sweep_sd15.json": lambda info, name: dci_sweep(info, name, "sd15"),
+    "dci_lambda_sweep_sdxl.json": lambda info, name: dci_sweep(info, name, "sdxl"),
 }
 
 

@@ -30,6 +30,9 @@ EXPECTED = {
     "syncd_datagen_deformable_flux.json": ("flux", {"SynCDSharedAttention"}, 3),
     "jedi_coupled_attention_sd15.json": ("sd15", {"SynCDSharedAttention"}, 3),
     "jedi_inpainting_sd15.json": ("sd15", {"JeDiJointImageSet", "SynCDSharedAttention", "JeDiImageGuider"}, 3),
+    # 3 images (λ −2, 0, 2) + the weight maps of the steps in the window (--tiny: 4 steps, the first in 0.3)
+    "dci_lambda_sweep_sd15.json": ("sd15", {"DCIDualBranch", "DCIGuider", "DCIWeightMaps"}, 4),
+    "dci_lambda_sweep_sdxl.json": ("sdxl", {"DCIDualBranch", "DCIGuider", "DCIWeightMaps"}, 4),
 }
 # loader -> {widget index: models folder} for the files it names
 LOADER_FILES = {"CheckpointLoaderSimple": {0: "checkpoints"}, "UNETLoader": {0: "diffusion_models"},
