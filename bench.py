@@ -16,6 +16,11 @@ reference (dense upstream mask) implementation, and prints:
 plain CFG sampling (2 evaluations), the normalized guider without references (3 evaluations), and with R
 references our scheme (one reference pass per step, shared by the three branches) against the upstream scheme
 (one reference pass per guidance branch), all in one process, alternating runs.
+
+``python -m comfyui_syncd.bench dci`` times DCI dual-branch sampling against plain CFG sampling of the same tiny
+model, for window fractions 0.15 (the paper) and 0.3 (the official code), alternating runs in one process, and
+prints the measured ratio beside the predicted one: 1 + (aux passes)/(2 · steps) for one image (the auxiliary
+branch adds one conditional pass per step inside the window to the two CFG evaluations).
 """
 
 from __future__ import annotations
@@ -219,6 +224,59 @@ def bench_customization(args) -> None:
         sys.stdout.flush()
 
 
+def bench_dci(args) -> None:
+    import_comfy(cpu=not args.gpu, pytorch_attention=True)
+    import comfy.model_management
+    import comfy.samplers
+
+    from .demo import tiny_models
+    from .nodes.dci import timestep_fraction
+    from .nodes.dci_nodes import DCIDualBranch, DCIGuiderNode
+
+    device = comfy.model_management.get_torch_device()
+    torch.set_grad_enabled(False)
+    family = args.family
+    model = tiny_models.build_model(family, seed=0, width=args.width)
+    prompt, negative = "a photo of a V* dog in times square", tiny_models.encode_text(family, "")
+    lat, channels = args.size // 8, tiny_models.LATENT_CHANNELS[family]
+    sampling = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "ddim_uniform" if family != "flux" else "simple",
+                                             args.steps).cpu()
+
+    def seconds(guider) -> float:
+        noise = torch.randn(1, channels, lat, lat, generator=torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas, seed=0,
+                      disable_pbar=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    plain = comfy.samplers.CFGGuider(model)
+    plain.set_conds(tiny_models.encode_text(family, prompt), negative)
+    plain.set_cfg(6.0)
+    guiders = [("plain CFG", None, plain)]
+    for window in args.windows:
+        patched, p, aux = DCIDualBranch.execute(model, prompt, "V* dog", "dog", 1.0, window).args
+        guiders.append((f"DCI window {window:g}", window, DCIGuiderNode.execute(
+            patched, tiny_models.encode_text(family, p), tiny_models.encode_text(family, aux), negative, 6.0).args[0]))
+    for _, _, guider in guiders:
+        seconds(guider)  # warm-up
+    times = {name: [] for name, _, _ in guiders}
+    for _ in range(args.repeats):
+        for name, _, guider in guiders:
+            times[name].append(seconds(guider))
+    base = statistics.median(times["plain CFG"])
+    print(f"DCI benchmark: tiny {family} width {args.width}, {args.size}x{args.size} px, {args.steps} steps, one "
+          f"image, device {device}, median of {args.repeats}")
+    print(f"{'sampling':<20}{'aux passes':>11}{'seconds':>9}{'x plain':>9}{'predicted':>11}")
+    for name, window, _ in guiders:
+        inside = 0 if window is None else sum(timestep_fraction(sampling, float(s)) > 1 - window for s in sigmas[:-1])
+        median = statistics.median(times[name])
+        print(f"{name:<20}{inside:>11}{median:>9.3f}{median / base:>9.2f}{1 + inside / (2 * args.steps):>11.2f}")
+        sys.stdout.flush()
+
+
 def _one_pass_per_branch(run):
     """``ReferenceRun.ensure_features`` as upstream schedules it: a pass of R rows for each of the three branches
     (unconditional and image with the text-free text, full with the reference prompt); the features are then
@@ -275,8 +333,18 @@ def main(argv=None) -> int:
     cu.add_argument("--repeats", type=int, default=3)
     cu.add_argument("--references", type=lambda s: [int(x) for x in s.split(",")], default=[1, 3])
     cu.add_argument("--gpu", action="store_true", help="run on the GPU (default: CPU)")
+    dc = sub.add_parser("dci", help="DCI dual-branch sampling cost over plain sampling")
+    dc.add_argument("--family", choices=["sd15", "sdxl", "flux"], default="sd15")
+    dc.add_argument("--width", type=int, default=64, help="model width (UNet model_channels / Flux hidden size)")
+    dc.add_argument("--size", type=int, default=256, help="image size in pixels (latent = size/8)")
+    dc.add_argument("--steps", type=int, default=20)
+    dc.add_argument("--repeats", type=int, default=3)
+    dc.add_argument("--windows", type=lambda s: [float(x) for x in s.split(",")], default=[0.15, 0.3])
+    dc.add_argument("--gpu", action="store_true", help="run on the GPU (default: CPU)")
     args = parser.parse_args(argv)
-    if args.bench == "shared-attention":
+    if args.bench == "dci":
+        bench_dci(args)
+    elif args.bench == "shared-attention":
         bench_shared_attention(args)
     elif args.bench == "customization":
         bench_customization(args)
