@@ -158,3 +158,26 @@ def test_wrong_wiring_is_named(tiny, models):
         DCIGuiderNode.execute(patched, *(tiny.encode_text("sd15", t) for t in (PROMPT, "a cat", "")), 4.0)
     with pytest.raises(ValueError, match="'sks cat' is not in the prompt"):
         DCIDualBranch.execute(model, PROMPT, "sks cat", "cat", 1.0, 0.3)
+
+
+def test_token_sets_of_a_textual_inversion_concept_with_comfyui_tokenizer(tmp_path):
+    """'embedding:name' (an ICO concept) is found with ComfyUI's own tokenizer, vectors and all."""
+    import comfy.sd1_clip
+    import safetensors.torch
+
+    from comfyui_syncd.core.dci_prompt import dual_branch_tokens
+    from comfyui_syncd.core.tokens import clip_tokenizer
+
+    safetensors.torch.save_file({"emb_params": torch.randn(3, 768)}, str(tmp_path / "my_dog.safetensors"))
+
+    class Clip:  # the part of ComfyUI's CLIP object that clip_tokenizer uses
+        tokenizer = comfy.sd1_clip.SDTokenizer(embedding_directory=str(tmp_path))
+
+        def tokenize(self, text):
+            return {"l": self.tokenizer.tokenize_with_weights(text)}
+
+    tokens = dual_branch_tokens(clip_tokenizer(Clip()), "a photo of a embedding:my_dog dog on the beach",
+                                "embedding:my_dog dog", "dog")
+    assert tokens.auxiliary_prompt == "a photo of a dog on the beach"
+    assert tokens.concept.tokens == (4, 5, 6, 7)  # <start> a photo of a [3 vectors] dog
+    assert tokens.concept.window == tuple(range(1, 11)) and tokens.auxiliary_noun == (4,)
