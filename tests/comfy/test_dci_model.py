@@ -179,5 +179,5 @@ def test_token_sets_of_a_textual_inversion_concept_with_comfyui_tokenizer(tmp_pa
     tokens = dual_branch_tokens(clip_tokenizer(Clip()), "a photo of a embedding:my_dog dog on the beach",
                                 "embedding:my_dog dog", "dog")
     assert tokens.auxiliary_prompt == "a photo of a dog on the beach"
-    assert tokens.concept.tokens == (4, 5, 6, 7)  # <start> a photo of a [3 vectors] dog
-    assert tokens.concept.window == tuple(range(1, 11)) and tokens.auxiliary_noun == (4,)
+    assert tokens.concept.tokens == (5, 6, 7, 8)  # <start> a photo of a [3 vectors] dog
+    assert tokens.concept.window == tuple(range(1, 12)) and tokens.auxiliary_noun == (5,)
