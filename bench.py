@@ -230,7 +230,7 @@ def bench_dci(args) -> None:
     import comfy.samplers
 
     from .demo import tiny_models
-    from .nodes.dci import timestep_fraction
+    from .nodes.dci import in_window
     from .nodes.dci_nodes import DCIDualBranch, DCIGuiderNode
 
     device = comfy.model_management.get_torch_device()
@@ -271,7 +271,7 @@ def bench_dci(args) -> None:
           f"image, device {device}, median of {args.repeats}")
     print(f"{'sampling':<20}{'aux passes':>11}{'seconds':>9}{'x plain':>9}{'predicted':>11}")
     for name, window, _ in guiders:
-        inside = 0 if window is None else sum(timestep_fraction(sampling, float(s)) > 1 - window for s in sigmas[:-1])
+        inside = 0 if window is None else sum(in_window(sampling, float(s), window) for s in sigmas[:-1])
         median = statistics.median(times[name])
         print(f"{name:<20}{inside:>11}{median:>9.3f}{median / base:>9.2f}{1 + inside / (2 * args.steps):>11.2f}")
         sys.stdout.flush()

@@ -46,9 +46,10 @@ def concept_weight(a1: torch.Tensor, a2: torch.Tensor, strength: float) -> torch
 
 
 def blend(out_concept: torch.Tensor, out_auxiliary: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
-    """Eq. 5 per head: (B, H, N, d) outputs, (B, H, N) concept weight."""
-    w = w1.unsqueeze(-1).to(out_concept.dtype)
-    return w * out_concept + (1 - w) * out_auxiliary
+    """Eq. 5 per head: (B, H, N, d) outputs, (B, H, N) concept weight; computed in float32, returned in the
+    outputs' dtype (a bf16 weight would quantise small auxiliary shares away)."""
+    w = w1.unsqueeze(-1).float()
+    return (w * out_concept.float() + (1 - w) * out_auxiliary.float()).to(out_concept.dtype)
 
 
 def dbim_weight(probs_concept: torch.Tensor, probs_auxiliary: torch.Tensor, concept_window, concept_tokens,

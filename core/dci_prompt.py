@@ -85,9 +85,14 @@ def dual_branch_tokens(tokenize: Callable[[str], list], prompt: str, concept: st
     before = aux_prompt[:aux_prompt.index(noun.strip(), len(_prefix(prompt, concept)))]
     concept_ids, aux_ids = tokenize(prompt), tokenize(aux_prompt)
 
+    chunk = len(tokenize(""))
+    for text, ids in ((prompt, concept_ids), (aux_prompt, aux_ids)):
+        if len(ids) > chunk:
+            raise ValueError(f"DCI: the prompt {text!r} is longer than one text-encoder chunk ({chunk} tokens with "
+                             f"start and end); shorten it, DCI's token windows cover one chunk")
+
     def window(ids):
         start, stop = word_span(tokenize, ids)
-        chunk = len(tokenize(""))
         return tuple(range(start, chunk if include_end_tokens else stop))
 
     concept_window, aux_window = window(concept_ids), window(aux_ids)

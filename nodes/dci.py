@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import comfy.model_sampling
 import comfy.samplers
+import comfy.utils
 
 from ..attention.dci import attention_probs, blend, concept_weight, spatial_map, token_mass
 from ..core.dci_prompt import DualBranchTokens
@@ -81,18 +82,30 @@ def _unet_grid(transformer_options: dict, n: int) -> tuple[int, int]:
     return round(h / factor), round(w / factor)
 
 
+def _own_tokens(probs: torch.Tensor, length: int) -> torch.Tensor:
+    """Probabilities over the branch's own ``length`` text tokens: ComfyUI repeats a shorter context to the longest
+    one of a joint pass (``CONDCrossAttn.concat``), which splits each token's probability over its copies."""
+    total = probs.shape[-1]
+    if length and total > length and total % length == 0:
+        return probs.unflatten(-1, (total // length, length)).sum(-2)
+    return probs
+
+
 def _dbim(config: DCIConfig, step: DualBranchStep, phase, layer, probs, out_heads, grid):
     """Record (auxiliary pass) or blend (concept pass) one layer: ``probs`` (B, H, N, T) and ``out_heads``
     (B, H, N, d) of the image queries of the branch's rows. Returns the blended concept output, or None."""
     t = config.tokens
     if phase is kit.Phase.AUXILIARY:
+        probs = _own_tokens(probs, len(config.auxiliary_prompt_tokens))
         mass = token_mass(probs, t.auxiliary.window, t.auxiliary.tokens, config.token_temperature)
         step.auxiliary[layer] = (spatial_map(mass, config.spatial_temperature, config.gain), out_heads)
         return None
     a2, out_auxiliary = step.auxiliary[layer]
-    if out_auxiliary.shape[0] != out_heads.shape[0]:
-        raise ValueError(f"{NODE}: the auxiliary pass had {out_auxiliary.shape[0]} images but the concept pass "
-                         f"{out_heads.shape[0]}; sample with the DCI Guider")
+    if out_auxiliary.shape[0] != out_heads.shape[0] or a2.shape[-1] != out_heads.shape[-2]:
+        raise ValueError(f"{NODE}: the auxiliary pass had {tuple(out_auxiliary.shape[:3])} (images, heads, tokens) "
+                         f"but the concept pass {tuple(out_heads.shape[:3])}; sample with the DCI Guider, with one "
+                         f"positive and one auxiliary conditioning without areas or masks")
+    probs = _own_tokens(probs, len(config.prompt_tokens))
     mass = token_mass(probs, t.concept.window, t.concept.tokens, config.token_temperature)
     w1 = concept_weight(spatial_map(mass, config.spatial_temperature, config.gain), a2, config.strength)
     step.weights[layer] = (w1, grid)
@@ -113,8 +126,7 @@ def make_unet_attn2(config: DCIConfig):
             return out
         probs = attention_probs(kit.heads_first(q[rows], heads), kit.heads_first(k[rows], heads))
         out_heads = kit.heads_first(out, heads)
-        grid = _unet_grid(extra, q.shape[1])
-        mixed = _dbim(config, step, state.phase, layer, probs, out_heads[rows], grid)
+        mixed = _dbim(config, step, state.phase, layer, probs, out_heads[rows], _unet_grid(extra, q.shape[1]))
         if mixed is None:
             return out
         out = out.clone()
@@ -124,20 +136,27 @@ def make_unet_attn2(config: DCIConfig):
 
 
 def make_flux_handler(config: DCIConfig):
-    def handler(q, k, v, heads, mask, state: kit.ForwardState, to: dict):
+    """Joint attention [text ‖ image (‖ reference latents)]: the image tokens' outputs of the concept rows are
+    blended; the maps are the image queries' attention to the text keys, softmaxed over the text keys only."""
+    def handler(q, k, v, heads, mask, state: kit.ForwardState, to: dict, call_next):
         step = state.dual_branch
         if step is None or state.flux_tokens is None or state.phase not in (kit.Phase.AUXILIARY, kit.Phase.TARGET):
             return None
         n_text, gh, gw = state.flux_tokens
+        image = slice(n_text, n_text + gh * gw)  # not the reference latents (Kontext) that may follow
         rows = concept_rows(to, q.shape[0], state) if state.phase is kit.Phase.TARGET else list(range(q.shape[0]))
         if state.phase is kit.Phase.TARGET and (not rows or state.block not in step.auxiliary):
             return None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        probs = attention_probs(q[rows, :, n_text:], k[rows, :, :n_text])
-        mixed = _dbim(config, step, state.phase, state.block, probs, out[rows, :, n_text:], (gh, gw))
-        if mixed is not None:
-            out = out.clone()
-            out[rows, :, n_text:] = mixed.to(out.dtype)
+        out = call_next()
+        scores = q[rows, :, image].float() @ k[rows, :, :n_text].float().transpose(-1, -2) * q.shape[-1] ** -0.5
+        if mask is not None:  # an attention_mask conditioning (e.g. Redux attn_bias) biases these scores too
+            bias = mask if mask.ndim == 4 else mask.unsqueeze(1)
+            scores = scores + bias[rows if bias.shape[0] == q.shape[0] else slice(None), :, image, :n_text].float()
+        mixed = _dbim(config, step, state.phase, state.block, scores.softmax(-1), out[rows, :, image], (gh, gw))
+        if mixed is None:
+            return out
+        out = out.clone()
+        out[rows, :, image] = mixed.to(out.dtype)
         return out
     return handler
 
@@ -148,9 +167,10 @@ def apply_dci(model, config: DCIConfig):
         raise ValueError(f"{NODE}: window must be between 0 and 1 (a fraction of the timesteps); got {config.window}")
     m = model.clone()
     diffusion_model = m.get_model_object("diffusion_model")
+    kit.model_blocks(diffusion_model, NODE)  # names an architecture that is neither a UNet nor Flux
     if kit.is_flux(diffusion_model):
         kit.mark_flux_blocks(m)
-        kit.add_attention_override(m, make_flux_handler(config))
+        kit.add_attention_override(m, make_flux_handler(config), chained=True)
     else:
         kit.add_attn2(m, make_unet_attn2(config), kit.unet_attention_blocks(diffusion_model))
     kit.add_forward_wrapper(m, PATCH_KEY, lambda *args: None)  # every pass gets its ForwardState
@@ -168,18 +188,26 @@ def _with_state(model_options: dict, state: kit.ForwardState) -> dict:
     return options
 
 
-def timestep_fraction(model_sampling, sigma: float) -> float:
-    """Upstream's t/1000 on the DDPM timestep (t in 0..999); flow models: their timestep over the timestep at
-    σ = 1 (σ itself for Flux)."""
-    t = float(model_sampling.timestep(torch.tensor([sigma])).item())
-    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
-        return t / len(model_sampling.sigmas)
-    return t / float(model_sampling.timestep(torch.tensor([1.0])).item())
+def in_window(model_sampling, sigma: float, window: float) -> bool:
+    """Upstream's ``t/1000 > 1 − window`` on the DDPM timestep for discrete-time models (LCM's distilled schedule
+    maps to the same 0..999 timesteps); other models: σ above the sigma at ``window`` of the sampling progress."""
+    if window <= 0:
+        return False
+    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete) and \
+            not isinstance(model_sampling, comfy.model_sampling.StableCascadeSampling):
+        return float(model_sampling.timestep(torch.tensor([sigma])).item()) / 1000 > 1 - window
+    return sigma > float(model_sampling.percent_to_sigma(window))
+
+
+def auxiliary_noise(noise: torch.Tensor, seed) -> torch.Tensor:
+    """The auxiliary branch's own z_T (upstream: an independent torch.randn): a stream no other seed's noise uses."""
+    generator = torch.Generator().manual_seed((int(seed or 0) * 6364136223846793005 + 1442695040888963407) % 2 ** 63)
+    return torch.randn(noise.shape, generator=generator, dtype=torch.float32).to(noise)
 
 
 class DCIGuider(comfy.samplers.CFGGuider):
-    """CFG with DCI's auxiliary branch (see the module docstring); ``weight_maps`` keeps, per step in the window,
-    the auxiliary branch's weight 1 − w1 averaged over heads and layers, (B, h, w) on the latent grid."""
+    """CFG with DCI's auxiliary branch (see the module docstring). ``weight_maps`` keeps one map per sampling step in
+    the window (the step's last evaluation): the auxiliary weight 1 − w1, mean over heads and layers, (B, h, w)."""
 
     def __init__(self, model_patcher, cfg: float):
         super().__init__(model_patcher)
@@ -188,27 +216,36 @@ class DCIGuider(comfy.samplers.CFGGuider):
             raise ValueError("DCI Guider: the model is not patched by DCI Dual-Branch; connect that node's MODEL")
         self.set_cfg(cfg)
         self.dual = False
-        self.weight_maps: list[torch.Tensor] = []
+        self.maps_by_step: dict[int, torch.Tensor] = {}
+
+    @property
+    def weight_maps(self) -> list[torch.Tensor]:
+        return [self.maps_by_step[k] for k in sorted(self.maps_by_step)]
 
     def set_conds(self, positive, auxiliary, negative):
         self.inner_set_conds({"positive": positive, "negative": negative, "auxiliary": auxiliary})
 
     def in_window(self, sigma: float) -> bool:
-        return timestep_fraction(self.model_patcher.get_model_object("model_sampling"), sigma) > 1 - self.config.window
+        return in_window(self.model_patcher.get_model_object("model_sampling"), sigma, self.config.window)
 
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
                seed=None):
-        self.weight_maps = []
+        self.maps_by_step = {}
         self.dual = any(self.in_window(float(s)) for s in sigmas[:-1])
         if not self.dual:  # an empty window is the plain model
             return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
         b = noise.shape[0]
-        generator = torch.Generator().manual_seed(((seed or 0) + 1) % 2 ** 63)  # upstream: an independent z_T
-        aux_noise = torch.randn(noise.shape, generator=generator).to(noise)
-        if denoise_mask is not None and denoise_mask.shape[0] == b:
+        latent_image = latent_image.expand(b, *latent_image.shape[1:]) if latent_image.shape[0] == 1 else latent_image
+        if denoise_mask is not None:
+            denoise_mask = comfy.utils.reshape_mask(denoise_mask, noise.shape)
             denoise_mask = torch.cat([denoise_mask, denoise_mask])
-        out = super().sample(torch.cat([noise, aux_noise]), torch.cat([latent_image, latent_image]), sampler, sigmas,
-                             denoise_mask, callback, disable_pbar, seed)
+
+        def concept_callback(step, x0, x, total):  # previews and denoised_output see the concept branch only
+            return callback(step, x0[:b], x[:b], total)
+
+        out = super().sample(torch.cat([noise, auxiliary_noise(noise, seed)]), torch.cat([latent_image, latent_image]),
+                             sampler, sigmas, denoise_mask, concept_callback if callback else None, disable_pbar,
+                             seed)
         return out[:b]
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -219,35 +256,51 @@ class DCIGuider(comfy.samplers.CFGGuider):
         b = x.shape[0] // 2
         xc, xa = x[:b], x[b:]
         tc, ta = timestep[:b], timestep[b:]
-        if not self.in_window(float(timestep.max())):  # after the window the auxiliary branch is dropped
-            concept = comfy.samplers.sampling_function(self.inner_model, xc, tc, negative, positive, self.cfg,
-                                                       model_options=model_options, seed=seed)
-            return torch.cat([concept, xa])
-        step = DualBranchStep()
-        (aux_out,) = comfy.samplers.calc_cond_batch(
-            self.inner_model, [auxiliary], xa, ta,
-            _with_state(model_options, kit.ForwardState(phase=kit.Phase.AUXILIARY, dual_branch=step)))
+        # The caller's post-CFG functions (CFG++ samplers, ...) run once below, on both branches together.
+        post_cfg = model_options.get("sampler_post_cfg_function", [])
         captured = {}
 
         def capture(args):
-            captured["uncond"] = args["uncond_denoised"]
+            captured.update(args)
             return args["denoised"]
 
-        roles = {c["uuid"]: role for role, conds in ((FULL, positive), (UNCOND, negative)) for c in conds or ()}
-        options = _with_state(model_options, kit.ForwardState(guidance=kit.GuidanceBranches(roles=roles),
-                                                              dual_branch=step))
-        options["sampler_post_cfg_function"] = [*options.get("sampler_post_cfg_function", []), capture]
+        options = {**model_options, "sampler_post_cfg_function": [capture]}
+        inside = self.in_window(float(timestep.max()))
+        step = DualBranchStep()
+        if inside:
+            (aux_cond,) = comfy.samplers.calc_cond_batch(
+                self.inner_model, [auxiliary], xa, ta,
+                _with_state(options, kit.ForwardState(phase=kit.Phase.AUXILIARY, dual_branch=step)))
+            roles = {c["uuid"]: role for role, conds in ((FULL, positive), (UNCOND, negative)) for c in conds or ()}
+            options = _with_state(options, kit.ForwardState(guidance=kit.GuidanceBranches(roles=roles),
+                                                            dual_branch=step))
         concept = comfy.samplers.sampling_function(self.inner_model, xc, tc, negative, positive, self.cfg,
                                                    model_options=options, seed=seed)
-        aux = aux_out
-        uncond = captured.get("uncond")
-        if uncond is not None and not math.isclose(self.cfg, 1.0):
-            # upstream share_guidance: ε'_a = ε_u + s(ε_a − ε_u) with ε_u the concept latent's unconditional ε
-            sigma = ta.view(-1, *([1] * (x.dim() - 1)))
-            eps_u, eps_a = (xc - uncond) / sigma, (xa - aux_out) / sigma
-            aux = xa - sigma * (eps_u + self.cfg * (eps_a - eps_u))
-        self.weight_maps.append(_weight_map(step, xc.shape))
-        return torch.cat([concept, aux])
+        cond_c, uncond_c = captured["cond_denoised"], captured["uncond_denoised"]
+        if inside:
+            aux_uncond = _shared_uncond(xa, xc, uncond_c) if uncond_c is not None else None
+            aux = aux_cond if aux_uncond is None else aux_uncond + self.cfg * (aux_cond - aux_uncond)
+            self.maps_by_step[kit.current_step({"sample_sigmas": model_options.get("transformer_options", {})
+                                               .get("sample_sigmas"), "sigmas": timestep})] = _weight_map(step, xc.shape)
+        else:  # after the window the auxiliary branch is dropped: no model pass, it stays where it is
+            aux = aux_cond = aux_uncond = xa
+        denoised = torch.cat([concept, aux])
+        if post_cfg:
+            both = lambda c, a: None if c is None or a is None else torch.cat([c, a])  # noqa: E731
+            for fn in post_cfg:
+                denoised = fn({"denoised": denoised, "cond": positive, "uncond": negative, "cond_scale": self.cfg,
+                               "model": self.inner_model, "uncond_denoised": both(uncond_c, aux_uncond),
+                               "cond_denoised": both(cond_c, aux_cond), "sigma": timestep,
+                               "model_options": model_options, "input": x})
+        return denoised
+
+
+def _shared_uncond(xa, xc, uncond_c):
+    """Upstream ``share_guidance``: the auxiliary branch uses the concept latent's unconditional ε,
+    ε'_a = ε_u + s(ε_a − ε_u); as a denoised prediction on the auxiliary latent, x̂_u,a = x_a − σ·ε_u
+    = uncond + (x_a − x_c), so CFG on denoised predictions gives exactly that ε'_a (EPS; for V-prediction and flow
+    models the same rule on their ε-like quantity (x − x̂)/σ)."""
+    return uncond_c + (xa - xc)
 
 
 def _weight_map(step: DualBranchStep, latent_shape) -> torch.Tensor:

@@ -107,6 +107,12 @@ class DCIGuiderNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, auxiliary, negative, cfg) -> io.NodeOutput:
         wiring.check_conditioning("DCI Guider", model, positive=positive, auxiliary=auxiliary, negative=negative)
+        for name, conditioning in (("positive", positive), ("auxiliary", auxiliary)):
+            spatial = [k for k in ("area", "mask") for _, extras in conditioning if k in extras]
+            if len(conditioning) != 1 or spatial:
+                raise ValueError(f"DCI Guider: the {name} conditioning must be one plain text encoding (it has "
+                                 f"{len(conditioning)} entries{', with ' + '/'.join(spatial) if spatial else ''}); "
+                                 f"DCI blends one concept prompt with one auxiliary prompt over the whole image")
         guider = Guider(model, cfg)
         check_encoded(guider.config, positive, auxiliary)
         guider.set_conds(positive, auxiliary, negative)
@@ -122,7 +128,8 @@ class DCIWeightMaps(io.ComfyNode):
             category="SynCD/dci",
             description="The auxiliary branch's weight (1 − w1, mean over heads and cross-attention layers) at every "
                         "step inside the window, as in the paper's Fig. 11: white = taken from the auxiliary "
-                        "branch. One mask per step and image, step-major.",
+                        "branch. One mask per step and image, step-major (samplers that evaluate the model "
+                        "several times per step: the step's last evaluation).",
             inputs=[io.Guider.Input("guider", tooltip="The DCI Guider that sampled."),
                     io.Latent.Input("samples", tooltip="The sampler's output, so this runs after sampling."),
                     io.Int.Input("scale", default=8, min=1, max=16,

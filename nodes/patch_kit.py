@@ -319,12 +319,13 @@ def _block_marker(block: tuple[str, int], previous: Optional[Callable]) -> Calla
     return mark
 
 
-def add_attention_override(m, handler: Callable) -> None:
+def add_attention_override(m, handler: Callable, chained: bool = False) -> None:
     """Put ``handler`` in front of any earlier ``optimized_attention_override``.
 
     ``handler(q, k, v, heads, mask, state, transformer_options)`` gets heads-first (B, heads, L, D) q/k/v of
     Flux's joint attention (calls with ``skip_reshape``) and returns the heads-first output, or None to pass the
-    call through, unchanged, to the earlier override or ComfyUI's attention."""
+    call through, unchanged, to the earlier override or ComfyUI's attention. With ``chained`` it also gets
+    ``call_next()``, which returns that pass-through output (heads-first), to modify it."""
     to = m.model_options["transformer_options"]
     previous = to.get("optimized_attention_override")
 
@@ -332,16 +333,21 @@ def add_attention_override(m, handler: Callable) -> None:
                  transformer_options=None, **kwargs):
         topts = transformer_options if transformer_options is not None else {}
         state = topts.get(KEY)
+
+        def call_next(output_reshape: bool = True):
+            if previous is not None:
+                return previous(func, q, k, v, heads, mask=mask, skip_reshape=skip_reshape,
+                                skip_output_reshape=output_reshape, transformer_options=topts, **kwargs)
+            return func(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, skip_output_reshape=output_reshape,
+                        transformer_options=topts, **kwargs)
+
         out = None
         if skip_reshape and isinstance(state, ForwardState):
-            out = handler(q, k, v, heads, mask, state, topts)
+            out = (handler(q, k, v, heads, mask, state, topts, call_next) if chained
+                   else handler(q, k, v, heads, mask, state, topts))
         if out is not None:
             return out if skip_output_reshape else heads_last(out)
-        if previous is not None:
-            return previous(func, q, k, v, heads, mask=mask, skip_reshape=skip_reshape,
-                            skip_output_reshape=skip_output_reshape, transformer_options=topts, **kwargs)
-        return func(q, k, v, heads, mask=mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
-                    transformer_options=topts, **kwargs)
+        return call_next(skip_output_reshape)
 
     to["optimized_attention_override"] = override
 

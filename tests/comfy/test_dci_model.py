@@ -83,7 +83,7 @@ def count_passes(model):
 
 @pytest.mark.parametrize("window", [0.15, 0.3])
 def test_auxiliary_passes_only_inside_the_window(tiny, models, window):
-    from comfyui_syncd.nodes.dci import timestep_fraction
+    from comfyui_syncd.nodes.dci import in_window
     from comfyui_syncd.nodes.patch_kit import Phase
 
     model, passes = count_passes(models["sd15"])
@@ -91,9 +91,9 @@ def test_auxiliary_passes_only_inside_the_window(tiny, models, window):
     run(guider, tiny, "sd15", steps=12)
     sampling = model.get_model_object("model_sampling")
     aux = [p for p in passes if p[0] is Phase.AUXILIARY]
-    inside = [s for s in {p[2] for p in passes} if timestep_fraction(sampling, s) > 1 - window]
+    inside = [s for s in {p[2] for p in passes} if sampling.timestep(torch.tensor([s])).item() / 1000 > 1 - window]
     assert len(aux) == len(inside) == len(guider.weight_maps) > 0
-    assert all(timestep_fraction(sampling, p[2]) > 1 - window for p in aux)
+    assert all(in_window(sampling, p[2], window) for p in aux)
     # the auxiliary latents (2) only in their own pass; the concept latents with cond and uncond batched (4)
     assert all(p[1] == (2 if p[0] is Phase.AUXILIARY else 4) for p in passes)
     assert len(passes) == 12 + len(aux)  # the concept branch every step, the auxiliary one inside the window
@@ -181,3 +181,79 @@ def test_token_sets_of_a_textual_inversion_concept_with_comfyui_tokenizer(tmp_pa
     assert tokens.auxiliary_prompt == "a photo of a dog on the beach"
     assert tokens.concept.tokens == (5, 6, 7, 8)  # <start> a photo of a [3 vectors] dog
     assert tokens.concept.window == tuple(range(1, 12)) and tokens.auxiliary_noun == (5,)
+
+
+def test_a_longer_negative_prompt_gives_the_same_result_in_every_layout(tiny, models, separate_passes):
+    """ComfyUI repeats the shorter context of a joint pass to the longer one's length; the maps fold the copies."""
+    from comfyui_syncd.nodes.dci_nodes import DCIDualBranch, DCIGuiderNode
+
+    model = models["sd15"]
+    long_negative = tiny.encode_text("sd15", "blurry, " * 60)
+    assert long_negative[0][0].shape[1] == 154
+
+    def sample(m):
+        patched, p, aux = DCIDualBranch.execute(m, PROMPT, "sks dog", "dog", 2.0, 0.5).args
+        guider = DCIGuiderNode.execute(patched, tiny.encode_text("sd15", p), tiny.encode_text("sd15", aux),
+                                       long_negative, 4.0).args[0]
+        return run(guider, tiny, "sd15")
+    joint, separate = sample(model), sample(separate_passes(model))
+    assert (joint - separate).abs().max() < 1e-5 * joint.abs().max() + 1e-5
+
+
+def test_post_cfg_functions_see_both_branches_once_with_the_shared_unconditional(tiny, models):
+    """The auxiliary branch is CFG on the concept latent's unconditional ε (upstream share_guidance), and post-CFG
+    functions (CFG++ samplers) run once per evaluation on both branches."""
+    seen = []
+
+    def post(args):
+        seen.append(args)
+        return args["denoised"]
+
+    model = models["sd15"].clone()
+    model.set_model_sampler_post_cfg_function(post)
+    guider = dci(tiny, "sd15", model, window=0.5, cfg=4.0)
+    run(guider, tiny, "sd15")
+    inside = [a for a in seen if not torch.equal(a["cond_denoised"][2:], a["input"][2:])]
+    assert inside and len(inside) < len(seen)  # the window, then the dropped auxiliary branch
+    for a in inside:
+        x, b = a["input"], 2
+        xc, xa = x[:b], x[b:]
+        torch.testing.assert_close(a["uncond_denoised"][b:], a["uncond_denoised"][:b] + (xa - xc))
+        eps = lambda d, lat: (lat - d) / a["sigma"][b:].view(-1, 1, 1, 1)  # noqa: E731
+        eps_u, eps_a = eps(a["uncond_denoised"][:b], xc), eps(a["cond_denoised"][b:], xa)
+        expected = xa - a["sigma"][b:].view(-1, 1, 1, 1) * (eps_u + 4.0 * (eps_a - eps_u))
+        torch.testing.assert_close(a["denoised"][b:], expected, rtol=1e-4, atol=1e-3)
+    for a in seen:
+        assert a["denoised"].shape[0] == 4
+    assert run(dci(tiny, "sd15", models["sd15"]), tiny, "sd15", sampler="euler_cfg_pp").shape[0] == 2
+
+
+def test_callbacks_and_noise_of_the_doubled_batch(tiny, models):
+    import comfy.samplers
+
+    from comfyui_syncd.nodes.dci import auxiliary_noise
+
+    guider = dci(tiny, "sd15", models["sd15"])
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigmas = comfy.samplers.calculate_sigmas(models["sd15"].get_model_object("model_sampling"), "simple", 4).cpu()
+    shapes = []
+    out = guider.sample(noise, torch.zeros(1, 4, 8, 8), comfy.samplers.sampler_object("euler"), sigmas, seed=3,
+                        callback=lambda i, x0, x, n: shapes.append((x0.shape[0], x.shape[0])), disable_pbar=True)
+    assert out.shape[0] == 2 and shapes and set(shapes) == {(2, 2)}  # previews/denoised_output: concept only
+    aux = auxiliary_noise(noise, 3)
+    assert aux.shape == noise.shape and not torch.equal(aux, noise)
+    assert not torch.equal(aux, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)))
+
+
+def test_conditionings_dci_cannot_blend_are_refused(tiny, models):
+    from comfyui_syncd.nodes.dci_nodes import DCIDualBranch, DCIGuiderNode
+
+    patched, p, aux = DCIDualBranch.execute(models["sd15"], PROMPT, "sks dog", "dog", 1.0, 0.3).args
+    positive, auxiliary = tiny.encode_text("sd15", p), tiny.encode_text("sd15", aux)
+    with pytest.raises(ValueError, match="the positive conditioning must be one plain text encoding"):
+        DCIGuiderNode.execute(patched, positive + positive, auxiliary, tiny.encode_text("sd15", ""), 4.0)
+    with_area = [[auxiliary[0][0], {**auxiliary[0][1], "area": (4, 4, 0, 0)}]]
+    with pytest.raises(ValueError, match="auxiliary conditioning must be one plain text encoding .* with area"):
+        DCIGuiderNode.execute(patched, positive, with_area, tiny.encode_text("sd15", ""), 4.0)
+    with pytest.raises(ValueError, match="longer than one text-encoder chunk"):
+        DCIDualBranch.execute(models["sd15"], PROMPT + ", very detailed" * 30, "sks dog", "dog", 1.0, 0.3)
