@@ -3,6 +3,7 @@
 
 from .dci_nodes import DCIDualBranch, DCIGuiderNode, DCIWeightMaps
 from .guiders import JeDiImageGuider, SynCDCustomizationSampler, SynCDNormalizedGuider
+from .identity_score import SynCDIdentityScore
 from .ip_adapter import SynCDIPAdapterApply, SynCDIPAdapterLoader
 from .jedi import JeDiJointImageSet
 from .reference_nodes import SynCDApplyReferences, SynCDReferenceImages
@@ -11,4 +12,4 @@ from .syncd_checkpoint import SynCDCheckpointLoader
 
 NODES = [SynCDSharedAttention, SynCDReferenceImages, SynCDApplyReferences, SynCDNormalizedGuider, JeDiImageGuider,
          SynCDCustomizationSampler, JeDiJointImageSet, SynCDIPAdapterLoader, SynCDIPAdapterApply,
-         SynCDCheckpointLoader, DCIDualBranch, DCIGuiderNode, DCIWeightMaps]
+         SynCDCheckpointLoader, DCIDualBranch, DCIGuiderNode, DCIWeightMaps, SynCDIdentityScore]
