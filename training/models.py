@@ -74,8 +74,10 @@ def detect_family(path) -> str:
     return family_of_keys(_single_file_keys(path), str(path))
 
 
-def load(path, family: str = "auto", diffusers_config: Optional[str] = None) -> Parts:
-    """The pieces of the SD1.5/SDXL model at ``path`` (diffusers folder or single file), in float32 on the CPU."""
+def load(path, family: str = "auto", diffusers_config: Optional[str] = None,
+         prediction_types: Sequence[str] = ("epsilon",)) -> Parts:
+    """The pieces of the SD1.5/SDXL model at ``path`` (diffusers folder or single file), in float32 on the CPU;
+    a model whose scheduler predicts anything but ``prediction_types`` is refused."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -107,9 +109,9 @@ def load(path, family: str = "auto", diffusers_config: Optional[str] = None) -> 
             tokenizers, encoders = [pipe.tokenizer], [pipe.text_encoder]
         unet, vae, scheduler_config = pipe.unet, pipe.vae, pipe.scheduler.config
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
-    if noise_scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"{path} predicts {noise_scheduler.config.prediction_type}; these scripts train "
-                         f"epsilon-prediction SD1.5/SDXL models")
+    if noise_scheduler.config.prediction_type not in prediction_types:
+        raise ValueError(f"{path} predicts {noise_scheduler.config.prediction_type}; this script trains "
+                         f"{' or '.join(prediction_types)}-prediction SD1.5/SDXL models")
     for module in (*encoders, unet, vae):
         missing = [n for n, t in module.state_dict().items() if t.is_meta]
         if missing:

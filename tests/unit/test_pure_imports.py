@@ -32,7 +32,7 @@ def test_attention_core_and_training_import_without_comfyui(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert {"comfyui_syncd.core.tokens", "comfyui_syncd.core.ip_adapter_model", "comfyui_syncd.core.weights",
-            "comfyui_syncd.core.checkpoint_keys", "comfyui_syncd.attention.shared", "comfyui_syncd.training.ico",
+            "comfyui_syncd.core.checkpoint_keys", "comfyui_syncd.core.dataset_format", "comfyui_syncd.attention.shared", "comfyui_syncd.training.ico",
             "comfyui_syncd.training.config", "comfyui_syncd.training.models", "comfyui_syncd.training.checkpoints",
             "comfyui_syncd.training.data"} <= set(result["imported"])
     loaded = [m for m in result["loaded"] if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
