@@ -79,6 +79,7 @@ def save(accelerator, run_dir, step: int, keep: Optional[int] = None, extra: Opt
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its RNG state into tmp before the rename
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
         shutil.rmtree(final, ignore_errors=True)

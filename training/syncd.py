@@ -3,6 +3,11 @@ Customization", §4.2) for SDXL (the paper's model) and SD1.5, with diffusers.
 
     python -m comfyui_syncd.training.syncd --config syncd_sdxl.yaml            # one process
     accelerate launch -m comfyui_syncd.training.syncd --config syncd_sdxl.yaml  # GPUs/precision from accelerate
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m comfyui_syncd.training.syncd ...
+                                                          # two CPU processes (gloo); ``--cpu`` alone starts one
+
+N processes x ``gradient_accumulation_steps`` A train what one process with accumulation N·A trains: the data and
+every random draw follow the global stream of micro-batches, and the logged loss is the global batch's mean.
 
 What is trained (upstream nupurkmr9/syncd ``method/pipelines/sdxl_pipeline/model.py``, ``method/data/data.py``,
 ``method/train_sdxl.yaml``):
@@ -41,8 +46,11 @@ Outputs (``output_dir``): ``syncd/NAME.safetensors``, the checkpoint for ComfyUI
 *SynCD Checkpoint Loader* node, keys as the official ``sdxl_finetuned_20k.ckpt``:
 ``unet.<...>.attn1.to_{q,k,v,out.0}.lora_{A,B}.default.weight`` and ``unet.<...>.attn2.processor.to_{k,v}_ip.0
 .weight``; ``ip_adapter/NAME.safetensors``, the complete IP-Adapter Plus (``image_proj.*`` + ``ip_adapter.*`` with
-the trained to_k_ip/to_v_ip) for the SynCD IP-Adapter Loader. Checkpoints under ``checkpoints/`` resume
-automatically.
+the trained to_k_ip/to_v_ip, h94's key layout) for the SynCD IP-Adapter Loader; ``loras/NAME.safetensors``, the
+same attn1 LoRA in kohya-ss format (``lora_unet_<module>.lora_down/lora_up.weight`` + ``.alpha``; SD1.5 diffusers
+module paths, SDXL LDM paths) for ComfyUI's LoRA loaders (the LoRA alone, without the reference attention).
+Per-step losses go to ``losses.jsonl`` (and TensorBoard under ``logs/`` when ``tensorboard`` is installed and
+``train.tensorboard`` is on). Checkpoints under ``checkpoints/`` resume automatically.
 """
 
 from __future__ import annotations
@@ -140,6 +148,7 @@ class TrainConfig:
     keep_checkpoints: int = 2            # newest checkpoints kept (0: all)
     export_every_checkpoint: bool = True  # also write the ComfyUI files of each checkpoint (NAME_step000500)
     export_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    tensorboard: bool = True             # also log the loss to TensorBoard (output_dir/logs) if it is installed
 
 
 @dataclasses.dataclass
@@ -580,12 +589,16 @@ def prepare(cfg: SyncdConfig, resume="auto") -> Run:
     """Load everything, build the optimizer, resume (``"auto"``: the newest checkpoint of the output dir; a path;
     or None)."""
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
     from transformers import CLIPVisionModelWithProjection
 
     check(cfg)
     t = cfg.train
+    log_with = "tensorboard" if t.tensorboard and _has_tensorboard() else None
     accelerator = Accelerator(mixed_precision=t.mixed_precision,
-                              gradient_accumulation_steps=t.gradient_accumulation_steps)
+                              gradient_accumulation_steps=t.gradient_accumulation_steps,
+                              log_with=log_with, project_config=ProjectConfiguration(
+                                  project_dir=t.output_dir, logging_dir=str(pathlib.Path(t.output_dir) / "logs")))
     parts = models.load(cfg.model.path, cfg.model.family, cfg.model.diffusers_config,
                         prediction_types=("epsilon", "v_prediction"))
     if cfg.model.vae:
@@ -658,8 +671,17 @@ def loader(run: Run):
                                             collate_fn=collate, persistent_workers=workers > 0))
 
 
-def step_seed(seed: int, micro: int, rank: int) -> int:
-    return (seed * 1_000_003 + micro * 7_919 + rank * 104_729) % (2 ** 62)
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def step_seed(seed: int, micro: int, rank: int, world: int = 1) -> int:
+    """The random draws of micro-batch ``micro`` of process ``rank``: seeded by its place in the global stream of
+    micro-batches (``micro x world + rank``, the data's order too), so N processes x accumulation A draw what one
+    process x accumulation N·A draws."""
+    return (seed * 1_000_003 + (micro * world + rank) * 7_919) % (2 ** 62)
 
 
 def model_inputs(run: Run, batch: dict, gen) -> dict:
@@ -683,22 +705,27 @@ def model_inputs(run: Run, batch: dict, gen) -> dict:
 
 
 def train_step(run: Run, batches) -> float:
-    """One optimizer step (``gradient_accumulation_steps`` micro-batches); the mean micro-batch loss."""
+    """One optimizer step (``gradient_accumulation_steps`` micro-batches); the mean micro-batch loss over all
+    processes (every process calls this)."""
     t, acc = run.cfg.train, run.accelerator
     losses = []
     for k in range(t.gradient_accumulation_steps):
         micro = run.step * t.gradient_accumulation_steps + k
         batch = next(batches)
-        gen = torch.Generator(device=acc.device).manual_seed(step_seed(t.seed, micro, acc.process_index))
+        gen = torch.Generator(device=acc.device).manual_seed(step_seed(t.seed, micro, acc.process_index,
+                                                                       acc.num_processes))
         inputs = model_inputs(run, batch, gen)
         with acc.accumulate(run.model), acc.autocast():
             loss = run.model(**inputs)
             acc.backward(loss)
             run.optimizer.step()
             run.optimizer.zero_grad()
-        losses.append(loss.detach().item())
+        losses.append(loss.detach().float())
     run.step += 1
-    return sum(losses) / len(losses)
+    local = torch.stack(losses).mean()
+    if acc.num_processes > 1:  # the global batch's mean: what one process with the same global batch logs
+        return acc.gather(local[None].to(acc.device)).mean().item()
+    return local.item()
 
 
 def checkpoint_state_dict(run: Run) -> dict[str, torch.Tensor]:
@@ -710,6 +737,33 @@ def checkpoint_state_dict(run: Run) -> dict[str, torch.Tensor]:
         if p.requires_grad:
             value = p.detach().float().cpu()
             out["unet." + name] = (value * scale if ".lora_B." in name and scale != 1 else value).contiguous()
+    return out
+
+
+def kohya_lora_name(module: str, family: str, layers_per_block) -> str:
+    """kohya-ss ``lora_unet_*`` name of a diffusers UNet module (``down_blocks.1.attentions.0.transformer_blocks.0
+    .attn1.to_q``): SD1.5 files name the diffusers path, SDXL files the LDM/ComfyUI path (``input_blocks.4.1.
+    transformer_blocks.0.attn1.to_q``), as kohya's sd-scripts write them; ComfyUI's ``comfy.lora`` maps both."""
+    if family == "sdxl":
+        module = checkpoints.comfy_unet_key(module + ".weight", layers_per_block)
+        module = module.removeprefix("diffusion_model.").removesuffix(".weight")
+    return "lora_unet_" + module.replace(".", "_")
+
+
+def kohya_lora_state_dict(run: Run) -> dict[str, torch.Tensor]:
+    """The attn1 LoRA as a kohya-ss LoRA (ComfyUI's *LoraLoaderModelOnly*): per module ``<name>.lora_down.weight``
+    (peft lora_A), ``<name>.lora_up.weight`` (lora_B, unscaled) and ``<name>.alpha`` (loaders scale B·A by
+    alpha/rank). On its own it gives the LoRA without the masked shared attention over references."""
+    unet = run.core.unet
+    lpb = unet.config.layers_per_block
+    out = {}
+    for name, module in unet.named_modules():
+        if not name.endswith(LORA_TARGETS) or not hasattr(module, "lora_A"):
+            continue
+        key = kohya_lora_name(name, run.parts.family, lpb)
+        out[f"{key}.lora_down.weight"] = module.lora_A["default"].weight.detach().float().cpu().contiguous()
+        out[f"{key}.lora_up.weight"] = module.lora_B["default"].weight.detach().float().cpu().contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(run.cfg.lora.alpha))
     return out
 
 
@@ -725,7 +779,8 @@ def ip_adapter_state_dict(run: Run) -> dict[str, torch.Tensor]:
 
 
 def export(run: Run, suffix: str = "") -> tuple[pathlib.Path, pathlib.Path]:
-    """``syncd/NAME{suffix}.safetensors`` (SynCD Checkpoint Loader) and ``ip_adapter/NAME{suffix}.safetensors``."""
+    """``syncd/NAME{suffix}.safetensors`` (SynCD Checkpoint Loader), ``ip_adapter/NAME{suffix}.safetensors`` and
+    ``loras/NAME{suffix}.safetensors`` (kohya LoRA); returns the first two."""
     import safetensors.torch
 
     cfg = run.cfg
@@ -741,7 +796,44 @@ def export(run: Run, suffix: str = "") -> tuple[pathlib.Path, pathlib.Path]:
     ip.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file({k: v.to(dtype) for k, v in checkpoint_state_dict(run).items()}, str(ckpt), meta)
     safetensors.torch.save_file({k: v.to(dtype) for k, v in ip_adapter_state_dict(run).items()}, str(ip), meta)
+    lora = run.out / "loras" / f"{name}.safetensors"
+    lora.parent.mkdir(parents=True, exist_ok=True)
+    kohya_meta = {**meta, "ss_network_module": "networks.lora", "ss_network_dim": str(cfg.lora.rank),
+                  "ss_network_alpha": str(cfg.lora.alpha),
+                  "ss_base_model_version": "sdxl_base_v1-0" if run.parts.family == "sdxl" else "sd_v1"}
+    safetensors.torch.save_file({k: v.to(dtype) for k, v in kohya_lora_state_dict(run).items()}, str(lora),
+                                kohya_meta)
     return ckpt, ip
+
+
+LOSS_LOG = "losses.jsonl"
+
+
+class LossLog:
+    """``losses.jsonl``: one ``{"step": s, "loss": l}`` line per optimizer step (the loss averaged over the global
+    batch). A resumed run drops the lines after its checkpoint's step (they are redone)."""
+
+    def __init__(self, path: pathlib.Path, start: int):
+        self.path = path
+        kept = []
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= start:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    pass
+        path.write_text("".join(k + "\n" for k in kept))
+
+    def write(self, step: int, loss: float) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+
+
+def read_losses(run_dir) -> dict[int, float]:
+    """{step: loss} of a run's ``losses.jsonl``."""
+    lines = (pathlib.Path(run_dir) / LOSS_LOG).read_text().splitlines()
+    return {int(r["step"]): float(r["loss"]) for r in map(json.loads, lines) if r}
 
 
 def train(run: Run, progress: bool = True) -> Run:
@@ -752,7 +844,12 @@ def train(run: Run, progress: bool = True) -> Run:
     if acc.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.json").write_text(json.dumps(config_mod.to_dict(run.cfg), indent=1))
-    acc.print(f"SynCD: {run.parts.family}, {len(run.dataset)} objects, {len(run.trainable)} trained tensors, "
+    if acc.log_with:
+        acc.init_trackers("syncd", config={k: v for k, v in dataclasses.asdict(t).items()
+                                            if isinstance(v, (int, float, str, bool))})
+    log = LossLog(run.out / LOSS_LOG, run.step) if acc.is_main_process else None
+    acc.print(f"SynCD: {run.parts.family}, {acc.num_processes} process(es), {len(run.dataset)} objects, "
+              f"{len(run.trainable)} trained tensors, "
               f"learning rate {t.learning_rate:g}, steps {run.step}..{t.max_steps}")
     bar = tqdm(total=t.max_steps, initial=run.step, desc="SynCD", disable=not (progress and acc.is_main_process),
                dynamic_ncols=True)
@@ -763,6 +860,10 @@ def train(run: Run, progress: bool = True) -> Run:
             raise FloatingPointError(f"the loss is {loss} at step {run.step}")
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
+        if log is not None:
+            log.write(run.step, loss)
+        if acc.log_with:
+            acc.log({"loss": loss}, step=run.step)
         last = run.step == t.max_steps
         if run.step % t.checkpoint_every == 0 or last:
             checkpoints.save(acc, run.out, run.step, keep=t.keep_checkpoints)
@@ -770,6 +871,8 @@ def train(run: Run, progress: bool = True) -> Run:
                 export(run, f"_step{run.step:06d}")
         acc.wait_for_everyone()
     bar.close()
+    if acc.log_with:
+        acc.end_training()
     if acc.is_main_process:
         ckpt, ip = export(run)
         acc.print(f"SynCD checkpoint: {ckpt}\nIP-Adapter: {ip}\nin ComfyUI: copy the checkpoint to models/syncd and "

@@ -97,3 +97,46 @@ def trained_sdxl(tiny_sdxl, concept_images, reg_images, tmp_path_factory):
                                   max_steps=2)
     raw["validation"]["every"] = 2
     return _train(raw)
+
+
+# --- SynCD (test_syncd_*.py) ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_image_encoder(tmp_path_factory):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        patch_size=8, projection_dim=32, hidden_act="quick_gelu"))
+    folder = tmp_path_factory.mktemp("image_encoder")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """Three objects (3, 2 and 3 images, 96x80, a coloured subject box on noise with its mask) written with the
+    pack's dataset writer."""
+    root = tmp_path_factory.mktemp("syncd_data")
+    import numpy as np
+    from PIL import Image
+
+    from comfyui_syncd.core.dataset_format import DatasetWriter
+
+    writer = DatasetWriter(root, image_format="png")
+    rng = np.random.default_rng(0)
+    for o, count in enumerate((3, 2, 3)):
+        images, masks = [], []
+        colour = rng.uniform(0, 255, 3)
+        for i in range(count):
+            img = rng.uniform(0, 80, (80, 96, 3))
+            mask = np.zeros((80, 96), np.uint8)
+            x, y = int(rng.integers(10, 50)), int(rng.integers(10, 40))
+            img[y:y + 30, x:x + 30] = colour
+            mask[y:y + 30, x:x + 30] = 255
+            images.append(Image.fromarray(img.astype(np.uint8)))
+            masks.append(mask)
+        writer.write(f"object{o}", images, [f"a photo of object {o}, view {i}" for i in range(count)], "thing",
+                     masks=masks)
+    return root

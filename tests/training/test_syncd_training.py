@@ -14,50 +14,12 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
-from PIL import Image
 
 from comfyui_syncd.attention.masks import resize_to_grid
 from comfyui_syncd.core import checkpoint_keys as ck
-from comfyui_syncd.core.dataset_format import DatasetWriter
 from comfyui_syncd.training import checkpoints, config, syncd
 
 pytestmark = pytest.mark.comfy  # needs the ComfyUI checkout (tokenizer files of the tiny models)
-
-
-@pytest.fixture(scope="session")
-def tiny_image_encoder(tmp_path_factory):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    model = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-        patch_size=8, projection_dim=32, hidden_act="quick_gelu"))
-    folder = tmp_path_factory.mktemp("image_encoder")
-    model.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory):
-    """Three objects (3, 2 and 3 images, 96x80, a coloured subject box on noise with its mask) written with the
-    pack's dataset writer."""
-    root = tmp_path_factory.mktemp("syncd_data")
-    writer = DatasetWriter(root, image_format="png")
-    rng = np.random.default_rng(0)
-    for o, count in enumerate((3, 2, 3)):
-        images, masks = [], []
-        colour = rng.uniform(0, 255, 3)
-        for i in range(count):
-            img = rng.uniform(0, 80, (80, 96, 3))
-            mask = np.zeros((80, 96), np.uint8)
-            x, y = int(rng.integers(10, 50)), int(rng.integers(10, 40))
-            img[y:y + 30, x:x + 30] = colour
-            mask[y:y + 30, x:x + 30] = 255
-            images.append(Image.fromarray(img.astype(np.uint8)))
-            masks.append(mask)
-        writer.write(f"object{o}", images, [f"a photo of object {o}, view {i}" for i in range(count)], "thing",
-                     masks=masks)
-    return root
 
 
 def syncd_raw(model, image_encoder, dataset, output_dir, **train) -> dict:
@@ -297,6 +259,9 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_sd15, tiny_i
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {ckpts / 'step_000002'} at step 2" in resumed.stdout
     ref = syncd_trained_sd15.out
+    # losses.jsonl: the killed run's steps 3-4 (after its last checkpoint) were dropped on resume and redone
+    assert syncd.read_losses(out) == syncd.read_losses(ref) and sorted(syncd.read_losses(out)) == list(range(1, 7))
+    assert len((out / syncd.LOSS_LOG).read_text().splitlines()) == 6
     for sub in ("syncd/syncd.safetensors", "ip_adapter/syncd.safetensors", "syncd/syncd_step000004.safetensors",
                 "checkpoints/step_000006/trainable.safetensors"):
         mine, theirs = _tensors(out / sub), _tensors(ref / sub)
@@ -401,3 +366,103 @@ def test_example_config_reads_with_upstream_defaults():
     assert cfg.train.prediction_type == "v_prediction" and cfg.train.rescale_betas_zero_snr
     with pytest.raises(config.ConfigError, match="unknown key"):
         config.from_dict(syncd.SyncdConfig, {**config.to_dict(cfg), "lora": {"rnak": 4}})
+
+
+# --- the kohya LoRA and the IP-Adapter files -----------------------------------------------------------------
+
+def _peft_lora(unet):
+    return {n: m for n, m in unet.named_modules() if n.endswith(syncd.LORA_TARGETS) and hasattr(m, "lora_A")}
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("alpha", [None, 2.0])
+def test_kohya_lora_loads_through_comfy_lora(family, alpha, request, comfy_imports, caplog, monkeypatch):
+    """``loras/syncd.safetensors`` through ComfyUI's own LoRA path: ``comfy.lora.load_lora`` with
+    ``model_lora_keys_unet`` of a ComfyUI model built from the same tiny UNet consumes every key (no "lora key not
+    loaded"), gives one patch per trained attn1 projection, and patching adds exactly B·A·(alpha/rank) (= the peft
+    scaling the run trained with) to those weights and nothing else. ``alpha=2.0``: a run whose peft scaling is
+    alpha/rank = 0.5 (set on the live modules) writes alpha 2 and ComfyUI applies half of B·A."""
+    import logging
+
+    from diffusers import UNet2DConditionModel
+    from test_ico_comfy_load import comfy_unet
+
+    import comfy
+    import comfy.lora
+    import comfy.model_management  # noqa: F401
+    import comfy.model_patcher  # noqa: F401
+    import comfy.supported_models  # noqa: F401
+    import comfy.utils  # noqa: F401
+
+    run = request.getfixturevalue(f"syncd_trained_{family}")
+    peft = _peft_lora(run.core.unet)
+    rank = run.cfg.lora.rank
+    if alpha is None:
+        sd = _tensors(run.out / "loras" / "syncd.safetensors")
+        scale = run.cfg.lora.alpha / rank
+        assert all(m.scaling["default"] == scale for m in peft.values())
+    else:
+        monkeypatch.setattr(run.cfg.lora, "alpha", alpha)
+        for m in peft.values():
+            monkeypatch.setitem(m.scaling, "default", alpha / rank)
+        sd = syncd.kohya_lora_state_dict(run)
+        scale = alpha / rank
+    n_attn1 = sum(1 for n in run.core.unet.attn_processors if n.endswith("attn1.processor"))
+    assert len(peft) == 4 * n_attn1 and len(sd) == 3 * len(peft)
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+               for k in sd)
+    assert any("input_blocks" in k for k in sd) == (family == "sdxl")  # kohya: SDXL LDM names, SD1.5 diffusers
+
+    base = UNet2DConditionModel.from_pretrained(request.getfixturevalue(f"tiny_{family}"), subfolder="unet")
+    patcher, mapping = comfy_unet(comfy, family, base)
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    with caplog.at_level(logging.WARNING):
+        patches = comfy.lora.load_lora(sd, key_map)
+    assert "lora key not loaded" not in caplog.text
+    expected = {}
+    for name, module in peft.items():
+        key = "diffusion_model." + mapping[name + ".weight"]
+        a, b = module.lora_A["default"].weight.detach(), module.lora_B["default"].weight.detach()
+        expected[key] = b @ a * module.scaling["default"]
+        assert module.scaling["default"] == scale
+    assert set(patches) == set(expected)
+    before = {k: v.clone() for k, v in patcher.model.state_dict().items()}
+    assert len(patcher.add_patches(patches, 1.0)) == len(expected)
+    patcher.patch_model()
+    try:
+        after = patcher.model.state_dict()
+        for key, delta in expected.items():
+            assert delta.abs().max() > 0, key
+            torch.testing.assert_close(after[key] - before[key], delta, rtol=1e-4, atol=1e-6)
+        assert {k for k in after if not torch.equal(after[k], before[k])} == set(expected)
+    finally:
+        patcher.unpatch_model()
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_ip_adapter_export_is_the_public_plus_layout(family, request, comfy_imports):
+    """``ip_adapter/syncd.safetensors`` has h94's IP-Adapter Plus keys exactly: the Resampler under ``image_proj.``
+    (latents, proj_in/out, norm_out, layers.<i>.0 attention, layers.<i>.1 feed-forward) and ``ip_adapter.<n>.to_
+    {k,v}_ip.weight`` for n = 1, 3, 5, ... (one per cross-attention); the pack's SynCD IP-Adapter Loader function
+    ``load_ipadapter`` reads it and ``check_plus_layout`` accepts it."""
+    import re
+
+    from comfyui_syncd.core.ip_adapter_model import check_plus_layout
+    from comfyui_syncd.nodes.ip_adapter import load_ipadapter
+
+    run = request.getfixturevalue(f"syncd_trained_{family}")
+    path = run.out / "ip_adapter" / "syncd.safetensors"
+    sd = _tensors(path)
+    n_attn2 = sum(1 for n in run.core.unet.attn_processors if n.endswith("attn2.processor"))
+    ip_keys = sorted(k for k in sd if k.startswith("ip_adapter."))
+    assert ip_keys == sorted(f"ip_adapter.{2 * i + 1}.to_{kv}_ip.weight" for i in range(n_attn2) for kv in "kv")
+    plus = re.compile(r"^image_proj\.(latents|proj_(in|out)\.(weight|bias)|norm_out\.(weight|bias)|layers\.\d+\.0\."
+                      r"(norm[12]\.(weight|bias)|to_q\.weight|to_kv\.weight|to_out\.weight)|layers\.\d+\.1\."
+                      r"(0\.(weight|bias)|1\.weight|3\.weight))$")
+    proj = [k for k in sd if k.startswith("image_proj.")]
+    assert len(proj) + len(ip_keys) == len(sd) and all(plus.match(k) for k in proj), proj
+    ipadapter = load_ipadapter(str(path))
+    check_plus_layout(ipadapter)
+    assert ipadapter["image_proj"]["latents"].shape == (1, 4, 32)
+    for k in ip_keys:
+        assert torch.equal(ipadapter["ip_adapter"][k.removeprefix("ip_adapter.")], sd[k])

@@ -1,0 +1,440 @@
+"""SynCD's Flux in-context customization model (upstream nupurkmr9/syncd ``method/pipelines/flux_pipeline``,
+``main_flux.py``, ``train_flux.yaml``; repo-only, not in the paper), with diffusers ``FluxTransformer2DModel``.
+
+    python -m comfyui_syncd.training.flux_incontext --config flux_incontext.yaml
+    accelerate launch -m comfyui_syncd.training.flux_incontext --config flux_incontext.yaml
+
+* **Canvas**: the target (index 0) and its references side by side, latents ``b c h (n w)``, packed 2x2 into the
+  tokens ``(h/2 · n·w/2)`` with one RoPE grid over the whole canvas; the text is the target's caption only
+  (dropped to "" with probability ``drop_text``, upstream 10 %). Full, unmasked attention; no IP-Adapter.
+* **Noise**: σ ~ Beta(4, 2), shifted σ' = sσ / (1 + (s-1)σ) with s = exp(μ), μ from the *whole canvas* token count
+  (the scheduler's base/max shift line). Only the target is noised; the references stay clean (x_t = x0) but the
+  model sees the target's timestep for every token. Guidance embedding 1.0.
+* **Loss**: flow matching, MSE of the prediction against (noise - x0) on the target's tokens only.
+* **LoRA** (peft): rank 32, alpha 32 on attention q/k/v/out, ``add_{q,k,v}_proj``, ``to_add_out``, ``ff`` and
+  ``ff_context`` (by module-name suffix, as upstream: the single blocks' ``attn.to_{q,k,v}`` too).
+* **Latents** are scaled by the VAE's ``scaling_factor`` without subtracting ``shift_factor`` (upstream).
+* Optimizer: AdamW (upstream Prodigy lr 1.0 with ZeRO-3; ``train.optimizer: prodigy`` when ``prodigyopt`` is
+  installed), gradient clipping 1.0, micro-batch 1 x accumulation 2.
+
+Output: ``syncd/NAME.safetensors`` with the official Flux ``pytorch_model.bin`` key layout
+(``transformer.base_model.model.<module>.lora_{A,B}.default.weight``; alpha/rank folded into B), which the
+*SynCD Checkpoint Loader* applies to a ComfyUI Flux model; ``losses.jsonl``; resumable ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import re
+import sys
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core import dataset_format
+from . import checkpoints, config as config_mod, syncd
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: str                           # diffusers Flux folder: transformer, vae, text_encoder(_2), tokenizer(_2)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dirs: list[str]                     # dataset folders (core/dataset_format.py layout)
+    resolution: int = 512               # square size of each image on the canvas (upstream 512)
+    num_images: int = 3                 # target + references per sample (upstream: all an object has; fixed here
+                                        #   so batches stack; objects with fewer are completed with flips)
+    crop_padding: int = 200             # random square crop around the mask box (as the SDXL model)
+    drop_text: float = 0.1              # empty caption (upstream 10 % in total)
+    max_sequence_length: int = 512      # T5 tokens
+    min_aesthetics: float = 0.0
+    min_dino: float = 0.0
+    num_workers: int = 4
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    rank: int = 32                      # upstream 32
+    alpha: float = 32.0                 # upstream 32
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    output_dir: str
+    name: str = "syncd_flux"
+    max_steps: int = 25100              # upstream 25,100 optimizer steps
+    batch_size: int = 1                 # upstream micro-batch 1
+    gradient_accumulation_steps: int = 2  # upstream 2
+    optimizer: Literal["adamw", "prodigy"] = "adamw"  # upstream prodigy (lr 1.0)
+    learning_rate: float = 1.0e-4
+    weight_decay: float = 1.0e-4        # upstream 1e-4 (decoupled)
+    max_grad_norm: float = 1.0          # upstream gradient clipping 1.0
+    guidance: float = 1.0               # guidance embedding value in training (upstream 1.0)
+    sigma_beta_a: float = 4.0           # σ ~ Beta(a, b) before the shift (upstream 4, 2)
+    sigma_beta_b: float = 2.0
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    export_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+@dataclasses.dataclass
+class FluxConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+
+
+def check(cfg: FluxConfig) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.train.name):
+        raise config_mod.ConfigError(f"train.name: {cfg.train.name!r} must be one word of letters, digits, '_-.'")
+    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
+        if getattr(cfg.train, key) < 1:
+            raise config_mod.ConfigError(f"train.{key}: at least 1")
+    if cfg.data.num_images < 2:
+        raise config_mod.ConfigError("data.num_images: at least 2 (a target and a reference)")
+    if not 0 <= cfg.data.drop_text <= 1:
+        raise config_mod.ConfigError("data.drop_text: a probability")
+    if min(cfg.train.sigma_beta_a, cfg.train.sigma_beta_b) <= 0:
+        raise config_mod.ConfigError("train.sigma_beta_a/b: positive")
+    if not cfg.data.dirs:
+        raise config_mod.ConfigError("data.dirs: at least one dataset folder")
+
+
+# --- the canvas and the noise --------------------------------------------------------------------------------
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2·W/2, 4C): diffusers Flux's 2x2 patch tokens, row-major."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def image_ids(h: int, w: int, device=None) -> torch.Tensor:
+    """(H/2·W/2, 3) RoPE positions (0, row, column) of the packed canvas."""
+    ids = torch.zeros(h // 2, w // 2, 3, device=device)
+    ids[..., 1] = torch.arange(h // 2, device=device)[:, None]
+    ids[..., 2] = torch.arange(w // 2, device=device)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def canvas(latents: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows sample-major (B·n, C, h, w), target first -> side by side (B, C, h, n·w) (``b c h (n w)``)."""
+    bn, c, h, w = latents.shape
+    return latents.view(bn // n, n, c, h, w).permute(0, 2, 3, 1, 4).reshape(bn // n, c, h, n * w)
+
+
+def target_tokens(h: int, w: int, n: int, device=None) -> torch.Tensor:
+    """(h/2 · n·w/2,) bool: the packed tokens of the canvas's first (target) image."""
+    cols = torch.arange(n * w // 2, device=device)
+    return (cols < w // 2)[None, :].expand(h // 2, -1).reshape(-1)
+
+
+def shift_mu(seq_len: int, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15) -> float:
+    """diffusers' ``calculate_shift``: μ on the line through (base_seq_len, base_shift), (max_seq_len, max_shift)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return seq_len * m + base_shift - m * base_seq_len
+
+
+def shifted_sigmas(u: torch.Tensor, mu: float) -> torch.Tensor:
+    """σ' = sσ / (1 + (s-1)σ), s = exp(μ)."""
+    s = math.exp(mu)
+    return s * u / (1 + (s - 1) * u)
+
+
+# --- the model -----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Parts:
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    clip: torch.nn.Module
+    clip_tokenizer: object
+    t5: torch.nn.Module
+    t5_tokenizer: object
+    shift: dict
+
+
+def load(path: str) -> Parts:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    root = pathlib.Path(path)
+    if not (root / "transformer").is_dir():
+        raise FileNotFoundError(f"{path}: not a diffusers Flux folder (no transformer/)")
+    shift = {"base_seq_len": 256, "max_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+    sched = root / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        s = json.loads(sched.read_text())
+        shift = {"base_seq_len": s.get("base_image_seq_len", 256), "max_seq_len": s.get("max_image_seq_len", 4096),
+                 "base_shift": s.get("base_shift", 0.5), "max_shift": s.get("max_shift", 1.15)}
+    frozen = [AutoencoderKL.from_pretrained(root, subfolder="vae"),
+              CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
+              T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2")]
+    for m in frozen:
+        m.float().requires_grad_(False).eval()
+    return Parts(FluxTransformer2DModel.from_pretrained(root, subfolder="transformer").float(), frozen[0], frozen[1],
+                 AutoTokenizer.from_pretrained(root, subfolder="tokenizer"), frozen[2],
+                 AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2"), shift)
+
+
+def add_lora(transformer, rank: int, alpha: float) -> None:
+    from peft import LoraConfig as PeftLoraConfig
+
+    pattern = r".*\.(" + "|".join(re.escape(t) for t in LORA_TARGETS) + r")"
+    transformer.add_adapter(PeftLoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                           target_modules=pattern))
+
+
+class FluxInContext(torch.nn.Module):
+    def __init__(self, transformer, guidance: float):
+        super().__init__()
+        self.transformer, self.guidance = transformer, guidance
+
+    def forward(self, x0, noise, sigmas, text, pooled, n: int):
+        """``x0``/``noise`` (B, C, h, n·w) canvases; ``sigmas`` (B,). The flow-matching loss on target tokens."""
+        b, c, h, nw = x0.shape
+        w = nw // n
+        on_target = torch.zeros_like(x0[:, :1])
+        on_target[..., :w] = 1
+        s = sigmas.view(-1, 1, 1, 1)
+        xt = torch.where(on_target.bool(), (1 - s) * x0 + s * noise, x0)  # references clean, same timestep
+        guidance = torch.full((b,), self.guidance, device=x0.device) \
+            if self.transformer.config.guidance_embeds else None
+        pred = self.transformer(hidden_states=pack(xt), encoder_hidden_states=text, pooled_projections=pooled,
+                                timestep=sigmas, img_ids=image_ids(h, nw, x0.device),
+                                txt_ids=torch.zeros(text.shape[1], 3, device=x0.device), guidance=guidance,
+                                return_dict=False)[0]
+        keep = target_tokens(h, w, n, x0.device)
+        target = pack(noise - x0)
+        return F.mse_loss(pred[:, keep].float(), target[:, keep].float())
+
+
+# --- the run -------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    cfg: FluxConfig
+    accelerator: object
+    parts: Parts
+    model: torch.nn.Module
+    optimizer: object
+    dataset: object
+    trainable: dict
+    step: int = 0
+
+    @property
+    def core(self) -> FluxInContext:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def out(self) -> pathlib.Path:
+        return pathlib.Path(self.cfg.train.output_dir)
+
+
+def _optimizer(params, t: TrainConfig):
+    if t.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise config_mod.ConfigError("train.optimizer: prodigy needs the prodigyopt package") from None
+        return Prodigy(params, lr=t.learning_rate, weight_decay=t.weight_decay, decouple=True,
+                       safeguard_warmup=True, use_bias_correction=True)
+    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def prepare(cfg: FluxConfig, resume="auto") -> Run:
+    from accelerate import Accelerator
+
+    check(cfg)
+    t = cfg.train
+    accelerator = Accelerator(mixed_precision=t.mixed_precision,
+                              gradient_accumulation_steps=t.gradient_accumulation_steps)
+    parts = load(cfg.model.path)
+    factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    if cfg.data.resolution % (2 * factor):
+        raise config_mod.ConfigError(f"data.resolution: a multiple of {2 * factor}")
+    objects = []
+    for folder in cfg.data.dirs:
+        objects += dataset_format.read_dataset(folder, min_aesthetics=cfg.data.min_aesthetics,
+                                               min_dino=cfg.data.min_dino)
+    if not objects:
+        raise ValueError(f"no object with at least two images in {', '.join(cfg.data.dirs)}")
+    transformer = parts.transformer.requires_grad_(False)
+    torch.manual_seed(t.seed)
+    add_lora(transformer, cfg.lora.rank, cfg.lora.alpha)
+    for name, p in transformer.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    if t.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    model = FluxInContext(transformer, t.guidance)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, t)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    for m in (parts.vae, parts.clip, parts.t5):
+        m.to(accelerator.device)
+    trainable = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    checkpoints.register_hooks(accelerator, trainable)
+    d = cfg.data
+    data_cfg = syncd.DataConfig(dirs=d.dirs, resolution=d.resolution, num_images=d.num_images,
+                                crop_padding=d.crop_padding, mask_dilation=1, drop_text=d.drop_text, drop_image=0.0,
+                                drop_both=0.0, drop_mask=0.0, num_workers=d.num_workers)
+    dataset = syncd.SyncdDataset(objects, data_cfg, d.resolution, 8, t.seed, factor)  # IP images unused (8 px)
+    run = Run(cfg, accelerator, parts, model, optimizer, dataset, trainable)
+    if resume == "auto":
+        resume = checkpoints.latest(run.out)
+    if resume:
+        run.step = checkpoints.restore(accelerator, resume)
+        accelerator.print(f"resumed from {resume} at step {run.step}")
+    return run
+
+
+def loader(run: Run):
+    t = run.cfg.train
+    sampler = syncd.PositionBatches(len(run.dataset), t.batch_size, t.seed, 0.0,
+                                    start=run.step * t.gradient_accumulation_steps,
+                                    rank=run.accelerator.process_index, world=run.accelerator.num_processes)
+    workers = run.cfg.data.num_workers
+    return iter(torch.utils.data.DataLoader(run.dataset, batch_sampler=sampler, num_workers=workers,
+                                            collate_fn=syncd.collate, persistent_workers=workers > 0))
+
+
+@torch.no_grad()
+def encode_text(parts: Parts, prompts: list[str], max_length: int, device):
+    ids = parts.clip_tokenizer(prompts, padding="max_length", max_length=parts.clip_tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt").input_ids.to(device)
+    pooled = parts.clip(ids, output_hidden_states=False).pooler_output
+    ids = parts.t5_tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                             return_tensors="pt").input_ids.to(device)
+    return parts.t5(ids, output_hidden_states=False)[0].float(), pooled.float()
+
+
+def model_inputs(run: Run, batch: dict, gen) -> dict:
+    acc, parts, t = run.accelerator, run.parts, run.cfg.train
+    device, vae, n = acc.device, parts.vae, batch["num_images"]
+    with torch.no_grad():
+        pixels = batch["pixel_values"].to(device, dtype=vae.dtype)
+        latents = vae.encode(pixels).latent_dist.sample(generator=gen) * vae.config.scaling_factor  # no shift
+        x0 = canvas(latents.float(), n)
+        text, pooled = encode_text(parts, batch["prompts"][::n], run.cfg.data.max_sequence_length, device)
+    noise = torch.randn(x0.shape, generator=gen, device=device)
+    # torch's Beta sampler takes no generator: numpy's, seeded from this micro-batch's generator
+    rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=device).item()))
+    sig = torch.from_numpy(rng.beta(t.sigma_beta_a, t.sigma_beta_b, x0.shape[0])).float().to(device)
+    seq_len = (x0.shape[2] // 2) * (x0.shape[3] // 2)
+    sig = shifted_sigmas(sig, shift_mu(seq_len, **parts.shift))
+    return {"x0": x0, "noise": noise, "sigmas": sig, "text": text, "pooled": pooled, "n": n}
+
+
+def train_step(run: Run, batches) -> float:
+    t, acc = run.cfg.train, run.accelerator
+    losses = []
+    for k in range(t.gradient_accumulation_steps):
+        micro = run.step * t.gradient_accumulation_steps + k
+        gen = torch.Generator(device=acc.device).manual_seed(
+            syncd.step_seed(t.seed, micro, acc.process_index, acc.num_processes))
+        inputs = model_inputs(run, next(batches), gen)
+        with acc.accumulate(run.model), acc.autocast():
+            loss = run.model(**inputs)
+            acc.backward(loss)
+            if acc.sync_gradients and t.max_grad_norm > 0:
+                acc.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], t.max_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+        losses.append(loss.detach().float())
+    run.step += 1
+    local = torch.stack(losses).mean()
+    if acc.num_processes > 1:
+        return acc.gather(local[None].to(acc.device)).mean().item()
+    return local.item()
+
+
+def checkpoint_state_dict(run: Run) -> dict[str, torch.Tensor]:
+    """The LoRA under the official Flux ``pytorch_model.bin`` names; alpha/rank folded into lora_B."""
+    scale = run.cfg.lora.alpha / run.cfg.lora.rank
+    out = {}
+    for name, p in run.core.transformer.named_parameters():
+        if p.requires_grad:
+            v = p.detach().float().cpu()
+            out["transformer.base_model.model." + name] = (v * scale if ".lora_B." in name and scale != 1
+                                                           else v).contiguous()
+    return out
+
+
+def export(run: Run, suffix: str = "") -> pathlib.Path:
+    import safetensors.torch
+
+    cfg = run.cfg
+    path = run.out / "syncd" / f"{cfg.train.name}{suffix}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, cfg.train.export_dtype)
+    meta = {"syncd_method": "syncd_flux_incontext", "syncd_step": str(run.step), "syncd_family": "flux",
+            "syncd_lora_rank": str(cfg.lora.rank), "syncd_lora_alpha": str(cfg.lora.alpha)}
+    safetensors.torch.save_file({k: v.to(dtype) for k, v in checkpoint_state_dict(run).items()}, str(path), meta)
+    return path
+
+
+def train(run: Run, progress: bool = True) -> Run:
+    from tqdm.auto import tqdm
+
+    t, acc = run.cfg.train, run.accelerator
+    if acc.is_main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(config_mod.to_dict(run.cfg), indent=1))
+    acc.print(f"SynCD Flux in-context: {acc.num_processes} process(es), {len(run.dataset)} objects, "
+              f"{len(run.trainable)} trained tensors, steps {run.step}..{t.max_steps}")
+    log = syncd.LossLog(run.out / syncd.LOSS_LOG, run.step) if acc.is_main_process else None
+    bar = tqdm(total=t.max_steps, initial=run.step, desc="SynCD Flux",
+               disable=not (progress and acc.is_main_process), dynamic_ncols=True)
+    batches = loader(run) if run.step < t.max_steps else None
+    while run.step < t.max_steps:
+        loss = train_step(run, batches)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss} at step {run.step}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if log is not None:
+            log.write(run.step, loss)
+        if run.step % t.checkpoint_every == 0 or run.step == t.max_steps:
+            checkpoints.save(acc, run.out, run.step, keep=t.keep_checkpoints)
+        acc.wait_for_everyone()
+    bar.close()
+    if acc.is_main_process:
+        acc.print(f"SynCD Flux checkpoint: {export(run)} (models/syncd, SynCD Checkpoint Loader on FLUX.1-dev)")
+    acc.wait_for_everyone()
+    return run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m comfyui_syncd.training.flux_incontext",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML or TOML (see training/configs/flux_incontext.yaml)")
+    parser.add_argument("--resume", default="auto", metavar="CHECKPOINT")
+    parser.add_argument("--no-resume", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        run = prepare(config_mod.load(args.config, FluxConfig), resume=None if args.no_resume else args.resume)
+    except (config_mod.ConfigError, FileNotFoundError, dataset_format.DatasetFormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    train(run, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
