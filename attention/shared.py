@@ -169,3 +169,85 @@ def reference_attention_reference(q: torch.Tensor, k_own: torch.Tensor, v_own: t
     mask = torch.where(allowed, ALLOWED, BLOCKED).to(q.dtype)[:, None]
     return F.scaled_dot_product_attention(q, torch.cat([k_own, k_refs], 2), torch.cat([v_own, v_refs], 2),
                                           attn_mask=mask)
+
+
+# --- Consistent sets of the user's subject: MSA within a group plus the references (SynCD eq. 1 + §4.2) ---------
+#
+# The customization model applied to a batch of N new images of one subject: each image's self-attention keys are
+# ``[own ‖ the group's other images' foreground ‖ the references' foreground]``, i.e. SynCD eq. 1 over the group
+# with the references as further "other images" that are seen one way (they never attend to the targets, as in
+# the customization model). Other images' keys carry ``key_shift`` (Flux: stacked below the own image); reference
+# keys arrive already gathered and position-encoded (Flux: moved beside the target by the reference pass).
+
+
+def shared_reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               foreground: Optional[torch.Tensor] = None, ref_k: Optional[torch.Tensor] = None,
+                               ref_v: Optional[torch.Tensor] = None, n_text: int = 0,
+                               key_shift: Optional[KeyShift] = None, text_shares: bool = False) -> torch.Tensor:
+    """One subject group of N images (``(N, heads, L, D)``, ``foreground`` (N, P) or None as in
+    :func:`shared_attention`) that also sees the references: ``ref_k``/``ref_v`` (N, heads, T, D) are the gathered
+    reference foreground tokens each image sees (T may be 0; None: no references, which is :func:`shared_attention`).
+
+    Image queries of image i attend to ``[own_i ‖ foreground of the other images ‖ ref_k[i]]``; text queries
+    (Flux, the first ``n_text``) to ``[own_i ‖ ref_k[i]]`` (the reference model's text sees the references), plus
+    the other images' foreground only with ``text_shares``. Memory is linear in N (one SDPA per image over its own
+    keys, no (N·L)×(N·L) mask)."""
+    _check(q, k, v, foreground, n_text)
+    if ref_k is None:
+        return shared_attention(q, k, v, foreground, n_text, key_shift, text_shares)
+    n = q.shape[0]
+    if ref_k.shape[:2] != q.shape[:2] or ref_k.shape != ref_v.shape or ref_k.shape[3] != q.shape[3]:
+        raise ValueError(f"ref_k/ref_v must be (N, heads, T, head_dim) = {(*q.shape[:2], 'T', q.shape[3])}; got "
+                         f"{tuple(ref_k.shape)}, {tuple(ref_v.shape)}")
+    shared_k, shared_v = [], []
+    for j in range(n):
+        kj, vj = k[j, :, n_text:], v[j, :, n_text:]
+        if foreground is not None:
+            idx = foreground[j].nonzero().squeeze(1)
+            kj, vj = kj.index_select(1, idx), vj.index_select(1, idx)
+        shared_k.append(kj)
+        shared_v.append(vj)
+    out = torch.empty_like(q)
+    for i in range(n):
+        others = [j for j in range(n) if j != i and shared_k[j].shape[1]]
+        group_k = [shared_k[j] if key_shift is None else key_shift(shared_k[j], roll_slot(i, j, n)) for j in others]
+        group_v = [shared_v[j] for j in others]
+        first = 0 if (text_shares or not others) else n_text
+        if first:
+            out[i, :, :first] = F.scaled_dot_product_attention(q[i, :, :first], torch.cat([k[i], ref_k[i]], 1),
+                                                               torch.cat([v[i], ref_v[i]], 1))
+        out[i, :, first:] = F.scaled_dot_product_attention(q[i, :, first:], torch.cat([k[i], *group_k, ref_k[i]], 1),
+                                                           torch.cat([v[i], *group_v, ref_v[i]], 1))
+    return out
+
+
+def shared_reference_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                         foreground: Optional[torch.Tensor], ref_k: torch.Tensor, ref_v: torch.Tensor,
+                                         ref_foreground: Optional[torch.Tensor] = None, n_text: int = 0,
+                                         key_shift: Optional[KeyShift] = None,
+                                         text_shares: bool = False) -> torch.Tensor:
+    """The dense construction of :func:`shared_reference_attention`: keys ``[own | torch.roll(images, s),
+    s=1..N-1 | every reference token]`` and one additive mask (N, 1, L, L + (N-1)·P + T), ALLOWED on own tokens,
+    the other images' foreground (not for text queries unless ``text_shares``) and the references' foreground
+    ``ref_foreground`` (N, T) bool (None: all T tokens), BLOCKED elsewhere. Memory quadratic in N; for tests."""
+    _check(q, k, v, foreground, n_text)
+    n, _, seq, _ = q.shape
+    p = seq - n_text
+    fg = torch.ones(n, p, dtype=torch.bool, device=q.device) if foreground is None else foreground.bool()
+    ref_ok = (torch.ones(n, ref_k.shape[2], dtype=torch.bool, device=q.device) if ref_foreground is None
+              else ref_foreground.bool())
+    image_k, image_v = k[:, :, n_text:], v[:, :, n_text:]
+    keys, values, key_fg = [k], [v], []
+    for s in range(1, n):
+        rolled = torch.roll(image_k, s, dims=0)
+        keys.append(rolled if key_shift is None else key_shift(rolled, s))
+        values.append(torch.roll(image_v, s, dims=0))
+        key_fg.append(torch.roll(fg, s, dims=0))
+    others = torch.cat(key_fg, dim=1) if n > 1 else fg.new_zeros(n, 0)
+    allowed = torch.cat([torch.ones(n, seq, dtype=torch.bool, device=q.device), others, ref_ok], 1)
+    allowed = allowed[:, None, :].repeat(1, seq, 1)  # (N, L, keys)
+    if not text_shares:
+        allowed[:, :n_text, seq:seq + others.shape[1]] = False  # own text never sees other images
+    mask = torch.where(allowed, ALLOWED, BLOCKED).to(q.dtype)[:, None]
+    return F.scaled_dot_product_attention(q, torch.cat([*keys, ref_k], 2), torch.cat([*values, ref_v], 2),
+                                          attn_mask=mask)

@@ -10,7 +10,8 @@
 * **One Flux block marker**, **one** ``optimized_attention_override`` **chain** with pass-through, **one attn2
   chain**, **one attention fallback** that always passes ``transformer_options`` (so another pack's attention
   override still runs).
-* **Which self-attention patch owns a model** (the pack's self-attention patches refuse each other).
+* **The pack's self-attention patches on one model** (Masked Shared Attention and Apply References compose through
+  one shared patch, :mod:`self_attention`; each may be applied once).
 
 Everything here uses ComfyUI's official mechanisms (``model.clone()`` then ``set_model_*`` patches, wrappers,
 ``optimized_attention_override``); nothing is monkeypatched.
@@ -71,6 +72,7 @@ class ForwardState:
     flux_tokens: Optional[tuple[int, int, int]] = None  # Flux: (text tokens, grid h, grid w) of the image tokens
     block: Optional[tuple[str, int]] = None             # Flux: the block now running, set by the block markers
     sharing: bool = False                               # Masked Shared Attention is on in this pass
+    shared: object = None                               # the Masked Shared Attention run (SharedAttentionRun)
     reference: object = None                            # the reference features this pass sees (ReferenceView)
     reference_rows: tuple[int, ...] = ()                # reference pass: which reference each batch row is
     dual_branch: object = None                          # DCI: the step's auxiliary-branch record (DualBranchStep)
@@ -379,17 +381,18 @@ def add_attn1_replace(m, fn: Callable, blocks: list[tuple[str, int]]) -> None:
         m.set_model_attn1_replace(fn, name, i)
 
 
-# --- Which self-attention patch owns a model ------------------------------------------------------------------
+# --- The pack's self-attention patches on one model --------------------------------------------------------------
 
 SELF_ATTENTION_PATCHES = {"syncd_shared_attention": "SynCD Masked Shared Attention",
                           "syncd_reference_injection": "SynCD Apply References"}
 
 
 def claim_self_attention(model, key: str) -> None:
-    """SynCD Masked Shared Attention and SynCD Apply References both own the self-attention: refuse a second one (in
-    any order, and either one twice) instead of silently dropping one. Read off the model's wrappers."""
-    for other, name in SELF_ATTENTION_PATCHES.items():
-        if model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, other):
-            raise ValueError(f"{SELF_ATTENTION_PATCHES[key]}: this model already has {name} applied; both replace "
-                             f"the self-attention, so apply only one of them to a model (for JeDi use Masked "
-                             f"Shared Attention, for SynCD customization Apply References)")
+    """SynCD Masked Shared Attention and SynCD Apply References compose on one model (in either order: both install
+    the one self-attention patch of :mod:`self_attention`, which reads what each put in the ForwardState), but each
+    may be applied only once: a second copy of the same node would silently replace the first's run. Read off the
+    model's wrappers."""
+    if model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key):
+        name = SELF_ATTENTION_PATCHES[key]
+        raise ValueError(f"{name}: this model already has {name} applied; apply it only once to a model (to "
+                         f"change its settings, change the first one)")

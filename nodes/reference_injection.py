@@ -25,6 +25,9 @@ rows from its own ``cond_or_uncond`` and shapes, so a layout that changes betwee
   ``process_in`` (scale and shift); upstream Flux training and reference encoding skip the shift factor: we keep
   ComfyUI's latent convention.
 
+The target-pass attention is the pack's one self-attention patch (:mod:`self_attention`), shared with SynCD Masked
+Shared Attention: on one model the two compose (a subject group then also sees its other images' foreground).
+
 The reference pass runs in :attr:`patch_kit.Phase.REFERENCE`: the SynCD checkpoint's LoRA is off in it (upstream:
 LoRA scale 0) and the IP-Adapter gives each reference its own image.
 """
@@ -41,9 +44,10 @@ import comfy.samplers
 
 from ..attention.masks import layer_foreground
 from ..attention.rope import shift_axis
-from ..attention.shared import gather_foreground, reference_attention
+from ..attention.shared import gather_foreground
 from . import choices
 from . import patch_kit as kit
+from . import self_attention
 from .layout import FULL, IMAGE, UNCOND, chunk_roles
 from .references import ReferenceSet
 
@@ -199,6 +203,7 @@ class ReferenceRun:
         pass_to = {k: v for k, v in to.items() if k != kit.KEY}
         pass_to.update({"cond_or_uncond": [0], "uuids": [None], "sigmas": pass_sigma,
                         kit.KEY: replace(state, phase=kit.Phase.REFERENCE, guidance=None, owner=None,
+                                         sharing=False, shared=None,
                                          reference=ReferenceView(self), reference_rows=tuple(range(r)) * s)})
         kit.begin_forward(pass_to, batch, c_crossattn, self.is_flux)  # the pass's own token layout
         self.clear_features()
@@ -282,62 +287,6 @@ def make_unet_attn1_patch() -> Callable:
     return attn1_patch
 
 
-def make_unet_attn1_replace(self_attentions: dict) -> Callable:
-    """Target pass: attend to [own tokens ‖ the references' foreground tokens], the reference tokens projected by
-    this layer's own ``to_k``/``to_v`` (with the SynCD LoRA), as upstream; rows without access see their own only.
-    The layer's input is left as it is, so other patches of the block (PAG, SAG) see an ordinary self-attention."""
-    def attn1(q, k, v, extra_options):
-        state = kit.forward_state(extra_options)
-        view: Optional[ReferenceView] = state.reference
-        layer = _layer(extra_options)
-        if view is None or state.phase is not kit.Phase.TARGET or layer not in view.run.features:
-            return kit.attention(q, k, v, extra_options)
-        tokens = view.run.unet_tokens(layer)  # (S, P, C)
-        if tokens.shape[1] == 0:
-            return kit.attention(q, k, v, extra_options)
-        module = self_attentions[layer]
-        tokens = tokens.to(q.dtype)
-        slots = view.slots
-        k = torch.cat([k, module.to_k(tokens)[slots]], dim=1)
-        v = torch.cat([v, module.to_v(tokens)[slots]], dim=1)
-        heads = extra_options["n_heads"]
-        out = reference_attention(kit.heads_first(q, heads), kit.heads_first(k, heads), kit.heads_first(v, heads),
-                                  q.shape[1], view.access)
-        return kit.heads_last(out)
-    return attn1
-
-
-# --- Flux ----------------------------------------------------------------------------------------------------
-
-def make_flux_handler(axes_dim, theta) -> Callable:
-    def handler(q, k, v, heads, mask, state: kit.ForwardState, to: dict):
-        view: Optional[ReferenceView] = state.reference
-        layer = state.block
-        if view is None or layer is None or state.flux_tokens is None:
-            return None
-        run = view.run
-        if state.phase is kit.Phase.REFERENCE:
-            gh, gw = state.flux_tokens[1:]
-            run.features[layer] = (k[:, :, -gh * gw:].detach(), v[:, :, -gh * gw:].detach())
-            run.grids[layer] = (gh, gw)
-            return None
-        if layer not in run.features:
-            return None
-        if mask is not None:
-            raise ValueError(f"{NODE} cannot be combined with a Flux attention mask (attention_mask conditioning); "
-                             f"remove one of them")
-        n_text, _, target_w = state.flux_tokens
-        tokens_k, tokens_v = run.flux_tokens(layer, target_w, axes_dim, theta)
-        if tokens_k.shape[2] == 0:  # no reference foreground on this grid: nothing to add
-            return None
-        slots = view.slots
-        n_own = k.shape[2]
-        k = torch.cat([k, tokens_k[slots].to(k.dtype)], dim=2)
-        v = torch.cat([v, tokens_v[slots].to(v.dtype)], dim=2)
-        return reference_attention(q, k, v, n_own, view.access, n_text, view.text_access)
-    return handler
-
-
 # --- Putting it on a model ------------------------------------------------------------------------------------
 
 def apply_reference_injection(model, config: ReferenceConfig):
@@ -358,13 +307,8 @@ def apply_reference_injection(model, config: ReferenceConfig):
     kit.add_conditioning_check(m, NODE)
     kit.add_forward_wrapper(m, PATCH_KEY, run.on_forward)
     if flux:
-        kit.mark_flux_blocks(m)
-        params = diffusion_model.params
-        kit.add_attention_override(m, make_flux_handler(list(params.axes_dim), params.theta))
+        self_attention.install_flux(m, diffusion_model)
         return m, run
-    if m.model_options["transformer_options"].get("patches_replace", {}).get("attn1"):
-        raise ValueError(f"{NODE} replaces the self-attention of every UNet block, and this model already has "
-                         f"self-attention replace patches from another node; apply only one of them")
+    self_attention.install_unet(m, kit.unet_self_attentions(diffusion_model), blocks, NODE)
     m.set_model_attn1_patch(make_unet_attn1_patch())
-    kit.add_attn1_replace(m, make_unet_attn1_replace(kit.unet_self_attentions(diffusion_model)), blocks)
     return m, run

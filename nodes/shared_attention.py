@@ -1,8 +1,9 @@
 """Masked Shared Attention on a ComfyUI model: the patches behind SynCDSharedAttention, built from the patch kit.
 
-UNet (SD1.5/SDXL): an ``attn1`` replace patch on every selected transformer block; in automatic mask mode also an
-attn2 chain link that records the image→subject-token attention. Flux: an attention-override handler on the joint
-attention of the selected blocks (the kit's block markers say which block runs). The kit's ``APPLY_MODEL`` wrapper
+UNet (SD1.5/SDXL): the pack's self-attention patch (:mod:`self_attention`, shared with SynCD Apply References, so
+the two compose) on every selected transformer block; in automatic mask mode also an attn2 chain link that records
+the image→subject-token attention. Flux: the same module's attention-override handler on the joint attention (the
+kit's block markers say which block runs; only the selected blocks share). The kit's ``APPLY_MODEL`` wrapper
 gives every forward pass its ForwardState; this patch adds, once per pass, whether sharing is on. An
 ``OUTER_SAMPLE`` wrapper validates the batch and starts a fresh :class:`SharedAttentionRun` for every sampling.
 
@@ -18,16 +19,19 @@ from typing import Callable, Optional
 import torch
 
 from ..attention.masks import AutomaticMaskEstimator, layer_foreground, resize_to_grid, subject_attention
-from ..attention.rope import shift_axis
-from ..attention.shared import shared_attention, shared_attention_reference
+from ..attention.shared import (shared_attention, shared_attention_reference, shared_reference_attention,
+                                shared_reference_attention_reference)
 from . import choices
 from . import patch_kit as kit
+from . import self_attention
 from .layout import UNCOND, check_group_size, chunk_roles, conditioning_chunks, subject_groups
 
 PATCH_KEY = "syncd_shared_attention"
 NODE = "SynCD Masked Shared Attention"
 
 IMPLEMENTATIONS = {"efficient": shared_attention, "reference": shared_attention_reference}
+# With SynCD Apply References on the same model: [own ‖ group's others' foreground ‖ references' foreground].
+WITH_REFERENCES = {"efficient": shared_reference_attention, "reference": shared_reference_attention_reference}
 MASK_MODES = ("foreground_masks", "none", "automatic")
 FLUX_ROPE_LAYOUTS = ("stacked", "shared")  # official: the other images' keys below the own image
 DEFAULT_DILATION = 9  # upstream rigid data generation: 9×9 at the token grid (nupurkmr9/syncd dataset/gen_rigid.py)
@@ -103,6 +107,8 @@ class SharedAttentionRun:
                 self.estimator.finish_step()
             self.step = state.step
         self.sigma = state.sigma
+        if state.phase is kit.Phase.TARGET:
+            state.shared = self
         state.sharing = (state.phase is kit.Phase.TARGET
                          and kit.in_sigma_window(state.sigma, self.config.sigma_start, self.config.sigma_end))
 
@@ -148,9 +154,12 @@ class SharedAttentionRun:
                 self.estimator.add(maps, grid)
 
     def share_groups(self, q, k, v, state: kit.ForwardState, to: dict, n_text: int, grid: tuple[int, int],
-                     key_shift=None) -> torch.Tensor:
+                     key_shift=None, references=None, own_attention=None) -> torch.Tensor:
         """Apply the MSA core to every subject group of a (rows, heads, L, D) batch; chunks of UNCOND branches
-        (JeDi's ε⁰, SynCD's unconditional branch) keep to their own image."""
+        (JeDi's ε⁰, SynCD's unconditional branch) keep to their own image. With ``references``
+        (:class:`self_attention.References`, SynCD Apply References on the same model) the rows with reference
+        access also see the references' foreground tokens; rows without keep to their own image, through
+        ``own_attention(q, k, v)`` where given (ComfyUI's attention: exactly the unpatched model's output)."""
         cfg = self.config
         attend = IMPLEMENTATIONS[cfg.implementation]
         text_shares = cfg.first_step_shares_text and self.first_step_unmasked()
@@ -160,28 +169,24 @@ class SharedAttentionRun:
         n_tokens = q.shape[2] - n_text
         for group in subject_groups(q.shape[0], to, cfg.images_per_subject):
             r = group.rows
+            sees_references = references is not None and bool(references.access[r].all())
             if any(b.start <= r.start < b.stop for b in uncond):
-                out[r] = torch.nn.functional.scaled_dot_product_attention(q[r], k[r], v[r])
+                if references is not None and references.text_access is not None:
+                    out[r] = references.blind(q, k, v, r, n_text)
+                else:
+                    out[r] = (own_attention or torch.nn.functional.scaled_dot_product_attention)(q[r], k[r], v[r])
                 continue
             fg = self.foreground(group.latent_index, cfg.images_per_subject, grid, n_tokens)
-            out[r] = attend(q[r], k[r], v[r], fg, n_text, key_shift, text_shares=text_shares)
+            if sees_references:
+                out[r] = WITH_REFERENCES[cfg.implementation](q[r], k[r], v[r], fg, references.k[r], references.v[r],
+                                                             n_text=n_text, key_shift=key_shift,
+                                                             text_shares=text_shares)
+            else:
+                out[r] = attend(q[r], k[r], v[r], fg, n_text, key_shift, text_shares=text_shares)
         return out
 
 
 # --- UNet ----------------------------------------------------------------------------------------------------
-
-def make_unet_attn1(run: SharedAttentionRun) -> Callable:
-    def attn1(q, k, v, extra_options):
-        state = kit.forward_state(extra_options)
-        if not state.sharing:
-            return kit.attention(q, k, v, extra_options)
-        heads = extra_options["n_heads"]
-        _, _, h, w = extra_options["activations_shape"]
-        out = run.share_groups(kit.heads_first(q, heads), kit.heads_first(k, heads), kit.heads_first(v, heads),
-                               state, extra_options, 0, (h, w))
-        return kit.heads_last(out)
-    return attn1
-
 
 def make_unet_attn2(run: SharedAttentionRun) -> Callable:
     """Cross-attention unchanged (or the block's earlier attn2 patch, e.g. an IP-Adapter), recording the
@@ -196,28 +201,6 @@ def make_unet_attn2(run: SharedAttentionRun) -> Callable:
 
 
 # --- Flux ----------------------------------------------------------------------------------------------------
-
-def make_flux_handler(run: SharedAttentionRun, axes_dim, theta) -> Callable:
-    """Attention-override handler: records the automatic-mask maps in every block and shares attention in the
-    selected ones."""
-    def handler(q, k, v, heads, mask, state: kit.ForwardState, to: dict):
-        if state.flux_tokens is None or state.phase is not kit.Phase.TARGET:
-            return None
-        n_text, gh, gw = state.flux_tokens
-        # Official AttentionStore: text queries × own image keys, softmaxed over the text tokens.
-        run.record_subject_attention(k[:, :, n_text:], q[:, :, :n_text], to, (gh, gw))
-        if not state.sharing or state.block not in run.blocks:
-            return None
-        if mask is not None:
-            raise ValueError(f"{NODE} cannot be combined with a Flux attention mask (attention_mask conditioning); "
-                             f"remove one of them")
-        key_shift = None
-        if run.config.flux_rope_layout == "stacked":
-            def key_shift(keys, slot):
-                return shift_axis(keys, slot * gh, axes_dim, 1, theta)
-        return run.share_groups(q, k, v, state, to, n_text, (gh, gw), key_shift)
-    return handler
-
 
 def check_encoded_prompt(config: SharedAttentionConfig, guider) -> None:
     """Automatic masks locate subject_word in the node's ``prompt``; where the positive conditioning records the
@@ -259,11 +242,9 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
     kit.add_conditioning_check(m, NODE)
     kit.add_forward_wrapper(m, PATCH_KEY, run.on_forward)
     if flux:
-        kit.mark_flux_blocks(m)
-        params = diffusion_model.params
-        kit.add_attention_override(m, make_flux_handler(run, list(params.axes_dim), params.theta))
+        self_attention.install_flux(m, diffusion_model)
         return m, run
-    kit.add_attn1_replace(m, make_unet_attn1(run), selected)
+    self_attention.install_unet(m, kit.unet_self_attentions(diffusion_model), selected, NODE)
     if config.mask_mode == "automatic":
         kit.add_attn2(m, make_unet_attn2(run), kit.unet_attention_blocks(diffusion_model))
     return m, run

@@ -20,7 +20,9 @@ class SynCDSharedAttention(io.ComfyNode):
             category="SynCD/attention",
             description="Every image of a subject group attends to its own tokens and to the foreground tokens of "
                         "the other images in its group (SynCD eq. 1). With mask_mode 'none' this is JeDi's coupled "
-                        "self-attention. Works on SD1.5/SDXL (self-attention) and Flux (joint attention).",
+                        "self-attention. Works on SD1.5/SDXL (self-attention) and Flux (joint attention). Together with "
+                        "SynCD Apply References (either order) every image also sees the references' foreground: "
+                        "a consistent set of your subject.",
             inputs=[
                 io.Model.Input("model"),
                 io.Int.Input("images_per_subject", default=3, min=1, max=64,

@@ -153,9 +153,10 @@ def normalized_sampling(g: Builder, model: dict, positive: dict, negative: dict,
     return sampler, [guider, noise, select, schedule, sampler]
 
 
-def sdxl_customization(object_info: dict, name: str, references: int, all_in_one: bool) -> dict:
+def sdxl_customization(object_info: dict, name: str, references: int, all_in_one: bool, set_size: int = 1) -> dict:
     """SynCD SDXL: terminus-xl-gamma-v1 (v-prediction, zero-SNR) + the SynCD LoRA and IP-Adapter, references
-    injected every step, normalized text+image guidance (sdxl_pipeline/sample.py)."""
+    injected every step, normalized text+image guidance (sdxl_pipeline/sample.py). With ``set_size`` > 1 a batch
+    of that many new images of the subject also shares attention (Masked Shared Attention, automatic masks)."""
     g = Builder(object_info)
     g.extra["syncd"] = {"family": "sdxl"}
     checkpoint = g.add("CheckpointLoaderSimple", properties=models_property(TERMINUS), ckpt_name=TERMINUS[1])
@@ -177,6 +178,11 @@ def sdxl_customization(object_info: dict, name: str, references: int, all_in_one
     g.connect(refs["images"], 0, first, "image")
 
     positive = g.add("CLIPTextEncode", title="Prompt", text=SDXL_PROMPT)
+    prompt = None
+    if set_size > 1:  # one text for the encoder and the shared attention's subject-word lookup
+        prompt = g.add("PrimitiveStringMultiline", title="Prompt (one for the whole set)", size=(400, 160),
+                       value=SDXL_PROMPT)
+        g.connect(prompt, 0, positive, "text")
     negative = g.add("ConditioningZeroOut", title="Negative: zeroed text (upstream)")
     reference_text = g.add("CLIPTextEncode", title="Reference prompt: photo of a <category>",
                            text=f"photo of a {CATEGORY}")
@@ -186,7 +192,7 @@ def sdxl_customization(object_info: dict, name: str, references: int, all_in_one
 
     apply = g.add("SynCDApplyReferences")
     ip = g.add("SynCDIPAdapterApply", weight=0.6, reference_weight=1.0)
-    empty = g.add("EmptyLatentImage", width=1024, height=1024, batch_size=1)
+    empty = g.add("EmptyLatentImage", width=1024, height=1024, batch_size=set_size)
     g.connect(syncd, 0, apply, "model")
     g.connect(encoded, 0, apply, "references")
     g.connect(reference_text, 0, apply, "reference_conditioning")
@@ -198,13 +204,37 @@ def sdxl_customization(object_info: dict, name: str, references: int, all_in_one
     # upstream: s_txt 7.5, s_img 8 rising by 5 over the steps; EulerAncestral, 50 steps with trailing
     # spacing, which is ComfyUI's 'simple' scheduler
     scales = dict(text_scale=7.5, image_scale_start=8.0, image_scale_end=13.0, combination="normalized")
-    sampler, stage = normalized_sampling(g, ip, positive, negative, empty, all_in_one, 50, "euler_ancestral", scales)
-    sampling_nodes = [[apply, ip, empty], stage]
-    outputs = g.output(sampler, (checkpoint, 2), f"syncd_sdxl_{references}ref")
+    model, sampling_nodes = ip, [[apply, ip, empty]]
+    if set_size > 1:
+        model = g.add("SynCDSharedAttention", images_per_subject=set_size, mask_mode="automatic",
+                      subject_word=CATEGORY, unmasked_first_step=True)
+        g.connect(ip, 0, model, "model")
+        g.connect(checkpoint, 1, model, "clip")
+        g.connect(prompt, 0, model, "prompt")
+        sampling_nodes = [[apply, ip, model, empty]]
+    sampler, stage = normalized_sampling(g, model, positive, negative, empty, all_in_one, 50, "euler_ancestral",
+                                         scales)
+    sampling_nodes.append(stage)
+    prefix = f"syncd_sdxl_{references}ref" + (f"_set{set_size}" if set_size > 1 else "")
+    outputs = g.output(sampler, (checkpoint, 2), prefix)
 
     first_file = "syncd_reference_1.png"
+    consistent_set = [] if set_size == 1 else [
+        "",
+        f"Consistent set: the {set_size} new images of the batch share attention (SynCD Masked Shared Attention, "
+        f"images_per_subject {set_size}): every image attends to its own tokens, the foreground of the other "
+        "new images (masks estimated every step from the attention to the subject word, which must be in the "
+        "prompt) and the references' foreground. The guider's unconditional branch sees neither; its image and "
+        "full branches see both. One prompt drives the whole batch: a latent batch has one conditioning, "
+        "ConditioningCombine does not give each image its own prompt (it mixes every entry into every image), and "
+        "core ComfyUI has no node that stacks different prompts into a per-image batch; the scenes differ by the "
+        "noise. For a different scene per image, run the workflow once per prompt (the images then do not share "
+        "attention) or write the scene into the one prompt.",
+    ]
     note = g.note("\n".join([
-        f"SynCD customization — SDXL (the paper's model), {references} reference image(s)",
+        f"SynCD customization — SDXL (the paper's model), {references} reference image(s)"
+        + (f", a consistent set of {set_size} new images" if set_size > 1 else ""),
+        *consistent_set,
         "",
         "Put these files into your ComfyUI folder:",
         files_block([
@@ -230,7 +260,8 @@ def sdxl_customization(object_info: dict, name: str, references: int, all_in_one
     ]))
     g.groups_in_order(Models=[[checkpoint, sampling, syncd], [ip_loader, vision]],
                       References=refs["columns"] + [[encoded, first]],
-                      Prompts=[[positive, negative, reference_text]], Sampling=sampling_nodes, Output=[outputs])
+                      Prompts=[[positive, negative, reference_text]] + ([[prompt]] if prompt else []),
+                      Sampling=sampling_nodes, Output=[outputs])
     return g.to_json(left=[note])
 
 
@@ -544,6 +575,8 @@ def dci_sweep(object_info: dict, name: str, family: str) -> dict:
 THUMBNAILS = {  # name -> (title, subtitle, reference images, generated images, accent colour)
     "syncd_customization_sdxl_1ref.json": ("SynCD customization", "SDXL · 1 reference", 1, 1, "#3f789e"),
     "syncd_customization_sdxl_3ref.json": ("SynCD customization", "SDXL · 3 references", 3, 1, "#3f789e"),
+    "syncd_consistent_set_sdxl_3ref.json": ("SynCD consistent set", "SDXL · 3 references + 3 shared images", 3, 3,
+                                            "#3f789e"),
     "syncd_customization_flux_1ref.json": ("SynCD customization", "FLUX.1-dev · 1 reference", 1, 1, "#3f789e"),
     "syncd_customization_flux_3ref.json": ("SynCD customization", "FLUX.1-dev · 3 references", 3, 1, "#3f789e"),
     "syncd_datagen_deformable_flux.json": ("SynCD data generation", "FLUX.1-dev · 3 images share a subject", 0, 3,
@@ -587,6 +620,7 @@ def thumbnail(title: str, subtitle: str, references: int, generated: int, accent
 BUILDERS = {
     "syncd_customization_sdxl_1ref.json": lambda info, name: sdxl_customization(info, name, 1, False),
     "syncd_customization_sdxl_3ref.json": lambda info, name: sdxl_customization(info, name, 3, True),
+    "syncd_consistent_set_sdxl_3ref.json": lambda info, name: sdxl_customization(info, name, 3, False, set_size=3),
     "syncd_customization_flux_1ref.json": lambda info, name: flux_customization(info, name, 1, False),
     "syncd_customization_flux_3ref.json": lambda info, name: flux_customization(info, name, 3, True),
     "syncd_datagen_deformable_flux.json": flux_datagen,

@@ -25,6 +25,8 @@ EXPECTED = {
                                                                     "SynCDIPAdapterApply"}, 1),
     "syncd_customization_sdxl_3ref.json": ("sdxl", CUSTOMIZATION | {"SynCDCustomizationSampler",
                                                                     "SynCDIPAdapterLoader", "SynCDIPAdapterApply"}, 1),
+    "syncd_consistent_set_sdxl_3ref.json": ("sdxl", CUSTOMIZATION | {"SynCDNormalizedGuider", "SynCDIPAdapterLoader",
+                                                                     "SynCDIPAdapterApply", "SynCDSharedAttention"}, 3),
     "syncd_customization_flux_1ref.json": ("flux", CUSTOMIZATION | {"SynCDNormalizedGuider"}, 1),
     "syncd_customization_flux_3ref.json": ("flux", CUSTOMIZATION | {"SynCDCustomizationSampler"}, 1),
     "syncd_datagen_deformable_flux.json": ("flux", {"SynCDSharedAttention"}, 3),

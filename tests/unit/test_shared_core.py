@@ -137,3 +137,83 @@ def test_bad_shapes_are_rejected():
         shared_attention(q, k, v, fg[:, :5], 0)
     with pytest.raises(ValueError, match="leaves no image tokens"):
         shared_attention(q, k, v, None, 10)
+
+
+# --- Consistent sets: [own ‖ group's others' foreground ‖ references' foreground] ----------------------------
+
+def brute_force_with_references(q, k, v, fg, ref_k, ref_v, ref_fg, n_text, key_shift=None, text_shares=False):
+    """Each query's softmax over exactly its allowed keys: own, the others' foreground (image queries, or all with
+    text_shares), and the references' foreground tokens of its row."""
+    n, heads, seq, d = q.shape
+    out = torch.zeros_like(q)
+    for i, h, t in itertools.product(range(n), range(heads), range(seq)):
+        keys, values = [k[i, h]], [v[i, h]]
+        if t >= n_text or text_shares:
+            for j in range(n):
+                if j == i:
+                    continue
+                sel = torch.ones(seq - n_text, dtype=torch.bool) if fg is None else fg[j]
+                kj = k[j, :, n_text:]
+                if key_shift is not None:
+                    kj = key_shift(kj, roll_slot(i, j, n))
+                keys.append(kj[h][sel])
+                values.append(v[j, h, n_text:][sel])
+        keys.append(ref_k[i, h][ref_fg[i]])
+        values.append(ref_v[i, h][ref_fg[i]])
+        keys, values = torch.cat(keys), torch.cat(values)
+        w = (keys @ q[i, h, t] / d ** 0.5).softmax(0)
+        out[i, h, t] = w @ values
+    return out
+
+
+@pytest.mark.parametrize("n,n_text,p,t,text_shares", [(1, 0, 12, 10, False), (3, 0, 12, 10, False),
+                                                       (3, 4, 9, 7, False), (4, 3, 8, 6, True), (2, 0, 8, 0, False)])
+@pytest.mark.parametrize("masked", [True, False])
+def test_shared_reference_attention_efficient_dense_and_brute_force_agree(n, n_text, p, t, text_shares, masked):
+    from comfyui_syncd.attention.shared import shared_reference_attention, shared_reference_attention_reference
+
+    q, k, v, fg = rand_case(n, n_text, p, seed=n * 10 + p + t)
+    fg = fg if masked else None
+    g = torch.Generator().manual_seed(t)
+    ref_k, ref_v = (torch.randn(n, 2, t, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    ref_fg = torch.rand(n, t, generator=g) < 0.6
+    ref_fg[:, :] = ref_fg[:1]  # one reference set for the whole group, as a chunk sees it
+    expected = brute_force_with_references(q, k, v, fg, ref_k, ref_v, ref_fg, n_text, text_shares=text_shares)
+    dense = shared_reference_attention_reference(q, k, v, fg, ref_k, ref_v, ref_fg, n_text, text_shares=text_shares)
+    torch.testing.assert_close(dense, expected, rtol=1e-9, atol=1e-9)
+    idx = ref_fg[0].nonzero().squeeze(1)  # the efficient form takes the gathered foreground tokens
+    efficient = shared_reference_attention(q, k, v, fg, ref_k[:, :, idx], ref_v[:, :, idx], n_text,
+                                           text_shares=text_shares)
+    torch.testing.assert_close(efficient, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_shared_reference_attention_reduces_to_its_parts():
+    """No reference tokens: Masked Shared Attention; a group of one: attention over [own ‖ references]."""
+    from comfyui_syncd.attention.shared import reference_attention, shared_reference_attention
+
+    q, k, v, fg = rand_case(3, 2, 10, seed=5)
+    empty = k.new_zeros(3, 2, 0, 8)
+    torch.testing.assert_close(shared_reference_attention(q, k, v, fg, empty, empty, 2),
+                               shared_attention(q, k, v, fg, 2), rtol=1e-12, atol=1e-12)
+    g = torch.Generator().manual_seed(1)
+    ref_k, ref_v = (torch.randn(1, 2, 5, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    one = shared_reference_attention(q[:1], k[:1], v[:1], fg[:1], ref_k, ref_v, 2)
+    want = reference_attention(q[:1], torch.cat([k[:1], ref_k], 2), torch.cat([v[:1], ref_v], 2), k.shape[2],
+                               torch.ones(1, dtype=torch.bool), 2)
+    torch.testing.assert_close(one, want, rtol=1e-12, atol=1e-12)
+
+
+def test_shared_reference_attention_with_key_shift():
+    from comfyui_syncd.attention.shared import shared_reference_attention, shared_reference_attention_reference
+
+    q, k, v, fg = rand_case(3, 5, 24, seed=9, heads=3, d=16)
+    g = torch.Generator().manual_seed(2)
+    ref_k, ref_v = (torch.randn(3, 3, 6, 16, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def shift(keys, slot):
+        return shift_axis(keys, slot * 4, [4, 6, 6], 1, 10000)
+
+    expected = brute_force_with_references(q, k, v, fg, ref_k, ref_v, torch.ones(3, 6, dtype=torch.bool), 5, shift)
+    for got in (shared_reference_attention(q, k, v, fg, ref_k, ref_v, 5, shift),
+                shared_reference_attention_reference(q, k, v, fg, ref_k, ref_v, None, 5, shift)):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
