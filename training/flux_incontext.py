@@ -24,7 +24,6 @@ Output: ``syncd/NAME.safetensors`` with the official Flux ``pytorch_model.bin`` 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import dataset_format
-from . import checkpoints, config as config_mod, syncd
+from . import checkpoints, config as config_mod, loop, syncd
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
@@ -227,23 +226,8 @@ class FluxInContext(torch.nn.Module):
 # --- the run -------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class Run:
-    cfg: FluxConfig
-    accelerator: object
-    parts: Parts
-    model: torch.nn.Module
-    optimizer: object
-    dataset: object
-    trainable: dict
-    step: int = 0
-
-    @property
-    def core(self) -> FluxInContext:
-        return self.accelerator.unwrap_model(self.model)
-
-    @property
-    def out(self) -> pathlib.Path:
-        return pathlib.Path(self.cfg.train.output_dir)
+class Run(loop.Run):
+    """A prepared run; ``model`` is the FluxInContext."""
 
 
 def _optimizer(params, t: TrainConfig):
@@ -294,23 +278,11 @@ def prepare(cfg: FluxConfig, resume="auto") -> Run:
                                 crop_padding=d.crop_padding, mask_dilation=1, drop_text=d.drop_text, drop_image=0.0,
                                 drop_both=0.0, drop_mask=0.0, num_workers=d.num_workers)
     dataset = syncd.SyncdDataset(objects, data_cfg, d.resolution, 8, t.seed, factor)  # IP images unused (8 px)
-    run = Run(cfg, accelerator, parts, model, optimizer, dataset, trainable)
-    if resume == "auto":
-        resume = checkpoints.latest(run.out)
-    if resume:
-        run.step = checkpoints.restore(accelerator, resume)
-        accelerator.print(f"resumed from {resume} at step {run.step}")
-    return run
+    return loop.resume(Run(cfg, accelerator, parts, model, optimizer, dataset, trainable), resume)
 
 
 def loader(run: Run):
-    t = run.cfg.train
-    sampler = syncd.PositionBatches(len(run.dataset), t.batch_size, t.seed, 0.0,
-                                    start=run.step * t.gradient_accumulation_steps,
-                                    rank=run.accelerator.process_index, world=run.accelerator.num_processes)
-    workers = run.cfg.data.num_workers
-    return iter(torch.utils.data.DataLoader(run.dataset, batch_sampler=sampler, num_workers=workers,
-                                            collate_fn=syncd.collate, persistent_workers=workers > 0))
+    return loop.batches(run, syncd.PositionBatches, syncd.collate)
 
 
 @torch.no_grad()
@@ -389,51 +361,22 @@ def export(run: Run, suffix: str = "") -> pathlib.Path:
 
 
 def train(run: Run, progress: bool = True) -> Run:
-    from tqdm.auto import tqdm
-
+    """Steps up to ``max_steps`` with the loss log and checkpoints; the final export."""
     t, acc = run.cfg.train, run.accelerator
-    if acc.is_main_process:
-        run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.json").write_text(json.dumps(config_mod.to_dict(run.cfg), indent=1))
-    acc.print(f"SynCD Flux in-context: {acc.num_processes} process(es), {len(run.dataset)} objects, "
+    header = (f"SynCD Flux in-context: {acc.num_processes} process(es), {len(run.dataset)} objects, "
               f"{len(run.trainable)} trained tensors, steps {run.step}..{t.max_steps}")
-    log = syncd.LossLog(run.out / syncd.LOSS_LOG, run.step) if acc.is_main_process else None
-    bar = tqdm(total=t.max_steps, initial=run.step, desc="SynCD Flux",
-               disable=not (progress and acc.is_main_process), dynamic_ncols=True)
-    batches = loader(run) if run.step < t.max_steps else None
-    while run.step < t.max_steps:
-        loss = train_step(run, batches)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss} at step {run.step}")
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if log is not None:
-            log.write(run.step, loss)
-        if run.step % t.checkpoint_every == 0 or run.step == t.max_steps:
-            checkpoints.save(acc, run.out, run.step, keep=t.keep_checkpoints)
-        acc.wait_for_everyone()
-    bar.close()
-    if acc.is_main_process:
-        acc.print(f"SynCD Flux checkpoint: {export(run)} (models/syncd, SynCD Checkpoint Loader on FLUX.1-dev)")
-    acc.wait_for_everyone()
-    return run
+
+    def final_message(path) -> str:
+        return f"SynCD Flux checkpoint: {path} (models/syncd, SynCD Checkpoint Loader on FLUX.1-dev)"
+
+    return loop.train_loop(run, "SynCD Flux", train_step, export, loader=loader, header=header,
+                           final_message=final_message, progress=progress)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m comfyui_syncd.training.flux_incontext",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML or TOML (see training/configs/flux_incontext.yaml)")
-    parser.add_argument("--resume", default="auto", metavar="CHECKPOINT")
-    parser.add_argument("--no-resume", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        run = prepare(config_mod.load(args.config, FluxConfig), resume=None if args.no_resume else args.resume)
-    except (config_mod.ConfigError, FileNotFoundError, dataset_format.DatasetFormatError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    train(run, progress=not args.no_progress)
-    return 0
+    return loop.script_main(argv, "python -m comfyui_syncd.training.flux_incontext", __doc__.split("\n")[0],
+                            "YAML or TOML (see training/configs/flux_incontext.yaml)", FluxConfig, prepare, train,
+                            errors=(dataset_format.DatasetFormatError,))
 
 
 if __name__ == "__main__":

@@ -21,15 +21,14 @@ encoders are frozen. Regularisation images (optional) are encoded from their own
 Outputs (``output_dir``): ``embeddings/NAME.safetensors`` (the V* vectors; ComfyUI: ``models/embeddings``, prompt
 ``... embedding:NAME <noun> ...``) and ``loras/NAME.safetensors`` (k/v weight differences; ComfyUI:
 ``models/loras`` + ``LoraLoaderModelOnly``, strength 1). The contexts are discarded, as upstream does.
-Checkpoints under ``checkpoints/`` resume automatically; ``validation/`` holds the PNGs.
+Checkpoints under ``checkpoints/`` resume automatically; ``validation/`` holds the PNGs, ``losses.jsonl`` the loss
+of every step (over the main process's micro-batches).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
 import pathlib
 import re
 import sys
@@ -37,7 +36,7 @@ from typing import Literal, Optional
 
 import torch
 
-from . import checkpoints, config as config_mod, data, models
+from . import checkpoints, config as config_mod, data, loop, models
 
 # Upstream (src/custom_modules.py add_token, Custom Diffusion's choice): the last concept token starts from token
 # 42170 ("ktn"), the one before it from 47629 ("pll"), the one before that from 43514 ("ucd</w>").
@@ -381,27 +380,11 @@ def micro_batch_inputs(batch: dict, vae, scheduler, gen, device, resolution: int
 # --- the run -------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class Run:
-    """A prepared run (for the script and for tests that drive steps themselves)."""
-    cfg: IcoConfig
-    accelerator: object
-    parts: models.Parts
-    model: torch.nn.Module           # prepared (possibly DDP-wrapped) IcoModel
-    optimizer: object
-    dataset: IcoDataset
+class Run(loop.Run):
+    """A prepared run (for the script and for tests that drive steps themselves); ``model`` is the IcoModel."""
     resolution: int
     base_kv: dict
-    trainable: dict
     learning_rate: float
-    step: int = 0
-
-    @property
-    def core(self) -> IcoModel:
-        return self.accelerator.unwrap_model(self.model)
-
-    @property
-    def out(self) -> pathlib.Path:
-        return pathlib.Path(self.cfg.train.output_dir)
 
 
 def prepare(cfg: IcoConfig, resume="auto") -> Run:
@@ -448,25 +431,14 @@ def prepare(cfg: IcoConfig, resume="auto") -> Run:
     core = accelerator.unwrap_model(model)
     trainable = {name: p for name, p in core.named_parameters() if p.requires_grad}
     checkpoints.register_hooks(accelerator, trainable)
-    run = Run(cfg, accelerator, parts, model, optimizer, IcoDataset(targets, regs, resolution), resolution,
-              base_kv, trainable, lr)
-    if resume == "auto":
-        resume = checkpoints.latest(run.out)
-    if resume:
-        run.step = checkpoints.restore(accelerator, resume)
-        accelerator.print(f"resumed from {resume} at step {run.step}")
-    return run
+    run = Run(cfg, accelerator, parts, model, optimizer, IcoDataset(targets, regs, resolution), trainable,
+              resolution=resolution, base_kv=base_kv, learning_rate=lr)
+    return loop.resume(run, resume)
 
 
 def loader(run: Run):
     """Micro-batches from the run's current step on (one per ``next``)."""
-    t = run.cfg.train
-    sampler = data.StepBatches(len(run.dataset), t.batch_size, t.seed, run.cfg.data.flip_p,
-                               start=run.step * t.gradient_accumulation_steps,
-                               rank=run.accelerator.process_index, world=run.accelerator.num_processes)
-    workers = run.cfg.data.num_workers
-    return iter(torch.utils.data.DataLoader(run.dataset, batch_sampler=sampler, num_workers=workers,
-                                            collate_fn=data.collate, persistent_workers=workers > 0))
+    return loop.batches(run, data.StepBatches, data.collate, run.cfg.data.flip_p)
 
 
 def train_step(run: Run, batches) -> float:
@@ -530,60 +502,33 @@ def validate(run: Run) -> list[pathlib.Path]:
     return paths
 
 
+def validate_on_schedule(run: Run, last: bool) -> None:
+    """Validation images every ``validation.every`` steps and at the last one (main process)."""
+    v = run.cfg.validation
+    if v.every and (run.step % v.every == 0 or last) and run.accelerator.is_main_process:
+        validate(run)
+
+
 def train(run: Run, progress: bool = True) -> Run:
     """Steps up to ``max_steps`` with checkpoints, exports and validation; the final exports."""
-    from tqdm.auto import tqdm
-
-    t, v, acc = run.cfg.train, run.cfg.validation, run.accelerator
-    if acc.is_main_process:
-        run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.json").write_text(json.dumps(config_mod.to_dict(run.cfg), indent=1))
-    acc.print(f"ICO: {run.parts.family}, {len(run.dataset.targets)} reference images, "
+    t, concept = run.cfg.train, run.cfg.concept
+    header = (f"ICO: {run.parts.family}, {len(run.dataset.targets)} reference images, "
               f"{len(run.dataset.regs)} regularisation images, learning rate {run.learning_rate:g} "
               f"(contexts x{t.context_lr_scale:g}), steps {run.step}..{t.max_steps}")
-    bar = tqdm(total=t.max_steps, initial=run.step, desc="ICO", disable=not (progress and acc.is_main_process),
-               dynamic_ncols=True)
-    batches = loader(run) if run.step < t.max_steps else None
-    while run.step < t.max_steps:
-        loss = train_step(run, batches)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss} at step {run.step}")
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        last = run.step == t.max_steps
-        if run.step % t.checkpoint_every == 0 or last:
-            checkpoints.save(acc, run.out, run.step, keep=t.keep_checkpoints)
-            if acc.is_main_process and t.export_every_checkpoint and not last:
-                export(run, f"_step{run.step:06d}")
-        if v.every and (run.step % v.every == 0 or last) and acc.is_main_process:
-            validate(run)
-        acc.wait_for_everyone()
-    bar.close()
-    if acc.is_main_process:
-        emb, lora = export(run)
-        acc.print(f"embedding: {emb}\nk/v weights: {lora}\nin ComfyUI: copy them to models/embeddings and "
-                  f"models/loras, load the LoRA with LoraLoaderModelOnly (strength 1.0) and write the concept as "
-                  f"'embedding:{run.cfg.concept.name} {run.cfg.concept.noun}' in the prompt")
-    acc.wait_for_everyone()
-    return run
+
+    def final_message(paths) -> str:
+        emb, lora = paths
+        return (f"embedding: {emb}\nk/v weights: {lora}\nin ComfyUI: copy them to models/embeddings and "
+                f"models/loras, load the LoRA with LoraLoaderModelOnly (strength 1.0) and write the concept as "
+                f"'embedding:{concept.name} {concept.noun}' in the prompt")
+
+    return loop.train_loop(run, "ICO", train_step, export, loader=loader, header=header, final_message=final_message,
+                           step_exports=t.export_every_checkpoint, on_step=validate_on_schedule, progress=progress)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m comfyui_syncd.training.ico", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML or TOML config (see training/configs/ico_sd15.yaml)")
-    parser.add_argument("--resume", default="auto", metavar="CHECKPOINT",
-                        help="checkpoint folder to resume from; default: the newest one in the output dir, if any")
-    parser.add_argument("--no-resume", action="store_true", help="start from step 0 even if checkpoints exist")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_mod.load(args.config, IcoConfig)
-        run = prepare(cfg, resume=None if args.no_resume else args.resume)
-    except (config_mod.ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    train(run, progress=not args.no_progress)
-    return 0
+    return loop.script_main(argv, "python -m comfyui_syncd.training.ico", __doc__.split("\n")[0],
+                            "YAML or TOML config (see training/configs/ico_sd15.yaml)", IcoConfig, prepare, train)
 
 
 if __name__ == "__main__":

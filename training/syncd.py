@@ -55,9 +55,7 @@ Per-step losses go to ``losses.jsonl`` (and TensorBoard under ``logs/`` when ``t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import pathlib
 import re
@@ -73,7 +71,7 @@ from ..attention.masks import dilate, resize_to_grid
 from ..attention.shared import gather_foreground, reference_attention
 from ..core import dataset_format
 from ..core.ip_adapter_model import Resampler, check_plus_layout, ip_layers, split_flat_state_dict
-from . import checkpoints, config as config_mod, data, models
+from . import checkpoints, config as config_mod, data, loop, models
 
 DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024}
 LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
@@ -557,25 +555,10 @@ def time_ids_of(sizes, resolution: int) -> torch.Tensor:
 # --- the run -------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class Run:
-    cfg: SyncdConfig
-    accelerator: object
-    parts: models.Parts
-    model: torch.nn.Module
-    optimizer: object
-    dataset: SyncdDataset
+class Run(loop.Run):
+    """A prepared run; ``model`` is the SyncdModel."""
     resolution: int
-    trainable: dict
     state: PassState
-    step: int = 0
-
-    @property
-    def core(self) -> SyncdModel:
-        return self.accelerator.unwrap_model(self.model)
-
-    @property
-    def out(self) -> pathlib.Path:
-        return pathlib.Path(self.cfg.train.output_dir)
 
 
 def noise_scheduler(parts: models.Parts, t: TrainConfig):
@@ -652,23 +635,12 @@ def prepare(cfg: SyncdConfig, resume="auto") -> Run:
     trainable = {name: p for name, p in core.named_parameters() if p.requires_grad}
     checkpoints.register_hooks(accelerator, trainable)
     dataset = SyncdDataset(objects, cfg.data, resolution, image_size, t.seed, factor)
-    run = Run(cfg, accelerator, parts, model, optimizer, dataset, resolution, trainable, state)
-    if resume == "auto":
-        resume = checkpoints.latest(run.out)
-    if resume:
-        run.step = checkpoints.restore(accelerator, resume)
-        accelerator.print(f"resumed from {resume} at step {run.step}")
-    return run
+    run = Run(cfg, accelerator, parts, model, optimizer, dataset, trainable, resolution=resolution, state=state)
+    return loop.resume(run, resume)
 
 
 def loader(run: Run):
-    t = run.cfg.train
-    sampler = PositionBatches(len(run.dataset), t.batch_size, t.seed, 0.0,
-                              start=run.step * t.gradient_accumulation_steps,
-                              rank=run.accelerator.process_index, world=run.accelerator.num_processes)
-    workers = run.cfg.data.num_workers
-    return iter(torch.utils.data.DataLoader(run.dataset, batch_sampler=sampler, num_workers=workers,
-                                            collate_fn=collate, persistent_workers=workers > 0))
+    return loop.batches(run, PositionBatches, collate)
 
 
 def _has_tensorboard() -> bool:
@@ -806,98 +778,26 @@ def export(run: Run, suffix: str = "") -> tuple[pathlib.Path, pathlib.Path]:
     return ckpt, ip
 
 
-LOSS_LOG = "losses.jsonl"
-
-
-class LossLog:
-    """``losses.jsonl``: one ``{"step": s, "loss": l}`` line per optimizer step (the loss averaged over the global
-    batch). A resumed run drops the lines after its checkpoint's step (they are redone)."""
-
-    def __init__(self, path: pathlib.Path, start: int):
-        self.path = path
-        kept = []
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= start:
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):
-                    pass
-        path.write_text("".join(k + "\n" for k in kept))
-
-    def write(self, step: int, loss: float) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "loss": loss}) + "\n")
-
-
-def read_losses(run_dir) -> dict[int, float]:
-    """{step: loss} of a run's ``losses.jsonl``."""
-    lines = (pathlib.Path(run_dir) / LOSS_LOG).read_text().splitlines()
-    return {int(r["step"]): float(r["loss"]) for r in map(json.loads, lines) if r}
-
-
 def train(run: Run, progress: bool = True) -> Run:
-    """Steps up to ``max_steps`` with checkpoints and exports; the final exports."""
-    from tqdm.auto import tqdm
-
+    """Steps up to ``max_steps`` with the loss log, checkpoints and exports; the final exports."""
     t, acc = run.cfg.train, run.accelerator
-    if acc.is_main_process:
-        run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.json").write_text(json.dumps(config_mod.to_dict(run.cfg), indent=1))
-    if acc.log_with:
-        acc.init_trackers("syncd", config={k: v for k, v in dataclasses.asdict(t).items()
-                                            if isinstance(v, (int, float, str, bool))})
-    log = LossLog(run.out / LOSS_LOG, run.step) if acc.is_main_process else None
-    acc.print(f"SynCD: {run.parts.family}, {acc.num_processes} process(es), {len(run.dataset)} objects, "
+    header = (f"SynCD: {run.parts.family}, {acc.num_processes} process(es), {len(run.dataset)} objects, "
               f"{len(run.trainable)} trained tensors, "
               f"learning rate {t.learning_rate:g}, steps {run.step}..{t.max_steps}")
-    bar = tqdm(total=t.max_steps, initial=run.step, desc="SynCD", disable=not (progress and acc.is_main_process),
-               dynamic_ncols=True)
-    batches = loader(run) if run.step < t.max_steps else None
-    while run.step < t.max_steps:
-        loss = train_step(run, batches)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss} at step {run.step}")
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if log is not None:
-            log.write(run.step, loss)
-        if acc.log_with:
-            acc.log({"loss": loss}, step=run.step)
-        last = run.step == t.max_steps
-        if run.step % t.checkpoint_every == 0 or last:
-            checkpoints.save(acc, run.out, run.step, keep=t.keep_checkpoints)
-            if acc.is_main_process and t.export_every_checkpoint and not last:
-                export(run, f"_step{run.step:06d}")
-        acc.wait_for_everyone()
-    bar.close()
-    if acc.log_with:
-        acc.end_training()
-    if acc.is_main_process:
-        ckpt, ip = export(run)
-        acc.print(f"SynCD checkpoint: {ckpt}\nIP-Adapter: {ip}\nin ComfyUI: copy the checkpoint to models/syncd and "
-                  f"load it with the SynCD Checkpoint Loader on the base model, with this IP-Adapter connected")
-    acc.wait_for_everyone()
-    return run
+
+    def final_message(paths) -> str:
+        ckpt, ip = paths
+        return (f"SynCD checkpoint: {ckpt}\nIP-Adapter: {ip}\nin ComfyUI: copy the checkpoint to models/syncd and "
+                f"load it with the SynCD Checkpoint Loader on the base model, with this IP-Adapter connected")
+
+    return loop.train_loop(run, "SynCD", train_step, export, loader=loader, header=header, final_message=final_message,
+                           step_exports=t.export_every_checkpoint, trackers="syncd", progress=progress)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m comfyui_syncd.training.syncd",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML or TOML config (see training/configs/syncd_sdxl.yaml)")
-    parser.add_argument("--resume", default="auto", metavar="CHECKPOINT",
-                        help="checkpoint folder to resume from; default: the newest one in the output dir, if any")
-    parser.add_argument("--no-resume", action="store_true", help="start from step 0 even if checkpoints exist")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_mod.load(args.config, SyncdConfig)
-        run = prepare(cfg, resume=None if args.no_resume else args.resume)
-    except (config_mod.ConfigError, FileNotFoundError, dataset_format.DatasetFormatError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    train(run, progress=not args.no_progress)
-    return 0
+    return loop.script_main(argv, "python -m comfyui_syncd.training.syncd", __doc__.split("\n")[0],
+                            "YAML or TOML config (see training/configs/syncd_sdxl.yaml)", SyncdConfig, prepare, train,
+                            errors=(dataset_format.DatasetFormatError,))
 
 
 if __name__ == "__main__":

@@ -5,18 +5,14 @@ trains through both text encoders."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
-import safetensors.torch
 import torch
 import yaml
 from ico_tiny_models import ico_raw
+from script_runs import assert_same_tensors, killed_at_checkpoint_4, resumed_from_checkpoint_2, tensors
 
-from comfyui_syncd.training import checkpoints, data, ico, models
+from comfyui_syncd.training import checkpoints, data, ico, loop, models
 
 pytestmark = pytest.mark.comfy  # needs the ComfyUI checkout (its tokenizer files)
 
@@ -61,51 +57,7 @@ def test_learning_rates_follow_upstream_scaling(ico_config):
     assert len(run.optimizer.param_groups[0]["params"]) == 14 + 1  # 7 x (to_k, to_v) + V*
 
 
-# The subprocesses import the very comfyui_syncd this test imported (not whichever copy is installed), then run
-# the script as ``python -m comfyui_syncd.training.ico`` would (runpy, as __main__).
-PINNED_PACKAGE = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("comfyui_syncd", {init!r}, submodule_search_locations=[{root!r}])
-package = importlib.util.module_from_spec(spec)
-sys.modules["comfyui_syncd"] = package
-spec.loader.exec_module(package)
-"""
-
-RUN_AS_MAIN = """
-import runpy
-sys.argv[0] = "comfyui_syncd.training.ico"
-runpy.run_module("comfyui_syncd.training.ico", run_name="__main__", alter_sys=True)
-"""
-
-KILLED_AT_CHECKPOINT_4 = """
-import os, signal
-import accelerate
-
-save_state = accelerate.Accelerator.save_state
-
-def killed_while_saving_4(self, output_dir=None, *args, **kwargs):
-    result = save_state(self, output_dir, *args, **kwargs)
-    if "step_000004" in str(output_dir):  # state written, checkpoint not yet complete
-        os.kill(os.getpid(), signal.SIGKILL)
-    return result
-
-accelerate.Accelerator.save_state = killed_while_saving_4
-"""
-
-
-def _script(*parts):
-    import comfyui_syncd
-
-    init = comfyui_syncd.__file__
-    return PINNED_PACKAGE.format(init=init, root=os.path.dirname(init)) + "".join(parts)
-
-
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def _tensors(path):
-    return safetensors.torch.load_file(str(path))
+SCRIPT = "comfyui_syncd.training.ico"
 
 
 def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_sd15, concept_images, reg_images, tmp_path,
@@ -117,30 +69,20 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_sd15, concep
     cfg_path = tmp_path / "ico.yaml"
     cfg_path.write_text(yaml.safe_dump(ico_raw(tiny_sd15, concept_images, reg_images, out)))
     args = ["--config", str(cfg_path), "--no-progress"]
-    killed = subprocess.run([sys.executable, "-c", _script(KILLED_AT_CHECKPOINT_4, RUN_AS_MAIN), *args], env=_env(),
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    ckpts = out / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000004.tmp"]
-    assert json.loads((ckpts / "step_000002" / "state.json").read_text())["step"] == 2
-    assert checkpoints.latest(out) == ckpts / "step_000002"
+    killed_at_checkpoint_4(SCRIPT, args, out)
     assert (out / "embeddings" / "myconcept_step000002.safetensors").is_file()
     assert not (out / "embeddings" / "myconcept.safetensors").exists()
 
-    resumed = subprocess.run([sys.executable, "-c", _script(RUN_AS_MAIN), *args], env=_env(), capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {ckpts / 'step_000002'} at step 2" in resumed.stdout
-    assert "steps 2..6" in resumed.stdout
+    assert "steps 2..6" in resumed_from_checkpoint_2(SCRIPT, args, out)
+    ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000004", "step_000006"]
 
     ref = trained_sd15.out
-    for sub in ("embeddings/myconcept.safetensors", "loras/myconcept.safetensors",
-                "embeddings/myconcept_step000004.safetensors", "checkpoints/step_000006/trainable.safetensors"):
-        mine, theirs = _tensors(out / sub), _tensors(ref / sub)
-        assert mine.keys() == theirs.keys(), sub
-        for k in mine:
-            assert torch.equal(mine[k], theirs[k]), (sub, k)
+    # losses.jsonl: the killed run's steps 3-4 (after its last checkpoint) were dropped on resume and redone
+    assert loop.read_losses(out) == loop.read_losses(ref) and sorted(loop.read_losses(out)) == list(range(1, 7))
+    assert_same_tensors(out, ref, ["embeddings/myconcept.safetensors", "loras/myconcept.safetensors",
+                                   "embeddings/myconcept_step000004.safetensors",
+                                   "checkpoints/step_000006/trainable.safetensors"])
     opt_mine = torch.load(ckpts / "step_000006" / "optimizer.bin", weights_only=True)
     opt_ref = torch.load(ref / "checkpoints" / "step_000006" / "optimizer.bin", weights_only=True)
     assert opt_mine["param_groups"] == opt_ref["param_groups"]
@@ -163,11 +105,11 @@ def test_reference_run_outputs(trained_sd15):
 
     with Image.open(out / "validation" / "step000006_01.png") as im:
         assert im.size == (64, 64) and im.mode == "RGB"
-    emb = _tensors(out / "embeddings" / "myconcept.safetensors")
+    emb = tensors(out / "embeddings" / "myconcept.safetensors")
     assert list(emb) == ["emb_params"] and emb["emb_params"].shape == (3, 32)
     tok = models.text_model(trained_sd15.parts.text_encoders[0]).embeddings.token_embedding.weight
     assert not torch.equal(emb["emb_params"], tok[list(ico.UPSTREAM_INIT_TOKEN_IDS)].float())
-    diffs = _tensors(out / "loras" / "myconcept.safetensors")
+    diffs = tensors(out / "loras" / "myconcept.safetensors")
     assert len(diffs) == 14 and all(k.endswith((".attn2.to_k.diff", ".attn2.to_v.diff")) for k in diffs)
     assert all(v.abs().max() > 0 for v in diffs.values())
     config = json.loads((out / "config.json").read_text())
@@ -178,23 +120,23 @@ def test_a_finished_run_rerun_does_no_steps(trained_sd15):
     """Resuming a run that reached max_steps trains nothing and rewrites the same exports."""
     from comfyui_syncd.training import config
 
-    before = _tensors(trained_sd15.out / "loras" / "myconcept.safetensors")
+    before = tensors(trained_sd15.out / "loras" / "myconcept.safetensors")
     run = ico.prepare(config.from_dict(ico.IcoConfig, config.to_dict(trained_sd15.cfg)))
     assert run.step == 6
     ico.train(run, progress=False)
-    after = _tensors(trained_sd15.out / "loras" / "myconcept.safetensors")
+    after = tensors(trained_sd15.out / "loras" / "myconcept.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_sdxl_trains_both_text_encoders(trained_sdxl):
     out = trained_sdxl.out
-    emb = _tensors(out / "embeddings" / "myconcept.safetensors")
+    emb = tensors(out / "embeddings" / "myconcept.safetensors")
     assert sorted(emb) == ["clip_g", "clip_l"] and emb["clip_l"].shape == (3, 32) and emb["clip_g"].shape == (3, 64)
     core = trained_sdxl.core
     for i, key in enumerate(("clip_l", "clip_g")):
         assert torch.equal(emb[key], core.prompts.v_star[i].detach().float())
         tok = models.text_model(trained_sdxl.parts.text_encoders[i]).embeddings.token_embedding.weight
         assert not torch.equal(emb[key], tok[list(ico.UPSTREAM_INIT_TOKEN_IDS)].float())
-    diffs = _tensors(out / "loras" / "myconcept.safetensors")
+    diffs = tensors(out / "loras" / "myconcept.safetensors")
     assert len(diffs) == 2 * (2 + 2 + 2 * 2)  # input 2 + middle 2 + output 2 x 2 transformer blocks
     assert sorted((out / "validation").glob("*.png"))

@@ -16,7 +16,7 @@ import torch
 import yaml
 from test_syncd_training import _train, syncd_raw
 
-from comfyui_syncd.training import checkpoints, syncd
+from comfyui_syncd.training import checkpoints, loop
 
 pytestmark = pytest.mark.comfy
 
@@ -61,7 +61,7 @@ def test_two_processes_log_the_one_process_curve(tiny_sd15, tiny_image_encoder, 
     assert [p.name for p in checkpoints.complete(out)] == [f"step_{STEPS:06d}"]
     assert not list((out / "checkpoints").glob("*.tmp"))
     assert (out / "checkpoints" / f"step_{STEPS:06d}" / "random_states_1.pkl").is_file()  # both ranks' RNG states
-    mine, ref = syncd.read_losses(out), syncd.read_losses(one.out)
+    mine, ref = loop.read_losses(out), loop.read_losses(one.out)
     assert sorted(mine) == sorted(ref) == list(range(1, STEPS + 1))
     print("two processes:", mine, "\none process:  ", ref)
     for step in ref:

@@ -4,20 +4,15 @@ and the exported checkpoint has the official keys and loads through the pack's S
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 import yaml
+from script_runs import assert_same_tensors, killed_at_checkpoint_4, resumed_from_checkpoint_2, tensors
 
 from comfyui_syncd.attention.masks import resize_to_grid
 from comfyui_syncd.core import checkpoint_keys as ck
-from comfyui_syncd.training import checkpoints, config, syncd
+from comfyui_syncd.training import config, loop, syncd
 
 pytestmark = pytest.mark.comfy  # needs the ComfyUI checkout (tokenizer files of the tiny models)
 
@@ -200,45 +195,7 @@ def test_target_attn1_sees_own_and_reference_foreground(syncd_trained_sd15, all_
 
 # --- resume and exports --------------------------------------------------------------------------------------
 
-PINNED_PACKAGE = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("comfyui_syncd", {init!r}, submodule_search_locations=[{root!r}])
-package = importlib.util.module_from_spec(spec)
-sys.modules["comfyui_syncd"] = package
-spec.loader.exec_module(package)
-"""
-
-RUN_AS_MAIN = """
-import runpy
-sys.argv[0] = "comfyui_syncd.training.syncd"
-runpy.run_module("comfyui_syncd.training.syncd", run_name="__main__", alter_sys=True)
-"""
-
-KILLED_AT_CHECKPOINT_4 = """
-import os, signal
-import accelerate
-
-save_state = accelerate.Accelerator.save_state
-
-def killed_while_saving_4(self, output_dir=None, *args, **kwargs):
-    result = save_state(self, output_dir, *args, **kwargs)
-    if "step_000004" in str(output_dir):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return result
-
-accelerate.Accelerator.save_state = killed_while_saving_4
-"""
-
-
-def _script(*parts):
-    import comfyui_syncd
-
-    init = comfyui_syncd.__file__
-    return PINNED_PACKAGE.format(init=init, root=os.path.dirname(init)) + "".join(parts)
-
-
-def _tensors(path):
-    return safetensors.torch.load_file(str(path))
+SCRIPT = "comfyui_syncd.training.syncd"
 
 
 def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_sd15, tiny_image_encoder, tiny_dataset,
@@ -247,27 +204,15 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_sd15, tiny_i
     cfg_path = tmp_path / "syncd.yaml"
     cfg_path.write_text(yaml.safe_dump(syncd_raw(tiny_sd15, tiny_image_encoder, tiny_dataset, out)))
     args = ["--config", str(cfg_path), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-c", _script(KILLED_AT_CHECKPOINT_4, RUN_AS_MAIN), *args], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    ckpts = out / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000004.tmp"]
-    assert checkpoints.latest(out) == ckpts / "step_000002"
-    resumed = subprocess.run([sys.executable, "-c", _script(RUN_AS_MAIN), *args], env=env, capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {ckpts / 'step_000002'} at step 2" in resumed.stdout
+    killed_at_checkpoint_4(SCRIPT, args, out)
+    resumed_from_checkpoint_2(SCRIPT, args, out)
     ref = syncd_trained_sd15.out
     # losses.jsonl: the killed run's steps 3-4 (after its last checkpoint) were dropped on resume and redone
-    assert syncd.read_losses(out) == syncd.read_losses(ref) and sorted(syncd.read_losses(out)) == list(range(1, 7))
-    assert len((out / syncd.LOSS_LOG).read_text().splitlines()) == 6
-    for sub in ("syncd/syncd.safetensors", "ip_adapter/syncd.safetensors", "syncd/syncd_step000004.safetensors",
-                "checkpoints/step_000006/trainable.safetensors"):
-        mine, theirs = _tensors(out / sub), _tensors(ref / sub)
-        assert mine.keys() == theirs.keys(), sub
-        for k in mine:
-            assert torch.equal(mine[k], theirs[k]), (sub, k)
+    assert loop.read_losses(out) == loop.read_losses(ref) and sorted(loop.read_losses(out)) == list(range(1, 7))
+    assert len((out / loop.LOSS_LOG).read_text().splitlines()) == 6
+    assert_same_tensors(out, ref, ["syncd/syncd.safetensors", "ip_adapter/syncd.safetensors",
+                                   "syncd/syncd_step000004.safetensors",
+                                   "checkpoints/step_000006/trainable.safetensors"])
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -278,7 +223,7 @@ def test_export_has_the_official_keys(family, request):
     from comfyui_syncd.core.ip_adapter_model import check_plus_layout, split_flat_state_dict
 
     run = request.getfixturevalue(f"syncd_trained_{family}")
-    sd = _tensors(run.out / "syncd" / "syncd.safetensors")
+    sd = tensors(run.out / "syncd" / "syncd.safetensors")
     assert ck.detect_family(sd) == "sdxl"
     report = ck.CheckpointReport("sdxl", keys=len(sd))
     pairs = ck.lora_pairs(sd, ck.SDXL_LORA_KEY, report)
@@ -296,7 +241,7 @@ def test_export_has_the_official_keys(family, request):
         base = modules[module].base_layer
         assert ck.check_lora_shapes(module, pair, base.out_features, base.in_features, report)
         assert pair["A"].shape[0] == 4
-    ip = split_flat_state_dict(_tensors(run.out / "ip_adapter" / "syncd.safetensors"))
+    ip = split_flat_state_dict(tensors(run.out / "ip_adapter" / "syncd.safetensors"))
     check_plus_layout(ip)
     names = list(unet.attn_processors)
     for key in ip_keys:
@@ -337,12 +282,12 @@ def test_checkpoint_loads_through_the_syncd_loader(family, request, comfy_import
     run = request.getfixturevalue(f"syncd_trained_{family}")
     base = UNet2DConditionModel.from_pretrained(request.getfixturevalue(f"tiny_{family}"), subfolder="unet")
     patcher, _ = comfy_unet(comfy, family, base)
-    trained_ip = split_flat_state_dict(_tensors(run.out / "ip_adapter" / "syncd.safetensors"))
+    trained_ip = split_flat_state_dict(tensors(run.out / "ip_adapter" / "syncd.safetensors"))
     fresh_ip = {"image_proj": trained_ip["image_proj"],
                 "ip_adapter": {k: torch.zeros_like(v) for k, v in trained_ip["ip_adapter"].items()}}
     model, ipadapter, report = load_syncd_checkpoint(patcher, run.out / "syncd" / "syncd.safetensors", 1.0,
                                                      fresh_ip)
-    sd = _tensors(run.out / "syncd" / "syncd.safetensors")
+    sd = tensors(run.out / "syncd" / "syncd.safetensors")
     n_attn1 = sum(1 for n in run.core.unet.attn_processors if n.endswith("attn1.processor"))
     assert report.unmatched == [] and report.lora_modules == 4 * n_attn1 and report.ip_layers == n_attn1
     for k, v in trained_ip["ip_adapter"].items():
@@ -398,7 +343,7 @@ def test_kohya_lora_loads_through_comfy_lora(family, alpha, request, comfy_impor
     peft = _peft_lora(run.core.unet)
     rank = run.cfg.lora.rank
     if alpha is None:
-        sd = _tensors(run.out / "loras" / "syncd.safetensors")
+        sd = tensors(run.out / "loras" / "syncd.safetensors")
         scale = run.cfg.lora.alpha / rank
         assert all(m.scaling["default"] == scale for m in peft.values())
     else:
@@ -452,7 +397,7 @@ def test_ip_adapter_export_is_the_public_plus_layout(family, request, comfy_impo
 
     run = request.getfixturevalue(f"syncd_trained_{family}")
     path = run.out / "ip_adapter" / "syncd.safetensors"
-    sd = _tensors(path)
+    sd = tensors(path)
     n_attn2 = sum(1 for n in run.core.unet.attn_processors if n.endswith("attn2.processor"))
     ip_keys = sorted(k for k in sd if k.startswith("ip_adapter."))
     assert ip_keys == sorted(f"ip_adapter.{2 * i + 1}.to_{kv}_ip.weight" for i in range(n_attn2) for kv in "kv")
