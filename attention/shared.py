@@ -57,6 +57,19 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, foreground: Option
                          f"{tuple(foreground.shape)}")
 
 
+def _shareable(k: torch.Tensor, v: torch.Tensor, foreground: Optional[torch.Tensor], n_text: int):
+    """Each image's shareable keys/values, gathered once: lists of (heads, P_j, D), P_j its foreground tokens."""
+    shared_k, shared_v = [], []
+    for j in range(k.shape[0]):
+        kj, vj = k[j, :, n_text:], v[j, :, n_text:]
+        if foreground is not None:
+            idx = foreground[j].nonzero().squeeze(1)
+            kj, vj = kj.index_select(1, idx), vj.index_select(1, idx)
+        shared_k.append(kj)
+        shared_v.append(vj)
+    return shared_k, shared_v
+
+
 def shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, foreground: Optional[torch.Tensor] = None,
                      n_text: int = 0, key_shift: Optional[KeyShift] = None, text_shares: bool = False) -> torch.Tensor:
     """SynCD eq. 1 for one group, memory linear in N (see the module docstring)."""
@@ -64,15 +77,7 @@ def shared_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, foregrou
     n = q.shape[0]
     if n == 1:
         return F.scaled_dot_product_attention(q, k, v)
-    # Gather each image's shareable keys/values once: (heads, P_j, D) with P_j its foreground token count.
-    shared_k, shared_v = [], []
-    for j in range(n):
-        kj, vj = k[j, :, n_text:], v[j, :, n_text:]
-        if foreground is not None:
-            idx = foreground[j].nonzero().squeeze(1)
-            kj, vj = kj.index_select(1, idx), vj.index_select(1, idx)
-        shared_k.append(kj)
-        shared_v.append(vj)
+    shared_k, shared_v = _shareable(k, v, foreground, n_text)
     out = torch.empty_like(q)
     for i in range(n):
         others = [j for j in range(n) if j != i and shared_k[j].shape[1]]
@@ -199,14 +204,7 @@ def shared_reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if ref_k.shape[:2] != q.shape[:2] or ref_k.shape != ref_v.shape or ref_k.shape[3] != q.shape[3]:
         raise ValueError(f"ref_k/ref_v must be (N, heads, T, head_dim) = {(*q.shape[:2], 'T', q.shape[3])}; got "
                          f"{tuple(ref_k.shape)}, {tuple(ref_v.shape)}")
-    shared_k, shared_v = [], []
-    for j in range(n):
-        kj, vj = k[j, :, n_text:], v[j, :, n_text:]
-        if foreground is not None:
-            idx = foreground[j].nonzero().squeeze(1)
-            kj, vj = kj.index_select(1, idx), vj.index_select(1, idx)
-        shared_k.append(kj)
-        shared_v.append(vj)
+    shared_k, shared_v = _shareable(k, v, foreground, n_text)
     out = torch.empty_like(q)
     for i in range(n):
         others = [j for j in range(n) if j != i and shared_k[j].shape[1]]

@@ -313,26 +313,7 @@ def model_inputs(run: Run, batch: dict, gen) -> dict:
 
 
 def train_step(run: Run, batches) -> float:
-    t, acc = run.cfg.train, run.accelerator
-    losses = []
-    for k in range(t.gradient_accumulation_steps):
-        micro = run.step * t.gradient_accumulation_steps + k
-        gen = torch.Generator(device=acc.device).manual_seed(
-            syncd.step_seed(t.seed, micro, acc.process_index, acc.num_processes))
-        inputs = model_inputs(run, next(batches), gen)
-        with acc.accumulate(run.model), acc.autocast():
-            loss = run.model(**inputs)
-            acc.backward(loss)
-            if acc.sync_gradients and t.max_grad_norm > 0:
-                acc.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], t.max_grad_norm)
-            run.optimizer.step()
-            run.optimizer.zero_grad()
-        losses.append(loss.detach().float())
-    run.step += 1
-    local = torch.stack(losses).mean()
-    if acc.num_processes > 1:
-        return acc.gather(local[None].to(acc.device)).mean().item()
-    return local.item()
+    return loop.accumulated_step(run, batches, model_inputs, run.cfg.train.max_grad_norm)
 
 
 def checkpoint_state_dict(run: Run) -> dict[str, torch.Tensor]:

@@ -363,10 +363,6 @@ def loader(run: Run):
     return loop.batches(run, PositionBatches, collate)
 
 
-def step_seed(seed: int, micro: int, rank: int, world: int = 1) -> int:
-    return (seed * 1_000_003 + (micro * world + rank) * 7_919) % (2 ** 62)
-
-
 def model_inputs(run: Run, batch: dict, gen) -> dict:
     """Frozen encodings and random draws of a micro-batch: latents, noise, one timestep per set, text."""
     device, vae = run.accelerator.device, run.parts.vae
@@ -383,25 +379,7 @@ def model_inputs(run: Run, batch: dict, gen) -> dict:
 
 
 def train_step(run: Run, batches) -> float:
-    t, acc = run.cfg.train, run.accelerator
-    losses = []
-    for k in range(t.gradient_accumulation_steps):
-        micro = run.step * t.gradient_accumulation_steps + k
-        batch = next(batches)
-        gen = torch.Generator(device=acc.device).manual_seed(step_seed(t.seed, micro, acc.process_index,
-                                                                       acc.num_processes))
-        inputs = model_inputs(run, batch, gen)
-        with acc.accumulate(run.model), acc.autocast():
-            loss = run.model(**inputs)
-            acc.backward(loss)
-            run.optimizer.step()
-            run.optimizer.zero_grad()
-        losses.append(loss.detach().float())
-    run.step += 1
-    local = torch.stack(losses).mean()
-    if acc.num_processes > 1:
-        return acc.gather(local[None].to(acc.device)).mean().item()
-    return local.item()
+    return loop.accumulated_step(run, batches, model_inputs)
 
 
 def export(run: Run, suffix: str = "") -> pathlib.Path:

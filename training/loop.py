@@ -166,3 +166,37 @@ def script_main(argv, prog: str, description: str, config_help: str, config_cls:
         return 2
     train(run, progress=not args.no_progress)
     return 0
+
+
+def step_seed(seed: int, micro: int, rank: int, world: int = 1) -> int:
+    """The random draws of micro-batch ``micro`` of process ``rank``: seeded by its place in the global stream of
+    micro-batches (``micro x world + rank``, the data's order too), so N processes x accumulation A draw what one
+    process x accumulation N·A draws."""
+    return (seed * 1_000_003 + (micro * world + rank) * 7_919) % (2 ** 62)
+
+
+def accumulated_step(run: Run, batches, model_inputs, max_grad_norm: float = 0.0) -> float:
+    """One optimizer step of ``gradient_accumulation_steps`` micro-batches, ``run.model(**model_inputs(run, batch,
+    generator))`` each; returns the mean micro-batch loss over all processes (every process calls this)."""
+    import torch
+
+    t, acc = run.cfg.train, run.accelerator
+    losses = []
+    for k in range(t.gradient_accumulation_steps):
+        micro = run.step * t.gradient_accumulation_steps + k
+        gen = torch.Generator(device=acc.device).manual_seed(
+            step_seed(t.seed, micro, acc.process_index, acc.num_processes))
+        inputs = model_inputs(run, next(batches), gen)
+        with acc.accumulate(run.model), acc.autocast():
+            loss = run.model(**inputs)
+            acc.backward(loss)
+            if max_grad_norm > 0 and acc.sync_gradients:
+                acc.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], max_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+        losses.append(loss.detach().float())
+    run.step += 1
+    local = torch.stack(losses).mean()
+    if acc.num_processes > 1:  # the global batch's mean: what one process with the same global batch logs
+        return acc.gather(local[None].to(acc.device)).mean().item()
+    return local.item()

@@ -649,13 +649,6 @@ def _has_tensorboard() -> bool:
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
 
 
-def step_seed(seed: int, micro: int, rank: int, world: int = 1) -> int:
-    """The random draws of micro-batch ``micro`` of process ``rank``: seeded by its place in the global stream of
-    micro-batches (``micro x world + rank``, the data's order too), so N processes x accumulation A draw what one
-    process x accumulation N·A draws."""
-    return (seed * 1_000_003 + (micro * world + rank) * 7_919) % (2 ** 62)
-
-
 def model_inputs(run: Run, batch: dict, gen) -> dict:
     """Frozen encodings and random draws of a micro-batch: latents, noise, timesteps, text, image tokens."""
     acc, parts = run.accelerator, run.parts
@@ -677,27 +670,7 @@ def model_inputs(run: Run, batch: dict, gen) -> dict:
 
 
 def train_step(run: Run, batches) -> float:
-    """One optimizer step (``gradient_accumulation_steps`` micro-batches); the mean micro-batch loss over all
-    processes (every process calls this)."""
-    t, acc = run.cfg.train, run.accelerator
-    losses = []
-    for k in range(t.gradient_accumulation_steps):
-        micro = run.step * t.gradient_accumulation_steps + k
-        batch = next(batches)
-        gen = torch.Generator(device=acc.device).manual_seed(step_seed(t.seed, micro, acc.process_index,
-                                                                       acc.num_processes))
-        inputs = model_inputs(run, batch, gen)
-        with acc.accumulate(run.model), acc.autocast():
-            loss = run.model(**inputs)
-            acc.backward(loss)
-            run.optimizer.step()
-            run.optimizer.zero_grad()
-        losses.append(loss.detach().float())
-    run.step += 1
-    local = torch.stack(losses).mean()
-    if acc.num_processes > 1:  # the global batch's mean: what one process with the same global batch logs
-        return acc.gather(local[None].to(acc.device)).mean().item()
-    return local.item()
+    return loop.accumulated_step(run, batches, model_inputs)
 
 
 def checkpoint_state_dict(run: Run) -> dict[str, torch.Tensor]:
