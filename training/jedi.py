@@ -59,7 +59,7 @@ from PIL import Image
 from ..attention.shared import shared_attention
 from ..core import dataset_format
 from . import checkpoints, config as config_mod, loop, models
-from .syncd import PositionBatches, choose_images
+from .syncd import PositionBatches, _heads, _merge, choose_images
 
 INPUT_LAYOUT = "noisy_latent:4,reference_latent:4,reference_mask:1"
 
@@ -216,16 +216,6 @@ class CoupledState:
     def __init__(self):
         self.set_sizes: Optional[list[int]] = None
         self.spy = None
-
-
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, c = x.shape
-    return x.view(b, n, heads, c // heads).transpose(1, 2)
-
-
-def _merge(x: torch.Tensor) -> torch.Tensor:
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
 
 
 class CoupledSelfAttnProcessor(torch.nn.Module):
