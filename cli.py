@@ -17,8 +17,8 @@ import threading
 import uuid
 
 # Subcommands implemented in their own module, which has ``main(argv: list[str] | None) -> int`` and
-# is also runnable as ``python -m comfyui_syncd.<module>``. Add ``datagen`` here the same way.
-DELEGATED = {"bench": "bench", "convert-checkpoint": "checkpoint_convert"}
+# is also runnable as ``python -m comfyui_syncd.<module>``.
+DELEGATED = {"bench": "bench", "convert-checkpoint": "checkpoint_convert", "datagen": "datagen.driver"}
 
 
 def build_parser() -> argparse.ArgumentParser:

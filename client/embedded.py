@@ -7,6 +7,7 @@ touched. Command line: ComfyUI's ``main.py`` flags (``comfy/cli_args.py``).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pathlib
 import shutil
@@ -22,6 +23,7 @@ import urllib.request
 PACK_ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACK_FOLDER = "comfyui_syncd"
 PROBE_NODE = "SynCDTinyDemoModel"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class EmbeddedServerError(RuntimeError):
@@ -46,22 +48,38 @@ def import_errors(log: str) -> str:
     return "\n".join(lines[-40:])
 
 
+def _no_gpu() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return True
+    return not torch.cuda.is_available()
+
+
 def _default_sigint() -> None:
-    """A parent started in the background ignores SIGINT, and the child would inherit that; stop() needs it."""
+    """A parent started in the background ignores SIGINT, and the child would inherit that; stop() needs it.
+    On Linux the server also gets SIGTERM when the thread that started it dies, even by SIGKILL (prctl
+    PR_SET_PDEATHSIG), so a killed ``run``, driver or Ray actor leaves no orphan ComfyUI behind."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        except (OSError, AttributeError):
+            pass
 
 
 class EmbeddedServer:
     """``with EmbeddedServer() as server: ComfyClient(server.url)``; stops the server and deletes its files on exit."""
 
     def __init__(self, comfyui: str | os.PathLike | None = None, extra_args: list[str] | tuple = (),
-                 startup_timeout: float = 180.0, keep_base_dir: bool = False):
+                 startup_timeout: float = 180.0, keep_base_dir: bool = False, cpu: bool | None = None):
         if comfyui is None:
             from ..comfy_path import find_comfyui
 
             comfyui = find_comfyui()
         self.comfyui = pathlib.Path(comfyui)
         self.extra_args = list(extra_args)
+        self.cpu = _no_gpu() if cpu is None else cpu  # ComfyUI's --cpu unless a CUDA GPU is there
         self.startup_timeout = startup_timeout
         self.keep_base_dir = keep_base_dir
         self.base_dir: pathlib.Path | None = None
@@ -90,7 +108,8 @@ class EmbeddedServer:
             self.log_path = self.base_dir / "comfyui.log"
             port = free_port()
             self.url = f"http://127.0.0.1:{port}"
-            command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+            command = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []),
+                       "--listen", "127.0.0.1", "--port", str(port),
                        "--disable-auto-launch", "--base-directory", str(self.base_dir),
                        "--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}",
                        "--disable-api-nodes", *self.extra_args]

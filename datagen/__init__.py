@@ -1,1 +1,1 @@
-"""SynCD synthetic dataset generation (not yet implemented)."""
+"""SynCD synthetic dataset generation: prompts, meshes, and the driver that queues the shipped workflows."""

@@ -1,0 +1,410 @@
+"""``python -m comfyui_syncd datagen``: generate a SynCD dataset by queueing a shipped workflow once per object.
+
+For every object of a prompts file (JSON Lines, :mod:`datagen.prompts`) the driver fills the workflow's data
+generation slots, queues it to a ComfyUI server, reads back the images (and masks), optionally scores and filters
+them, and writes the object to the dataset (:class:`core.dataset_format.DatasetWriter`: atomic per object).
+
+* **Slots.** A workflow marks the nodes the driver fills or reads with ``properties["syncd_datagen"]``: ``prompt``
+  (the first prompt), ``prompts`` (all, one per line), ``subject_word`` (the category), ``seed`` (a per-object seed
+  derived from ``--seed`` and the object id, so a retried object gives the same images), ``mesh`` (rigid: the mesh
+  file), ``images`` and ``masks`` (the output nodes whose files are the object's images and masks).
+* **Resume, nothing lost, nothing duplicated.** An object is skipped when its metadata file exists; it is written
+  exactly once, by this process, whichever server or Ray actor generated it; a crash mid-object leaves no visible
+  half object.
+* **Scale-out.** ``--server URL`` (repeatable): one worker thread per server; an object that fails on a server is
+  retried on another (``--retries``), a server that stops answering is dropped and its object requeued.
+  ``--ray [ADDRESS]`` (:mod:`datagen.ray_backend`): one actor per GPU (or CPU) owning an embedded ComfyUI; objects
+  are actor tasks with Ray's retries. With neither, one embedded ComfyUI is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import io
+import json
+import pathlib
+import queue
+import sys
+import threading
+import time
+from typing import Callable, Iterable, Optional
+
+from ..core.dataset_format import DatasetWriter, sanitize_name
+
+ROLE = "syncd_datagen"
+SLOT_INPUTS = {"prompt": ("value", "text"), "prompts": ("value", "text"), "subject_word": ("subject_word",),
+               "seed": ("seed", "noise_seed"), "mesh": ("mesh", "mesh_name", "mesh_path")}
+OUTPUT_ROLES = ("images", "masks")
+WORKFLOWS = pathlib.Path(__file__).resolve().parents[1] / "workflows"
+DEFAULT_WORKFLOWS = {"deformable": WORKFLOWS / "syncd_datagen_deformable_flux.json",
+                     "rigid": WORKFLOWS / "syncd_datagen_rigid_flux.json"}
+REQUIRED_KEYS = ("object_id", "category", "prompts")
+
+
+class DatagenError(ValueError):
+    """A prompts file, workflow or option the driver cannot use; the message says what to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectSpec:
+    """One line of the prompts file."""
+    object_id: str
+    category: str
+    prompts: tuple
+    kind: str = "deformable"
+    mesh: Optional[str] = None
+    extra: tuple = ()
+
+    @property
+    def record(self) -> dict:
+        return dict(self.extra)
+
+
+def read_prompts(path) -> list[ObjectSpec]:
+    """Objects of a prompts JSON Lines file, in file order; DatagenError names the line that is wrong."""
+    objects, seen = [], set()
+    for number, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            raise DatagenError(f"{path}:{number}: not JSON ({exc})") from None
+        missing = [k for k in REQUIRED_KEYS if not entry.get(k)]
+        if missing:
+            raise DatagenError(f"{path}:{number}: missing {', '.join(missing)}")
+        if not isinstance(entry["prompts"], list) or not all(isinstance(p, str) for p in entry["prompts"]):
+            raise DatagenError(f"{path}:{number}: 'prompts' must be a list of strings")
+        kind = entry.get("kind", "deformable")
+        if kind not in DEFAULT_WORKFLOWS:
+            raise DatagenError(f"{path}:{number}: kind {kind!r} is not one of {', '.join(DEFAULT_WORKFLOWS)}")
+        object_id = str(entry["object_id"])
+        if sanitize_name(object_id) in seen:
+            raise DatagenError(f"{path}:{number}: object_id {object_id!r} appears twice")
+        seen.add(sanitize_name(object_id))
+        extra = tuple((k, v) for k, v in entry.items()
+                      if k in ("asset_id", "description", "negative_prompt", "objaverse_id"))
+        objects.append(ObjectSpec(object_id, str(entry["category"]).lower(), tuple(entry["prompts"]), kind,
+                                  entry.get("mesh"), extra))
+    return objects
+
+
+def object_seed(seed: int, object_id: str) -> int:
+    """A per-object seed: the same for every attempt at one object, different between objects."""
+    digest = hashlib.sha256(f"{seed}:{object_id}".encode()).digest()
+    return int.from_bytes(digest[:6], "little")
+
+
+def slots(workflow: dict) -> dict[str, list[dict]]:
+    """role -> the UI nodes that carry it."""
+    found: dict[str, list[dict]] = {}
+    for node in workflow.get("nodes", []):
+        role = (node.get("properties") or {}).get(ROLE)
+        if role:
+            found.setdefault(role, []).append(node)
+    return found
+
+
+def fill(workflow: dict, spec: ObjectSpec, seed: int, object_info: dict) -> dict:
+    """A copy of the UI workflow with the object's values in its slots (the editor format, before conversion)."""
+    from ..client.ui_graph import set_widget, widget_inputs
+
+    workflow = copy.deepcopy(workflow)
+    marked = slots(workflow)
+    if "images" not in marked:
+        raise DatagenError(f"the workflow marks no output node with properties.{ROLE} = 'images'")
+    if "prompt" not in marked and "prompts" not in marked:
+        raise DatagenError(f"the workflow marks no prompt node with properties.{ROLE} = 'prompt' or 'prompts'")
+    values = {"prompt": spec.prompts[0], "prompts": "\n".join(spec.prompts), "subject_word": spec.category,
+              "seed": seed, "mesh": spec.mesh}
+    for role, nodes in marked.items():
+        if role in OUTPUT_ROLES:
+            continue
+        if role not in SLOT_INPUTS:
+            raise DatagenError(f"unknown {ROLE} role {role!r} on node #{nodes[0].get('id')}")
+        if values[role] is None:
+            raise DatagenError(f"object {spec.object_id!r}: the workflow needs a {role} (rigid objects need 'mesh')")
+        for node in nodes:
+            node_def = object_info.get(node["type"])
+            if node_def is None:
+                raise DatagenError(f"node #{node.get('id')}: {node['type']} is not installed on the server")
+            names = {d.name for d in widget_inputs(node_def)}
+            name = next((n for n in SLOT_INPUTS[role] if n in names), None)
+            if name is None:
+                raise DatagenError(f"node #{node.get('id')} ({node['type']}) has no input for {role}")
+            set_widget(node, node_def, name, values[role])
+    return workflow
+
+
+@dataclasses.dataclass
+class Generated:
+    """What one workflow run gave for one object: PNG bytes of its images and masks (masks may be empty)."""
+    spec: ObjectSpec
+    images: list
+    masks: list
+    prompts: list
+    where: str = ""
+
+
+def generate(client, workflow: dict, spec: ObjectSpec, seed: int, tiny: bool = False,
+             timeout: Optional[float] = None) -> Generated:
+    """Run the filled workflow for one object on ``client``'s server and download its images (and masks)."""
+    from ..client.tiny_swap import tiny_swap
+    from ..client.workflow_format import to_api
+
+    object_info = client.object_info()
+    if tiny:
+        workflow, _ = tiny_swap(workflow, object_info)
+    filled = fill(workflow, spec, seed, object_info)
+    prompt = to_api(filled, object_info)
+    result = client.run(prompt, timeout=timeout)
+    ids = {role: {str(n["id"]) for n in nodes} for role, nodes in slots(filled).items() if role in OUTPUT_ROLES}
+    found = {role: [] for role in OUTPUT_ROLES}
+    for item in result.files():
+        for role, node_ids in ids.items():
+            if item.node_id in node_ids:
+                found[role].append(client.view(item.filename, item.subfolder, item.type))
+    if len(found["images"]) != len(spec.prompts) and "prompts" in slots(filled):
+        raise DatagenError(f"object {spec.object_id!r}: the workflow gave {len(found['images'])} images for "
+                           f"{len(spec.prompts)} prompts")
+    if not found["images"]:
+        raise DatagenError(f"object {spec.object_id!r}: the workflow saved no images")
+    if found["masks"] and len(found["masks"]) != len(found["images"]):
+        raise DatagenError(f"object {spec.object_id!r}: {len(found['masks'])} masks for {len(found['images'])} images")
+    per_image = "prompts" in slots(filled)
+    prompts = list(spec.prompts) if per_image else [spec.prompts[0]] * len(found["images"])
+    return Generated(spec, found["images"], found["masks"], prompts, client.url)
+
+
+Filter = Callable[[list, list], tuple]  # (images, masks) -> (kept indices, aesthetics, dino matrix)
+
+
+class Writer:
+    """Writes generated objects exactly once (thread-safe) and counts what happened."""
+
+    def __init__(self, root, object_filter: Optional[Filter] = None, min_images: int = 2):
+        self.dataset = DatasetWriter(root)
+        self.filter, self.min_images = object_filter, min_images
+        self.lock = threading.Lock()
+        self.written, self.rejected, self.failed, self.skipped = [], [], {}, []
+
+    def has(self, spec: ObjectSpec) -> bool:
+        return self.dataset.has(spec.object_id)
+
+    def write(self, generated: Generated) -> bool:
+        """Filter and write one object; False when it was rejected or already written."""
+        from PIL import Image
+
+        spec = generated.spec
+        images = [Image.open(io.BytesIO(data)).convert("RGB") for data in generated.images]
+        masks = [Image.open(io.BytesIO(data)).convert("L") for data in generated.masks] or None
+        prompts = generated.prompts
+        aesthetics = dino = None
+        keep = list(range(len(images)))
+        if self.filter is not None:
+            keep, aesthetics, dino = self.filter(images, masks)
+        with self.lock:
+            if self.dataset.has(spec.object_id):
+                self.skipped.append(spec.object_id)
+                return False
+            if len(keep) < self.min_images:
+                self.rejected.append(spec.object_id)
+                return False
+            pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+            dino_kept = None if dino is None else [[dino[i][j] for j in keep] for i in keep]
+            extra = {k: v for k, v in spec.extra}
+            if spec.mesh:
+                extra["mesh"] = pathlib.Path(spec.mesh).name
+            self.dataset.write(spec.object_id, pick(images), pick(prompts), spec.category, masks=pick(masks),
+                               aesthetics_scores=pick(aesthetics), dino_scores=dino_kept, extra=extra)
+            self.written.append(spec.object_id)
+            return True
+
+
+def load_workflows(paths: dict) -> dict:
+    workflows = {}
+    for kind, path in paths.items():
+        path = pathlib.Path(path)
+        if path.is_file():
+            workflows[kind] = json.loads(path.read_text())
+    return workflows
+
+
+def run_on_servers(urls: list[str], todo: list[ObjectSpec], workflows: dict, writer: Writer, seed: int,
+                   tiny: bool, retries: int, timeout: Optional[float], progress=None) -> None:
+    """One worker thread per server; failed objects move to another server; dead servers are dropped."""
+    from ..client.api import ComfyClient
+
+    pending: "queue.Queue[tuple[ObjectSpec, int, frozenset]]" = queue.Queue()
+    for spec in todo:
+        pending.put((spec, 0, frozenset()))
+    remaining = [len(todo)]
+    alive = set(urls)
+    state = threading.Condition()
+
+    def finish(spec: ObjectSpec, error: Optional[str] = None) -> None:
+        with state:
+            if error is not None:
+                writer.failed[spec.object_id] = error
+            remaining[0] -= 1
+            state.notify_all()
+        if progress is not None:
+            progress(writer)
+
+    def worker(url: str) -> None:
+        client = ComfyClient(url)
+        while True:
+            with state:
+                if remaining[0] == 0 or url not in alive:
+                    return
+            try:
+                spec, attempts, tried = pending.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if url in tried and len(alive - tried) > 0:
+                pending.put((spec, attempts, tried))  # leave it to a server that has not failed it yet
+                time.sleep(0.05)
+                continue
+            if writer.has(spec):
+                finish(spec)
+                continue
+            try:
+                generated = generate(client, workflows[spec.kind], spec, object_seed(seed, spec.object_id), tiny,
+                                     timeout)
+            except Exception as exc:  # noqa: BLE001 - connection, websocket, API and workflow errors alike
+                if not isinstance(exc, DatagenError) and _unreachable(client):
+                    with state:
+                        alive.discard(url)
+                        state.notify_all()
+                    pending.put((spec, attempts, tried))  # not the object's fault
+                    return
+                if attempts + 1 > retries or isinstance(exc, DatagenError):
+                    finish(spec, f"{type(exc).__name__}: {exc}")
+                else:
+                    pending.put((spec, attempts + 1, tried | {url}))
+                continue
+            writer.write(generated)
+            finish(spec)
+
+    threads = [threading.Thread(target=worker, args=(url,), daemon=True) for url in urls]
+    for thread in threads:
+        thread.start()
+    with state:
+        while remaining[0] > 0 and alive:
+            state.wait(timeout=1.0)
+    for thread in threads:
+        thread.join(timeout=5.0)
+    if remaining[0] > 0:
+        while not pending.empty():
+            spec, _, _ = pending.get()
+            writer.failed.setdefault(spec.object_id, "no ComfyUI server left to run it")
+
+
+def _unreachable(client) -> bool:
+    try:
+        client.system_stats()
+        return False
+    except Exception:  # noqa: BLE001 - any failure to answer means the server is gone
+        return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m comfyui_syncd datagen", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", required=True, type=pathlib.Path, help="prompts file (JSON Lines), as written "
+                        "by python -m comfyui_syncd.datagen.prompts")
+    parser.add_argument("--out", required=True, type=pathlib.Path, help="dataset folder (created; rerun to resume)")
+    parser.add_argument("--deformable-workflow", type=pathlib.Path, default=DEFAULT_WORKFLOWS["deformable"],
+                        help="workflow for deformable objects (default: the shipped Flux MSA workflow)")
+    parser.add_argument("--rigid-workflow", type=pathlib.Path, default=DEFAULT_WORKFLOWS["rigid"],
+                        help="workflow for rigid objects (default: the shipped depth + warp workflow)")
+    parser.add_argument("--server", dest="servers", action="append", default=[], metavar="URL",
+                        help="a running ComfyUI (repeatable: one worker per server); default: start one embedded")
+    parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                        help="run on a Ray cluster (pip install 'comfyui-syncd[ray]'): one actor per GPU owns an "
+                             "embedded ComfyUI; ADDRESS as ray.init takes it (default: auto / a local cluster)")
+    parser.add_argument("--workers", type=int, default=None, help="Ray actors (default: the cluster's GPUs, or 1)")
+    parser.add_argument("--comfyui", metavar="PATH", help="ComfyUI for embedded servers (default: as `run` finds it)")
+    parser.add_argument("--tiny", action="store_true", help="run the workflows on the pack's tiny demo models")
+    parser.add_argument("--seed", type=int, default=0, help="base seed; each object's seed derives from it and its id")
+    parser.add_argument("--retries", type=int, default=2, help="attempts on other servers after a failure")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds one object may take on a server")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N objects of the prompts file")
+    parser.add_argument("--min-images", type=int, default=2, help="an object needs this many kept images (upstream 2)")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        objects = read_prompts(args.prompts)[: args.limit]
+    except (OSError, DatagenError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    workflows = load_workflows({"deformable": args.deformable_workflow, "rigid": args.rigid_workflow})
+    missing = sorted({o.kind for o in objects} - set(workflows))
+    if missing:
+        print(f"error: no workflow for {', '.join(missing)} objects (give --{missing[0]}-workflow FILE)",
+              file=sys.stderr)
+        return 1
+    writer = Writer(args.out, min_images=args.min_images)
+    todo = [o for o in objects if not writer.has(o)]
+    print(f"{len(objects)} objects, {len(objects) - len(todo)} already in {args.out}, {len(todo)} to generate",
+          flush=True)
+    bar = _progress_bar(len(todo))
+    try:
+        if args.ray is not None:
+            from .ray_backend import run_on_ray
+
+            run_on_ray(args.ray, todo, workflows, writer, args.seed, args.tiny, args.retries, args.timeout,
+                       args.workers, args.comfyui, progress=bar)
+        elif args.servers:
+            run_on_servers(args.servers, todo, workflows, writer, args.seed, args.tiny, args.retries, args.timeout,
+                           progress=bar)
+        else:
+            from ..client.embedded import EmbeddedServer
+
+            with EmbeddedServer(args.comfyui) as server:
+                run_on_servers([server.url], todo, workflows, writer, args.seed, args.tiny, args.retries,
+                               args.timeout, progress=bar)
+    except KeyboardInterrupt:
+        print("interrupted: finished objects are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        bar(None)
+    print(summary(writer, len(todo)))
+    return 0 if not writer.failed else 1
+
+
+def summary(writer: Writer, total: int) -> str:
+    lines = [f"done: {len(writer.written)} written, {len(writer.rejected)} rejected by the filters, "
+             f"{len(writer.failed)} failed, of {total}"]
+    lines += [f"  failed {object_id}: {why}" for object_id, why in sorted(writer.failed.items())]
+    return "\n".join(lines)
+
+
+def _progress_bar(total: int):
+    """A tqdm bar with written/rejected/failed counts; call with None to close."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="object", desc="datagen", file=sys.stderr)
+    lock = threading.Lock()
+
+    def update(writer: Optional[Writer]) -> None:
+        with lock:
+            if writer is None:
+                bar.close()
+                return
+            bar.update(1)
+            bar.set_postfix(kept=len(writer.written), rejected=len(writer.rejected), failed=len(writer.failed))
+
+    return update
+
+
+def iter_written(root) -> Iterable[str]:
+    """Object ids written in dataset ``root`` (for tests and summaries)."""
+    from ..core.dataset_format import read_dataset
+
+    return [record.object_id for record in read_dataset(root)]

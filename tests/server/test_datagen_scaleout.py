@@ -1,0 +1,103 @@
+"""``datagen`` scale-out: real headless ComfyUI servers (and a local Ray cluster), one killed mid-run; the final
+dataset holds every object exactly once. Objects run the shipped deformable workflow on the tiny demo models."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from comfyui_syncd.client.embedded import EmbeddedServer
+from comfyui_syncd.core.dataset_format import read_dataset
+from comfyui_syncd.datagen.driver import DEFAULT_WORKFLOWS, ObjectSpec, Writer, load_workflows, run_on_servers
+
+pytestmark = pytest.mark.server
+
+OBJECTS = [ObjectSpec(f"dog-{k}", "dog", tuple(f"a dog in scene {k}. a brown dog. wide angle shot" for _ in range(3)))
+           for k in range(5)]
+
+
+def _assert_exactly_once(root, writer):
+    records = read_dataset(root)
+    assert sorted(r.object_id for r in records) == sorted(o.object_id for o in OBJECTS)
+    assert all(len(r.images) == 3 for r in records)
+    metadata = sorted(p.name for p in root.glob("*metadata.json"))
+    assert metadata == sorted(f"{o.object_id}_metadata.json" for o in OBJECTS)
+    images = collections.Counter(p.name.rsplit("_", 1)[0] for p in root.glob("*.jpg"))
+    assert images == {o.object_id: 3 for o in OBJECTS}
+    assert writer.failed == {}
+
+
+def test_two_servers_one_killed_mid_run(comfy_server, comfy_path, tmp_path):
+    workflows = load_workflows(DEFAULT_WORKFLOWS)
+    second = EmbeddedServer(comfy_path)
+    second.start()
+    try:
+        writer = Writer(tmp_path / "ds")
+        killed = threading.Event()
+
+        def kill_second_after_first(w):
+            if not killed.is_set():
+                killed.set()
+                os.killpg(second.process.pid, signal.SIGKILL)  # dies with whatever object it holds
+
+        run_on_servers([comfy_server.url, second.url], OBJECTS, workflows, writer, seed=0, tiny=True, retries=2,
+                       timeout=600, progress=kill_second_after_first)
+        assert killed.is_set() and second.process.wait(timeout=30) is not None
+        _assert_exactly_once(tmp_path / "ds", writer)
+        assert len(writer.written) == len(OBJECTS)
+
+        # a rerun finds everything written and generates nothing
+        again = Writer(tmp_path / "ds")
+        run_on_servers([comfy_server.url], OBJECTS, workflows, again, seed=0, tiny=True, retries=0, timeout=600)
+        assert again.written == [] and again.failed == {}
+    finally:
+        second.stop()
+
+
+def test_datagen_command_resumes_and_reports(comfy_server, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"object_id": o.object_id, "category": o.category,
+                                           "prompts": list(o.prompts)}) + "\n" for o in OBJECTS[:2]))
+    out = tmp_path / "ds"
+    command = [sys.executable, "-m", "comfyui_syncd", "datagen", "--prompts", str(prompts), "--out", str(out),
+               "--server", comfy_server.url, "--tiny", "--limit", "1"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "done: 1 written, 0 rejected by the filters, 0 failed, of 1" in first.stdout
+    command[command.index("--limit"):command.index("--limit") + 2] = []
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert "2 objects, 1 already in" in second.stdout and "done: 1 written" in second.stdout
+    assert sorted(r.object_id for r in read_dataset(out)) == ["dog-0", "dog-1"]
+    meta = json.loads((out / "dog-1_metadata.json").read_text())[0]
+    assert meta["category"] == "dog" and len(meta["prompts"]) == 3
+
+
+def test_ray_two_actors_one_killed_mid_run(comfy_path, tmp_path):
+    ray = pytest.importorskip("ray")
+    from comfyui_syncd.datagen.ray_backend import run_on_ray
+
+    workflows = load_workflows(DEFAULT_WORKFLOWS)
+    writer = Writer(tmp_path / "ds")
+    actors, killed = [], threading.Event()
+
+    def kill_one_after_first(w):
+        if not killed.is_set():
+            killed.set()
+            ray.kill(actors[1], no_restart=False)  # Ray restarts it and retries its tasks
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run_on_ray("local", OBJECTS, workflows, writer, seed=0, tiny=True, retries=3, timeout=600, workers=2,
+                   comfyui=str(comfy_path), progress=kill_one_after_first, on_started=actors.extend)
+    finally:
+        ray.shutdown()
+    assert killed.is_set()
+    _assert_exactly_once(tmp_path / "ds", writer)

@@ -1,0 +1,90 @@
+"""The data-generation driver's pure parts: the prompts file, per-object seeds, and the exactly-once writer."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from comfyui_syncd.core.dataset_format import read_dataset
+from comfyui_syncd.datagen.driver import DatagenError, Generated, ObjectSpec, Writer, object_seed, read_prompts
+
+pytestmark = pytest.mark.unit
+
+
+def _line(**entry) -> str:
+    base = {"object_id": "dog-1", "category": "Dog", "prompts": ["a dog on a beach", "a dog in a park"]}
+    base.update(entry)
+    return json.dumps(base)
+
+
+def test_prompts_file_is_read_in_order_with_the_category_lowercased(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(_line() + "\n\n" + _line(object_id="mug-1", category="mug", kind="rigid", mesh="m.glb") + "\n")
+    specs = read_prompts(path)
+    assert [s.object_id for s in specs] == ["dog-1", "mug-1"]
+    assert specs[0].category == "dog" and specs[0].kind == "deformable"
+    assert specs[1].kind == "rigid" and specs[1].mesh == "m.glb"
+
+
+@pytest.mark.parametrize("line, message", [
+    (_line(prompts=[]), "missing prompts"),
+    (_line(kind="liquid"), "kind 'liquid'"),
+    (_line(prompts="one"), "list of strings"),
+    ("{not json", "not JSON"),
+])
+def test_a_bad_line_is_named(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(_line(object_id="ok") + "\n" + line + "\n")
+    with pytest.raises(DatagenError, match=rf"p.jsonl:2: .*{message}"):
+        read_prompts(path)
+
+
+def test_duplicate_object_ids_are_refused(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(_line() + "\n" + _line() + "\n")
+    with pytest.raises(DatagenError, match="appears twice"):
+        read_prompts(path)
+
+
+def test_object_seed_is_stable_per_object_and_differs_between_objects():
+    assert object_seed(0, "a") == object_seed(0, "a")
+    assert len({object_seed(0, "a"), object_seed(0, "b"), object_seed(1, "a")}) == 3
+
+
+def _png(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (value, value, value)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _generated(object_id: str, n: int = 3) -> Generated:
+    spec = ObjectSpec(object_id, "dog", tuple(f"a dog {k}" for k in range(n)))
+    return Generated(spec, [_png(40 * k) for k in range(n)], [], list(spec.prompts))
+
+
+def test_writer_writes_each_object_once(tmp_path):
+    writer = Writer(tmp_path)
+    assert writer.write(_generated("dog-1"))
+    assert not writer.write(_generated("dog-1"))  # a retry that finished late is dropped
+    assert writer.written == ["dog-1"] and writer.skipped == ["dog-1"]
+    records = read_dataset(tmp_path)
+    assert [r.object_id for r in records] == ["dog-1"] and len(records[0].images) == 3
+
+
+def test_filter_keeps_the_chosen_images_and_rejects_objects_below_min_images(tmp_path):
+    def keep_first_two(images, masks):
+        return [0, 2], [6.5, 1.0, 6.1], [[1, .8, .7], [.8, 1, .6], [.7, .6, 1]]
+
+    writer = Writer(tmp_path, object_filter=keep_first_two)
+    assert writer.write(_generated("dog-1"))
+    entry = json.loads((tmp_path / "dog-1_metadata.json").read_text())[0]
+    assert entry["prompts"] == ["a dog 0", "a dog 2"]
+    assert entry["dino_scores"] == [[1, .7], [.7, 1]]
+    assert sorted(entry["aesthetics_scores"].values()) == [6.1, 6.5]
+
+    strict = Writer(tmp_path / "strict", object_filter=lambda i, m: ([1], None, None))
+    assert not strict.write(_generated("dog-2"))
+    assert strict.rejected == ["dog-2"] and read_dataset(tmp_path / "strict") == []
