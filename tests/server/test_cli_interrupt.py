@@ -73,6 +73,28 @@ def test_signal_stops_the_embedded_server_and_removes_its_folder(tmp_path, comfy
     assert not base.exists()
 
 
+def test_sigkill_of_run_leaves_no_server_running(tmp_path, comfy_path):
+    """SIGKILL cannot be handled: the server learns of it from the kernel (PR_SET_PDEATHSIG) and exits."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    process = subprocess.Popen(cli(SD15, *LONG, "--comfyui", comfy_path, "--out", tmp_path / "out"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TMPDIR": str(temp)})
+    try:
+        wait_for_line(process.stdout, "KSampler (#6): 1/10000", timeout=240)
+        (base,) = temp.glob("comfyui-syncd-*")
+        assert processes_mentioning(str(base))
+        process.kill()
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    deadline = time.monotonic() + 30
+    while processes_mentioning(str(base)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_mentioning(str(base))
+
+
 def test_sigint_interrupts_the_running_prompt_on_the_server(comfy_server, comfy_client, tmp_path):
     process = subprocess.Popen(cli(SD15, *LONG, "--server", comfy_server.url, "--out", tmp_path),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
