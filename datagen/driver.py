@@ -33,6 +33,7 @@ import time
 from typing import Callable, Iterable, Optional
 
 from ..core.dataset_format import DatasetWriter, sanitize_name
+from .prompts import dataset_captions
 
 ROLE = "syncd_datagen"
 SLOT_INPUTS = {"prompt": ("value", "text"), "prompts": ("value", "text"), "subject_word": ("subject_word",),
@@ -185,9 +186,10 @@ Filter = Callable[[list, list], tuple]  # (images, masks) -> (kept indices, aest
 class Writer:
     """Writes generated objects exactly once (thread-safe) and counts what happened."""
 
-    def __init__(self, root, object_filter: Optional[Filter] = None, min_images: int = 2):
+    def __init__(self, root, object_filter: Optional[Filter] = None, min_images: int = 2,
+                 full_prompts: bool = False):
         self.dataset = DatasetWriter(root)
-        self.filter, self.min_images = object_filter, min_images
+        self.filter, self.min_images, self.full_prompts = object_filter, min_images, full_prompts
         self.lock = threading.Lock()
         self.written, self.rejected, self.failed, self.skipped = [], [], {}, []
 
@@ -202,6 +204,8 @@ class Writer:
         images = [Image.open(io.BytesIO(data)).convert("RGB") for data in generated.images]
         masks = [Image.open(io.BytesIO(data)).convert("L") for data in generated.masks] or None
         prompts = generated.prompts
+        if not self.full_prompts:  # upstream stores the background captions, the description taken off (App. C)
+            prompts = dataset_captions({"prompts": prompts, "kind": spec.kind, **dict(spec.extra)})
         aesthetics = dino = None
         keep = list(range(len(images)))
         if self.filter is not None:
@@ -333,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None, help="seconds one object may take on a server")
     parser.add_argument("--limit", type=int, default=None, help="only the first N objects of the prompts file")
     parser.add_argument("--min-images", type=int, default=2, help="an object needs this many kept images (upstream 2)")
+    parser.add_argument("--full-prompts", action="store_true",
+                        help="store the full generation prompts in the dataset (upstream stores the background "
+                             "captions, with the object description and the fixed suffix taken off)")
     return parser
 
 
@@ -349,7 +356,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: no workflow for {', '.join(missing)} objects (give --{missing[0]}-workflow FILE)",
               file=sys.stderr)
         return 1
-    writer = Writer(args.out, min_images=args.min_images)
+    writer = Writer(args.out, min_images=args.min_images, full_prompts=args.full_prompts)
     todo = [o for o in objects if not writer.has(o)]
     print(f"{len(objects)} objects, {len(objects) - len(todo)} already in {args.out}, {len(todo)} to generate",
           flush=True)

@@ -88,3 +88,15 @@ def test_filter_keeps_the_chosen_images_and_rejects_objects_below_min_images(tmp
     strict = Writer(tmp_path / "strict", object_filter=lambda i, m: ([1], None, None))
     assert not strict.write(_generated("dog-2"))
     assert strict.rejected == ["dog-2"] and read_dataset(tmp_path / "strict") == []
+
+
+def test_dataset_keeps_upstreams_captions_without_the_description(tmp_path):
+    spec = ObjectSpec("dog-9", "dog", ("a dog on a beach. a brown dog. wide angle shot",
+                                       "a dog in a park. a brown dog. wide angle shot"),
+                      extra=(("description", "a brown dog"),))
+    generated = Generated(spec, [_png(0), _png(90)], [], list(spec.prompts))
+    Writer(tmp_path / "a").write(generated)
+    Writer(tmp_path / "b", full_prompts=True).write(generated)
+    assert json.loads((tmp_path / "a" / "dog-9_metadata.json").read_text())[0]["prompts"] == [
+        "a dog on a beach", "a dog in a park"]
+    assert json.loads((tmp_path / "b" / "dog-9_metadata.json").read_text())[0]["prompts"] == list(spec.prompts)
