@@ -37,7 +37,7 @@ from .prompts import dataset_captions
 
 ROLE = "syncd_datagen"
 SLOT_INPUTS = {"prompt": ("value", "text"), "prompts": ("value", "text"), "subject_word": ("subject_word",),
-               "seed": ("seed", "noise_seed"), "mesh": ("mesh", "mesh_name", "mesh_path")}
+               "seed": ("seed", "noise_seed"), "mesh": ("mesh_path", "mesh", "mesh_name")}
 OUTPUT_ROLES = ("images", "masks")
 WORKFLOWS = pathlib.Path(__file__).resolve().parents[1] / "workflows"
 DEFAULT_WORKFLOWS = {"deformable": WORKFLOWS / "syncd_datagen_deformable_flux.json",
@@ -88,8 +88,11 @@ def read_prompts(path) -> list[ObjectSpec]:
         seen.add(sanitize_name(object_id))
         extra = tuple((k, v) for k, v in entry.items()
                       if k in ("asset_id", "description", "negative_prompt", "objaverse_id"))
+        mesh = entry.get("mesh")
+        if mesh:  # relative to the prompts file, absolute for the servers
+            mesh = str((pathlib.Path(path).resolve().parent / mesh).resolve())
         objects.append(ObjectSpec(object_id, str(entry["category"]).lower(), tuple(entry["prompts"]), kind,
-                                  entry.get("mesh"), extra))
+                                  mesh, extra))
     return objects
 
 

@@ -26,7 +26,7 @@ def test_prompts_file_is_read_in_order_with_the_category_lowercased(tmp_path):
     specs = read_prompts(path)
     assert [s.object_id for s in specs] == ["dog-1", "mug-1"]
     assert specs[0].category == "dog" and specs[0].kind == "deformable"
-    assert specs[1].kind == "rigid" and specs[1].mesh == "m.glb"
+    assert specs[1].kind == "rigid" and specs[1].mesh == str(tmp_path / "m.glb")  # relative to the file
 
 
 @pytest.mark.parametrize("line, message", [
