@@ -19,7 +19,9 @@
 
 Output: ``syncd/NAME.safetensors`` with the official Flux ``pytorch_model.bin`` key layout
 (``transformer.base_model.model.<module>.lora_{A,B}.default.weight``; alpha/rank folded into B), which the
-*SynCD Checkpoint Loader* applies to a ComfyUI Flux model; ``losses.jsonl``; resumable ``checkpoints/``.
+*SynCD Checkpoint Loader* applies to a ComfyUI Flux model; ``losses.jsonl`` (and TensorBoard under ``logs/`` when
+``tensorboard`` is installed and ``train.tensorboard`` is on); resumable ``checkpoints/``; with ``validation.every``
+> 0, ``validation/step_NNNNNN.png`` holds samples of the in-context canvas (:mod:`~comfyui_syncd.training.validation`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import dataset_format
-from . import checkpoints, config as config_mod, loop, syncd
+from . import checkpoints, config as config_mod, loop, syncd, validation
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
@@ -88,6 +90,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     export_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    tensorboard: bool = True            # also log the loss (and validation grids) to TensorBoard
+                                        #   (output_dir/logs) if tensorboard is installed
 
 
 @dataclasses.dataclass
@@ -96,6 +100,8 @@ class FluxConfig:
     data: DataConfig
     train: TrainConfig
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    validation: validation.FluxValidationConfig = dataclasses.field(
+        default_factory=validation.FluxValidationConfig)  # validation grids (off by default; see validation.py)
 
 
 def check(cfg: FluxConfig) -> None:
@@ -112,6 +118,7 @@ def check(cfg: FluxConfig) -> None:
         raise config_mod.ConfigError("train.sigma_beta_a/b: positive")
     if not cfg.data.dirs:
         raise config_mod.ConfigError("data.dirs: at least one dataset folder")
+    validation.check(cfg.validation)
 
 
 # --- the canvas and the noise --------------------------------------------------------------------------------
@@ -121,6 +128,13 @@ def pack(latents: torch.Tensor) -> torch.Tensor:
     b, c, h, w = latents.shape
     x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`pack`: (B, h/2·w/2, 4C) -> (B, C, h, w)."""
+    b, _, c4 = tokens.shape
+    c = c4 // 4
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def image_ids(h: int, w: int, device=None) -> torch.Tensor:
@@ -204,20 +218,26 @@ class FluxInContext(torch.nn.Module):
         super().__init__()
         self.transformer, self.guidance = transformer, guidance
 
+    def predict(self, xt, sigmas, text, pooled, guidance: Optional[float] = None) -> torch.Tensor:
+        """The packed velocity prediction (B, h/2·n·w/2, 4C) over canvases ``xt`` (B, C, h, n·w) at σ ``sigmas``
+        (B,) with one RoPE grid over the canvas; ``guidance``: the guidance embedding (None: training's)."""
+        b, c, h, nw = xt.shape
+        g = self.guidance if guidance is None else guidance
+        guidance_in = torch.full((b,), g, device=xt.device) if self.transformer.config.guidance_embeds else None
+        return self.transformer(hidden_states=pack(xt), encoder_hidden_states=text, pooled_projections=pooled,
+                                timestep=sigmas, img_ids=image_ids(h, nw, xt.device),
+                                txt_ids=torch.zeros(text.shape[1], 3, device=xt.device), guidance=guidance_in,
+                                return_dict=False)[0]
+
     def forward(self, x0, noise, sigmas, text, pooled, n: int):
         """``x0``/``noise`` (B, C, h, n·w) canvases; ``sigmas`` (B,). The flow-matching loss on target tokens."""
-        b, c, h, nw = x0.shape
+        h, nw = x0.shape[-2:]
         w = nw // n
         on_target = torch.zeros_like(x0[:, :1])
         on_target[..., :w] = 1
         s = sigmas.view(-1, 1, 1, 1)
         xt = torch.where(on_target.bool(), (1 - s) * x0 + s * noise, x0)  # references clean, same timestep
-        guidance = torch.full((b,), self.guidance, device=x0.device) \
-            if self.transformer.config.guidance_embeds else None
-        pred = self.transformer(hidden_states=pack(xt), encoder_hidden_states=text, pooled_projections=pooled,
-                                timestep=sigmas, img_ids=image_ids(h, nw, x0.device),
-                                txt_ids=torch.zeros(text.shape[1], 3, device=x0.device), guidance=guidance,
-                                return_dict=False)[0]
+        pred = self.predict(xt, sigmas, text, pooled)
         keep = target_tokens(h, w, n, x0.device)
         target = pack(noise - x0)
         return F.mse_loss(pred[:, keep].float(), target[:, keep].float())
@@ -242,12 +262,9 @@ def _optimizer(params, t: TrainConfig):
 
 
 def prepare(cfg: FluxConfig, resume="auto") -> Run:
-    from accelerate import Accelerator
-
     check(cfg)
     t = cfg.train
-    accelerator = Accelerator(mixed_precision=t.mixed_precision,
-                              gradient_accumulation_steps=t.gradient_accumulation_steps)
+    accelerator = loop.accelerator(t, tensorboard=t.tensorboard and loop.has_tensorboard())
     parts = load(cfg.model.path)
     factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     if cfg.data.resolution % (2 * factor):
@@ -258,6 +275,7 @@ def prepare(cfg: FluxConfig, resume="auto") -> Run:
                                                min_dino=cfg.data.min_dino)
     if not objects:
         raise ValueError(f"no object with at least two images in {', '.join(cfg.data.dirs)}")
+    validation.check_references(cfg.validation, objects, cfg.validation.num_references or cfg.data.num_images - 1)
     transformer = parts.transformer.requires_grad_(False)
     torch.manual_seed(t.seed)
     add_lora(transformer, cfg.lora.rank, cfg.lora.alpha)
@@ -341,6 +359,16 @@ def export(run: Run, suffix: str = "") -> pathlib.Path:
     return path
 
 
+def validation_grid(run: Run):
+    """The validation grid of the current weights (:func:`comfyui_syncd.training.validation.sample_flux`)."""
+    v, d = run.cfg.validation, run.cfg.data
+
+    def sample(refs, prompt, gen):
+        return validation.sample_flux(run.core, run.parts, refs, prompt, v, d.resolution, run.accelerator.device, gen,
+                                      d.max_sequence_length)
+    return validation.sample_grid(run, v, sample, v.num_references or d.num_images - 1, d.resolution)
+
+
 def train(run: Run, progress: bool = True) -> Run:
     """Steps up to ``max_steps`` with the loss log and checkpoints; the final export."""
     t, acc = run.cfg.train, run.accelerator
@@ -351,7 +379,8 @@ def train(run: Run, progress: bool = True) -> Run:
         return f"SynCD Flux checkpoint: {path} (models/syncd, SynCD Checkpoint Loader on FLUX.1-dev)"
 
     return loop.train_loop(run, "SynCD Flux", train_step, export, loader=loader, header=header,
-                           final_message=final_message, progress=progress)
+                           final_message=final_message, trackers="syncd_flux", progress=progress,
+                           validation=run.cfg.validation, make_grid=validation_grid)
 
 
 def main(argv=None) -> int:

@@ -38,8 +38,10 @@ Output (``output_dir``): ``jedi/NAME.safetensors``, the full widened UNet as one
 reference_latent:4,reference_mask:1"``), ``jedi_step``, ``jedi_prediction_type`` (``epsilon``). It reloads with
 ``UNet2DConditionModel.from_config(json.loads(meta["jedi_unet_config"]))`` + ``load_state_dict`` (see
 :func:`load_exported_unet`); coupled attention is a processor, not weights, so a sampler has to install it
-(:func:`install_coupled_attention`). Per-step losses go to ``losses.jsonl``; checkpoints under ``checkpoints/``
-resume automatically.
+(:func:`install_coupled_attention`). Per-step losses go to ``losses.jsonl`` (and TensorBoard under ``logs/`` when
+``tensorboard`` is installed and ``train.tensorboard`` is on); checkpoints under ``checkpoints/`` resume
+automatically; with ``validation.every`` > 0, ``validation/step_NNNNNN.png`` holds samples of the set [references ‖
+target] with JeDi's image guidance (:mod:`~comfyui_syncd.training.validation`).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from PIL import Image
 
 from ..attention.shared import shared_attention
 from ..core import dataset_format
-from . import checkpoints, config as config_mod, loop, models
+from . import checkpoints, config as config_mod, loop, models, validation
 from .syncd import PositionBatches, _heads, _merge, choose_images
 
 INPUT_LAYOUT = "noisy_latent:4,reference_latent:4,reference_mask:1"
@@ -106,6 +108,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     export_every_checkpoint: bool = True
     export_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    tensorboard: bool = True             # also log the loss (and validation grids) to TensorBoard
+                                         #   (output_dir/logs) if tensorboard is installed
 
 
 @dataclasses.dataclass
@@ -113,6 +117,8 @@ class JediConfig:
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+    validation: validation.JediValidationConfig = dataclasses.field(
+        default_factory=validation.JediValidationConfig)  # validation grids (off by default; see validation.py)
 
 
 def check(cfg: JediConfig) -> None:
@@ -128,6 +134,7 @@ def check(cfg: JediConfig) -> None:
         raise config_mod.ConfigError("data.reference_p / drop_text: probabilities in [0, 1]")
     if not d.dirs:
         raise config_mod.ConfigError("data.dirs: at least one dataset folder")
+    validation.check(cfg.validation)
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -301,15 +308,11 @@ class Run(loop.Run):
 
 
 def prepare(cfg: JediConfig, resume="auto") -> Run:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
     from diffusers import DDPMScheduler
 
     check(cfg)
     t = cfg.train
-    accelerator = Accelerator(mixed_precision=t.mixed_precision,
-                              gradient_accumulation_steps=t.gradient_accumulation_steps,
-                              project_config=ProjectConfiguration(project_dir=t.output_dir))
+    accelerator = loop.accelerator(t, tensorboard=t.tensorboard and loop.has_tensorboard())
     parts = models.load(cfg.model.path, cfg.model.family, cfg.model.diffusers_config)
     if parts.family != "sd15":
         raise ValueError(f"{cfg.model.path}: JeDi training here is for SD1.5-family models, not {parts.family}")
@@ -322,6 +325,7 @@ def prepare(cfg: JediConfig, resume="auto") -> Run:
                                                min_dino=cfg.data.min_dino)
     if not objects:
         raise ValueError(f"no object with at least two images in {', '.join(cfg.data.dirs)}")
+    validation.check_references(cfg.validation, objects, cfg.validation.num_references or 2)
     unet = parts.unet
     if unet.config.in_channels != 4:
         raise ValueError(f"expected a 4-channel UNet input, got {unet.config.in_channels}")
@@ -403,13 +407,24 @@ def load_exported_unet(path, dtype=torch.float32):
     return unet.to(dtype)
 
 
+def validation_grid(run: Run):
+    """The validation grid of the current weights (:func:`comfyui_syncd.training.validation.sample_jedi`)."""
+    v = run.cfg.validation
+    resolution = run.cfg.data.resolution
+
+    def sample(refs, prompt, gen):
+        return validation.sample_jedi(run.core, run.parts, refs, prompt, v, resolution, run.accelerator.device, gen)
+    return validation.sample_grid(run, v, sample, v.num_references or 2, resolution)
+
+
 def train(run: Run, progress: bool = True) -> Run:
     t, acc = run.cfg.train, run.accelerator
     header = (f"JeDi: {acc.num_processes} process(es), {len(run.dataset)} objects, {len(run.trainable)} trained "
               f"tensors, learning rate {t.learning_rate:g}, steps {run.step}..{t.max_steps}")
     return loop.train_loop(run, "JeDi", train_step, export, loader=loader, header=header,
                            final_message=lambda p: f"JeDi UNet: {p}",
-                           step_exports=t.export_every_checkpoint, progress=progress)
+                           step_exports=t.export_every_checkpoint, trackers="jedi", progress=progress,
+                           validation=run.cfg.validation, make_grid=validation_grid)
 
 
 def main(argv=None) -> int:

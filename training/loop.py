@@ -3,7 +3,8 @@ its micro-batch stream, the step loop :func:`train_loop` (config.json, loss log,
 exports) and the command line :func:`script_main`.
 
 A script's run is a subclass of :class:`Run` with its own fields; the loop calls back into the script for what
-differs (one optimizer step, the exports, the lines it prints, ICO's validation images).
+differs (one optimizer step, the exports, the lines it prints, the validation grid — :mod:`.validation` —, ICO's
+validation images).
 """
 
 from __future__ import annotations
@@ -94,18 +95,42 @@ def read_losses(run_dir) -> dict[int, float]:
     return {int(r["step"]): float(r["loss"]) for r in map(json.loads, lines) if r}
 
 
+def has_tensorboard() -> bool:
+    """Whether accelerate's TensorBoard tracker can run (``tensorboard`` or ``tensorboardX`` installed)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def accelerator(t, tensorboard: bool = False):
+    """The run's Accelerator from its train config ``t`` (mixed precision, accumulation, project folder); with
+    ``tensorboard`` it logs to TensorBoard under ``output_dir/logs``."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
+                       log_with="tensorboard" if tensorboard else None, project_config=ProjectConfiguration(
+                           project_dir=t.output_dir, logging_dir=str(pathlib.Path(t.output_dir) / "logs")))
+
+
 def train_loop(run: Run, name: str, train_step: Callable, export: Callable, *, loader: Callable, header: str,
                final_message: Callable, step_exports: bool = False, on_step: Optional[Callable] = None,
-               trackers: Optional[str] = None, progress: bool = True) -> Run:
+               trackers: Optional[str] = None, progress: bool = True, validation=None,
+               make_grid: Optional[Callable] = None) -> Run:
     """Steps up to ``max_steps`` with the loss log, checkpoints and exports; the final exports.
 
-    ``name`` labels the progress bar; ``header`` is printed (main process) before the first step.
-    ``train_step(run, batches)`` does one optimizer step on micro-batches of ``loader(run)`` and returns its loss.
-    At every checkpoint (``checkpoint_every`` and the last step) ``export(run, "_stepNNNNNN")`` writes that step's
-    files when ``step_exports`` (not at the last step: the final export follows); ``on_step(run, last)`` then runs
-    on every process after each step. At the end the main process prints ``final_message(export(run))``.
-    ``trackers``: accelerate's tracker project, started when the accelerator was built with ``log_with``."""
+    ``name`` labels the progress bar (loss and step rate); ``header`` is printed (main process) before the first
+    step. ``train_step(run, batches)`` does one optimizer step on micro-batches of ``loader(run)`` and returns its
+    loss. At every checkpoint (``checkpoint_every`` and the last step) ``export(run, "_stepNNNNNN")`` writes that
+    step's files when ``step_exports`` (not at the last step: the final export follows); then, when ``validation``
+    (a :class:`~comfyui_syncd.training.validation.ValidationConfig`) says the step is due, the main process writes
+    ``make_grid(run)`` to ``validation/step_NNNNNN.png`` (and TensorBoard) without touching the training's RNG
+    streams or modes; ``on_step(run, last)`` then runs on every process after each step. At the end the main
+    process prints ``final_message(export(run))``. ``trackers``: accelerate's tracker project, started when the
+    accelerator was built with ``log_with``."""
     from tqdm.auto import tqdm
+
+    from . import validation as validation_mod
 
     t, acc = run.cfg.train, run.accelerator
     if acc.is_main_process:
@@ -117,8 +142,11 @@ def train_loop(run: Run, name: str, train_step: Callable, export: Callable, *, l
                                             if isinstance(v, (int, float, str, bool))})
     log = LossLog(run.out / LOSS_LOG, run.step) if acc.is_main_process else None
     acc.print(header)
-    bar = tqdm(total=t.max_steps, initial=run.step, desc=name, disable=not (progress and acc.is_main_process),
-               dynamic_ncols=True)
+    bar = tqdm(total=t.max_steps, initial=run.step, desc=name, unit="step",
+               disable=not (progress and acc.is_main_process), dynamic_ncols=True)
+    tensorboard = None
+    if tracking and acc.is_main_process and any(getattr(tr, "name", None) == "tensorboard" for tr in acc.trackers):
+        tensorboard = acc.get_tracker("tensorboard")
     micro_batches = loader(run) if run.step < t.max_steps else None
     while run.step < t.max_steps:
         loss = train_step(run, micro_batches)
@@ -135,15 +163,19 @@ def train_loop(run: Run, name: str, train_step: Callable, export: Callable, *, l
             checkpoints.save(acc, run.out, run.step, keep=t.keep_checkpoints)
             if acc.is_main_process and step_exports and not last:
                 export(run, f"_step{run.step:06d}")
+        if make_grid is not None and validation is not None and validation_mod.due(validation, run.step, last):
+            bar.set_description(f"{name} (validation)")
+            validation_mod.run_validation(run, validation, make_grid, tensorboard)
+            bar.set_description(name)
         if on_step is not None:
             on_step(run, last)
         acc.wait_for_everyone()
     bar.close()
-    if tracking:
-        acc.end_training()
     if acc.is_main_process:
         acc.print(final_message(export(run)))
     acc.wait_for_everyone()
+    if tracking:  # last: accelerate's end_training also destroys the process group (no barrier works after it)
+        acc.end_training()
     return run
 
 

@@ -50,7 +50,9 @@ the trained to_k_ip/to_v_ip, h94's key layout) for the SynCD IP-Adapter Loader; 
 same attn1 LoRA in kohya-ss format (``lora_unet_<module>.lora_down/lora_up.weight`` + ``.alpha``; SD1.5 diffusers
 module paths, SDXL LDM paths) for ComfyUI's LoRA loaders (the LoRA alone, without the reference attention).
 Per-step losses go to ``losses.jsonl`` (and TensorBoard under ``logs/`` when ``tensorboard`` is installed and
-``train.tensorboard`` is on). Checkpoints under ``checkpoints/`` resume automatically.
+``train.tensorboard`` is on). Checkpoints under ``checkpoints/`` resume automatically. With ``validation.every``
+> 0, ``validation/step_NNNNNN.png`` holds samples of upstream's inference (normalized text+image guidance, references
+re-noised every step, a reference pass without the LoRA; :mod:`~comfyui_syncd.training.validation`).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ from ..attention.masks import dilate, resize_to_grid
 from ..attention.shared import gather_foreground, reference_attention
 from ..core import dataset_format
 from ..core.ip_adapter_model import Resampler, check_plus_layout, ip_layers, split_flat_state_dict
-from . import checkpoints, config as config_mod, data, loop, models
+from . import checkpoints, config as config_mod, data, loop, models, validation
 
 DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024}
 LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
@@ -146,7 +148,8 @@ class TrainConfig:
     keep_checkpoints: int = 2            # newest checkpoints kept (0: all)
     export_every_checkpoint: bool = True  # also write the ComfyUI files of each checkpoint (NAME_step000500)
     export_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    tensorboard: bool = True             # also log the loss to TensorBoard (output_dir/logs) if it is installed
+    tensorboard: bool = True             # also log the loss (and validation grids) to TensorBoard
+                                         #   (output_dir/logs) if tensorboard is installed
 
 
 @dataclasses.dataclass
@@ -156,6 +159,8 @@ class SyncdConfig:
     data: DataConfig
     train: TrainConfig
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    validation: validation.SyncdValidationConfig = dataclasses.field(
+        default_factory=validation.SyncdValidationConfig)  # validation grids (off by default; see validation.py)
 
 
 def check(cfg: SyncdConfig) -> None:
@@ -175,6 +180,7 @@ def check(cfg: SyncdConfig) -> None:
         raise config_mod.ConfigError("data.dirs: at least one dataset folder")
     if cfg.lora.rank < 1:
         raise config_mod.ConfigError("lora.rank: at least 1")
+    validation.check(cfg.validation)
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -223,6 +229,22 @@ def global_indices(chosen: list[int], rng) -> list[int]:
     return [int(rng.choice(others)) if others else 1] + list(range(1, len(chosen)))
 
 
+def load_image(record, i: int):
+    """(RGB image, L mask (255 = subject; all 255 without a mask file), caption) of image ``i`` of a dataset object;
+    ``-(i+1)`` is image i flipped horizontally (see :func:`choose_images`)."""
+    flip = i < 0
+    i = -i - 1 if flip else i
+    with Image.open(record.images[i]) as im:
+        image = im.convert("RGB")
+    if record.masks[i] is not None:
+        mask = Image.fromarray(dataset_format.load_mask(record.masks[i], image.size).astype(np.uint8) * 255)
+    else:
+        mask = Image.new("L", image.size, 255)
+    if flip:
+        image, mask = (x.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for x in (image, mask))
+    return image, mask, record.prompts[i]
+
+
 class SyncdDataset(torch.utils.data.Dataset):
     """Objects of the dataset folders; item ``(index, position)`` draws its images, crops and dropouts from a
     generator seeded with (seed, position), so a resumed run sees the same samples."""
@@ -235,17 +257,7 @@ class SyncdDataset(torch.utils.data.Dataset):
         return len(self.objects)
 
     def _load(self, record, i: int):
-        flip = i < 0
-        i = -i - 1 if flip else i
-        with Image.open(record.images[i]) as im:
-            image = im.convert("RGB")
-        if record.masks[i] is not None:
-            mask = Image.fromarray(dataset_format.load_mask(record.masks[i], image.size).astype(np.uint8) * 255)
-        else:
-            mask = Image.new("L", image.size, 255)
-        if flip:
-            image, mask = (x.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for x in (image, mask))
-        return image, mask, record.prompts[i]
+        return load_image(record, i)
 
     def _crop(self, image, mask, rng):
         box = mask_bbox(np.asarray(mask) > 0)
@@ -483,19 +495,45 @@ class SyncdModel(torch.nn.Module):
         return self.unet(latents, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
 
     @torch.no_grad()
-    def reference_pass(self, noisy, t, context, pooled, time_ids, ip_tokens) -> dict[str, torch.Tensor]:
+    def reference_pass(self, noisy, t, context, pooled, time_ids, ip_tokens, *,
+                       ip_scale: Optional[float] = None) -> dict[str, torch.Tensor]:
         """The references through the UNet with the LoRA disabled; every attn1 input is captured (detached) in
-        ``state.captured``, which this returns."""
+        ``state.captured``, which this returns. ``ip_scale``: the IP-Adapter scale of this pass (None: the
+        state's, i.e. the training's)."""
         state = self.state
         state.captured = {}
+        saved_scale = state.ip_scale
         self.unet.disable_adapters()
         try:
             state.mode, state.ip_tokens = "capture", ip_tokens
+            if ip_scale is not None:
+                state.ip_scale = ip_scale
             self._unet(noisy, t, context, pooled, time_ids)
         finally:
             self.unet.enable_adapters()
-            state.mode, state.ip_tokens = "plain", None
+            state.mode, state.ip_tokens, state.ip_scale = "plain", None, saved_scale
         return state.captured
+
+    def target_pass(self, noisy, t, context, pooled, time_ids, ip_tokens, ref_masks, refs_per_row: int, *,
+                    captured: Optional[dict] = None, ip_scale: Optional[float] = None):
+        """The target rows' prediction with Masked Shared Attention over the captured references (SynCD eq. 1 as
+        upstream's customization model: [own ‖ reference foreground]): row ``b`` sees references
+        ``[b·refs_per_row, (b+1)·refs_per_row)`` of ``captured`` (default: what the last reference pass captured)
+        through their ``ref_masks`` (latent grid; an all-zero mask row gives plain self-attention). The state is
+        cleared afterwards."""
+        state = self.state
+        saved_scale = state.ip_scale
+        try:
+            if captured is not None:
+                state.captured = captured
+            if ip_scale is not None:
+                state.ip_scale = ip_scale
+            state.mode, state.ip_tokens = "shared", ip_tokens
+            state.ref_masks, state.refs_per_row = ref_masks, refs_per_row
+            return self._unet(noisy, t, context, pooled, time_ids)
+        finally:
+            state.mode, state.captured, state.ip_tokens, state.ref_masks = "plain", {}, None, None
+            state.ip_scale = saved_scale
 
     def forward(self, latents, noise, timesteps, context, pooled, time_ids, ip_tokens, masks, n: int):
         """Rows are samples of ``n`` images (target first). ``timesteps`` (B,) per sample."""
@@ -510,14 +548,8 @@ class SyncdModel(torch.nn.Module):
         refs = ~is_target
         self.reference_pass(noisy[refs], t[refs], context[refs], _rows(pooled, refs), _rows(time_ids, refs),
                             ip_tokens[refs])
-        state = self.state
-        try:
-            state.mode, state.ip_tokens = "shared", ip_tokens[is_target]
-            state.ref_masks, state.refs_per_row = masks[refs], n - 1
-            pred = self._unet(noisy[is_target], t[is_target], context[is_target], _rows(pooled, is_target),
-                              _rows(time_ids, is_target))
-        finally:
-            state.mode, state.captured, state.ip_tokens, state.ref_masks = "plain", {}, None, None
+        pred = self.target_pass(noisy[is_target], t[is_target], context[is_target], _rows(pooled, is_target),
+                                _rows(time_ids, is_target), ip_tokens[is_target], masks[refs], n - 1)
         assert pred.shape[0] == b
         return F.mse_loss(pred.float(), target.float())
 
@@ -571,17 +603,11 @@ def noise_scheduler(parts: models.Parts, t: TrainConfig):
 def prepare(cfg: SyncdConfig, resume="auto") -> Run:
     """Load everything, build the optimizer, resume (``"auto"``: the newest checkpoint of the output dir; a path;
     or None)."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
     from transformers import CLIPVisionModelWithProjection
 
     check(cfg)
     t = cfg.train
-    log_with = "tensorboard" if t.tensorboard and _has_tensorboard() else None
-    accelerator = Accelerator(mixed_precision=t.mixed_precision,
-                              gradient_accumulation_steps=t.gradient_accumulation_steps,
-                              log_with=log_with, project_config=ProjectConfiguration(
-                                  project_dir=t.output_dir, logging_dir=str(pathlib.Path(t.output_dir) / "logs")))
+    accelerator = loop.accelerator(t, tensorboard=t.tensorboard and _has_tensorboard())
     parts = models.load(cfg.model.path, cfg.model.family, cfg.model.diffusers_config,
                         prediction_types=("epsilon", "v_prediction"))
     if cfg.model.vae:
@@ -598,6 +624,7 @@ def prepare(cfg: SyncdConfig, resume="auto") -> Run:
                                                min_dino=cfg.data.min_dino)
     if not objects:
         raise ValueError(f"no object with at least two images in {', '.join(cfg.data.dirs)}")
+    validation.check_references(cfg.validation, objects, cfg.validation.num_references or cfg.data.num_images - 1)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(cfg.ip_adapter.image_encoder).float()
     image_encoder.requires_grad_(False).eval()
     image_size = cfg.ip_adapter.image_size or image_encoder.config.image_size
@@ -644,9 +671,18 @@ def loader(run: Run):
 
 
 def _has_tensorboard() -> bool:
-    import importlib.util
+    return loop.has_tensorboard()
 
-    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+def validation_grid(run: Run):
+    """The validation grid of the current weights (:func:`comfyui_syncd.training.validation.sample_syncd`)."""
+    v = run.cfg.validation
+    count = v.num_references or run.cfg.data.num_images - 1
+
+    def sample(refs, prompt, gen):
+        return validation.sample_syncd(run.core, run.parts, refs, prompt, v, run.resolution, run.accelerator.device,
+                                       gen)
+    return validation.sample_grid(run, v, sample, count, run.resolution)
 
 
 def model_inputs(run: Run, batch: dict, gen) -> dict:
@@ -764,7 +800,8 @@ def train(run: Run, progress: bool = True) -> Run:
                 f"load it with the SynCD Checkpoint Loader on the base model, with this IP-Adapter connected")
 
     return loop.train_loop(run, "SynCD", train_step, export, loader=loader, header=header, final_message=final_message,
-                           step_exports=t.export_every_checkpoint, trackers="syncd", progress=progress)
+                           step_exports=t.export_every_checkpoint, trackers="syncd", progress=progress,
+                           validation=run.cfg.validation, make_grid=validation_grid)
 
 
 def main(argv=None) -> int:

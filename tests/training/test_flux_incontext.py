@@ -173,3 +173,54 @@ def test_example_config_reads_with_upstream_defaults():
     fx.check(cfg)
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.train.guidance) == (32, 32.0, 1.0)
     assert (cfg.train.sigma_beta_a, cfg.train.sigma_beta_b, cfg.train.gradient_accumulation_steps) == (4.0, 2.0, 2)
+    from comfyui_syncd.training import validation
+
+    assert cfg.validation == validation.FluxValidationConfig()  # listed with its defaults (off)
+    assert (cfg.validation.steps, cfg.validation.guidance) == (30, 3.5)
+
+
+# --- resume ----------------------------------------------------------------------------------------------------
+
+SCRIPT = "comfyui_syncd.training.flux_incontext"
+
+
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tiny_flux, tiny_dataset, tmp_path):
+    """``python -m ...flux_incontext`` killed while writing checkpoint 4, rerun with the same command: it resumes at
+    step 2 with the data stream where the uninterrupted run has it, and ends with the uninterrupted run's losses,
+    LoRA export and final trained tensors, bit for bit."""
+    import yaml
+    from script_runs import assert_same_tensors, killed_at_checkpoint_4, resumed_from_checkpoint_2
+
+    from comfyui_syncd.training import loop
+
+    def raw(out):
+        return flux_raw(tiny_flux, tiny_dataset, out, max_steps=6, checkpoint_every=2, keep_checkpoints=0)
+
+    ref_dir = tmp_path / "uninterrupted"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the single-threaded subprocess runs
+    try:
+        fx.train(fx.prepare(config.from_dict(fx.FluxConfig, raw(ref_dir)), None), progress=False)
+    finally:
+        torch.set_num_threads(before)
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "flux.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw(out)))
+    args = ["--config", str(cfg_path), "--no-progress"]
+    killed_at_checkpoint_4(SCRIPT, args, out)
+
+    # the data order after resuming: the resumed run's first micro-batch is the fresh stream's third
+    resumed = fx.prepare(config.from_dict(fx.FluxConfig, raw(out)), "auto")
+    assert resumed.step == 2
+    fresh = fx.prepare(config.from_dict(fx.FluxConfig, raw(tmp_path / "fresh")), None)
+    stream = fx.loader(fresh)
+    third = [next(stream) for _ in range(3)][-1]
+    first = next(fx.loader(resumed))
+    assert first["index"] == third["index"] and torch.equal(first["pixel_values"], third["pixel_values"])
+    del resumed, fresh, stream
+
+    resumed_from_checkpoint_2(SCRIPT, args, out)
+    assert loop.read_losses(out) == loop.read_losses(ref_dir) and sorted(loop.read_losses(out)) == list(range(1, 7))
+    assert len((out / loop.LOSS_LOG).read_text().splitlines()) == 6
+    assert_same_tensors(out, ref_dir, ["syncd/syncd_flux.safetensors", "checkpoints/step_000004/trainable.safetensors",
+                                       "checkpoints/step_000006/trainable.safetensors"])

@@ -309,6 +309,11 @@ def test_example_config_reads_with_upstream_defaults():
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.train.learning_rate) == (128, 128.0, 5e-6)
     assert (cfg.data.drop_text, cfg.data.drop_image, cfg.data.drop_both, cfg.data.drop_mask) == (0.05, 0.05, 0.05, 0.1)
     assert cfg.train.prediction_type == "v_prediction" and cfg.train.rescale_betas_zero_snr
+    from comfyui_syncd.training import validation
+
+    assert cfg.validation == validation.SyncdValidationConfig()  # listed with its defaults (off)
+    v = cfg.validation
+    assert (v.steps, v.text_scale, v.image_scale_start, v.image_scale_end, v.ip_scale) == (50, 7.5, 8.0, 13.0, 0.6)
     with pytest.raises(config.ConfigError, match="unknown key"):
         config.from_dict(syncd.SyncdConfig, {**config.to_dict(cfg), "lora": {"rnak": 4}})
 
