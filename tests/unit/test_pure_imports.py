@@ -1,4 +1,4 @@
-"""``attention``, ``core`` and ``training`` import without ComfyUI: a fresh interpreter with no ComfyUI to find
+"""``attention``, ``core``, ``training`` and ``toyworld`` import without ComfyUI: a fresh interpreter with no ComfyUI to find
 imports every module of them and must not have loaded ``comfy``, ``comfy_api``, ``folder_paths`` or the pack's
 ComfyUI nodes (the training scripts run where no ComfyUI is installed)."""
 
@@ -16,7 +16,7 @@ FORBIDDEN = ("comfy", "comfy_api", "folder_paths", "comfyui_syncd.nodes")
 PROBE = """
 import importlib, json, pkgutil, sys
 names = []
-for package in ("comfyui_syncd.attention", "comfyui_syncd.core", "comfyui_syncd.training"):
+for package in ("comfyui_syncd.attention", "comfyui_syncd.core", "comfyui_syncd.training", "comfyui_syncd.toyworld"):
     names.append(package)
     names += [m.name for m in pkgutil.walk_packages(importlib.import_module(package).__path__, package + ".")]
 for name in names:
