@@ -7,6 +7,7 @@ Layout (upstream nupurkmr9/syncd ``method/data/data.py`` ``SynCDDataset.setup_me
       <anything>metadata_with_scores.json  # the same entries with scores (read instead when filtering by score)
       <filename>                           # images: each entry's filenames are relative to DIR
       masks/<stem>.jpg                     # the mask of image <filename>: <parent of the image>/masks/<stem>.jpg
+      correspondences/<object>.safetensors # optional (rigid objects): core/correspondence_format.py's file
 
 An entry (one object, i.e. one "clique" of images of the same subject)::
 
@@ -17,8 +18,10 @@ An entry (one object, i.e. one "clique" of images of the same subject)::
      "objaverse_id": "a1b2...",            # optional (rigid objects)
      "object_id": "a1b2",                  # optional (this pack's writer; the resume key)
      "aesthetics_scores": {"a1b2_0": 5.1, ...},   # optional, per image stem
-     "dino_scores": [[1.0, 0.8, 0.7], ...],       # optional, pairwise image similarity (N x N)
-     ...}                                   # any other key (e.g. rigid correspondence ids) is kept in ``extra``
+     "dino_scores": [[0.0, 0.8, 0.7], ...],       # optional, pairwise image similarity (N x N; upstream stores
+                                                  #   the strict upper triangle, zeros elsewhere; full works too)
+     "correspondences": "correspondences/a1b2.safetensors",  # optional: the views' pixel correspondences
+     ...}                                   # any other key is kept in ``extra``
 
 A mask is read as grayscale and binarized with ``> 0`` (upstream: ``point(lambda x: 255 if x > 0 else 0)``);
 white is the subject. Rigid "masks" are the black-background renders, deformable ones the Otsu attention maps.
@@ -26,13 +29,17 @@ An image without a mask file reads with ``mask=None``.
 
 Upstream reads ``*metadata.json`` (or, when filtering by ``filter_aesthetics``/``filter_dino``,
 ``*metadata_with_scores.json``) of each dataset folder, keeps an entry when more than one image survives the
-filters (:func:`valid_indices`) and reads ``f"{DIR}/{filename}"``. :func:`read_dataset` does the same.
+filters (:func:`valid_indices`, the rule of ``core/filtering.py``) and reads ``f"{DIR}/{filename}"``.
+:func:`read_dataset` does the same, and falls back to the other kind of metadata file when a folder has none of
+the kind it looks for (upstream would read nothing). Upstream's loader opens every image's mask file.
 
 **Writing** (:class:`DatasetWriter`): one object at a time, atomically and resumably. The object's images and
 masks are written under temporary names (``.<name>.<random>.tmp``, invisible to ``*metadata.json`` globs) and
-renamed into place, then its metadata file ``<object_id>_metadata.json`` (a one-entry list, so upstream's glob
-reads it) is written the same way, last: an object is visible exactly when its metadata file exists, and a run
-killed mid-object leaves at most orphan images that the rerun overwrites. ``write`` skips an object id whose
+renamed into place (then the correspondence file and, when the object has scores,
+``<object_id>_metadata_with_scores.json`` for upstream's filtering loader), then its metadata file
+``<object_id>_metadata.json`` (a one-entry list, so upstream's glob reads it) is written the same way, last: an
+object is visible exactly when its metadata file exists, and a run killed mid-object leaves at most orphan files
+that the rerun overwrites. ``write`` skips an object id whose
 metadata file exists (resume). File names derive from the object id, sanitized to ``[A-Za-z0-9._-]`` with no
 leading dot; the reader refuses filenames that are absolute, contain ``..``, or resolve outside the folder.
 
@@ -53,12 +60,17 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from . import filtering
+
 MASKS_DIR = "masks"
 METADATA_GLOB = "*metadata.json"
 SCORED_METADATA_GLOB = "*metadata_with_scores.json"
 METADATA_SUFFIX = "_metadata.json"
-KNOWN_KEYS = ("filenames", "prompts", "category", "objaverse_id", "object_id", "aesthetics_scores", "dino_scores")
-DINO_MAX = 0.98  # upstream: pairs more similar than this are (near-)duplicates and do not count
+SCORED_METADATA_SUFFIX = "_metadata_with_scores.json"
+CORRESPONDENCES_DIR = "correspondences"
+KNOWN_KEYS = ("filenames", "prompts", "category", "objaverse_id", "object_id", "aesthetics_scores", "dino_scores",
+              "correspondences")
+DINO_MAX = filtering.NEAR_DUPLICATE  # upstream: pairs more similar than this are near-duplicates and do not count
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -68,7 +80,8 @@ class DatasetFormatError(ValueError):
 
 @dataclasses.dataclass
 class ObjectRecord:
-    """One object of a dataset: its images (absolute paths), masks (path or None per image), prompts, category."""
+    """One object of a dataset: its images (absolute paths), masks (path or None per image), prompts, category;
+    scores and the correspondence file (if any) index the full entry's images, also after :meth:`subset`."""
     object_id: str
     images: list[pathlib.Path]
     masks: list[Optional[pathlib.Path]]
@@ -78,6 +91,7 @@ class ObjectRecord:
     dino_scores: Optional[list] = None         # N x N
     objaverse_id: Optional[str] = None
     extra: dict = dataclasses.field(default_factory=dict)
+    correspondences: Optional[pathlib.Path] = None  # core/correspondence_format.py file of the views
     metadata_file: Optional[pathlib.Path] = None
 
     def __len__(self):
@@ -134,7 +148,8 @@ def load_mask(path, size: Optional[tuple[int, int]] = None) -> np.ndarray:
 
 def metadata_files(root, scored: Optional[bool] = None) -> list[pathlib.Path]:
     """The metadata files of ``root`` in name order: ``*metadata_with_scores.json`` with ``scored`` True,
-    ``*metadata.json`` with False; None: the scored files if there are any, else the plain ones."""
+    ``*metadata.json`` with False (each falling back to the other kind when a folder has none); None: the scored
+    files if there are any, else the plain ones."""
     root = pathlib.Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
@@ -142,9 +157,9 @@ def metadata_files(root, scored: Optional[bool] = None) -> list[pathlib.Path]:
     def found(pattern):
         return sorted(pathlib.Path(p) for p in glob.glob(os.path.join(glob.escape(str(root)), pattern)))
 
-    if scored is None:
+    if scored is None or scored:
         return found(SCORED_METADATA_GLOB) or found(METADATA_GLOB)
-    return found(SCORED_METADATA_GLOB if scored else METADATA_GLOB)
+    return found(METADATA_GLOB) or found(SCORED_METADATA_GLOB)
 
 
 def parse_entry(root: pathlib.Path, entry: dict, where: str, fallback_id: str) -> ObjectRecord:
@@ -159,10 +174,13 @@ def parse_entry(root: pathlib.Path, entry: dict, where: str, fallback_id: str) -
     images = [resolve_inside(root, f, f"{where}: filename") for f in filenames]
     masks = [m if m.is_file() else None for m in map(mask_path_of, images)]
     object_id = entry.get("object_id") or entry.get("objaverse_id") or fallback_id
+    corr = entry.get("correspondences")
     return ObjectRecord(object_id=str(object_id), images=images, masks=masks, prompts=list(prompts),
                         category=str(entry.get("category", "")), aesthetics_scores=entry.get("aesthetics_scores"),
                         dino_scores=entry.get("dino_scores"), objaverse_id=entry.get("objaverse_id"),
-                        extra={k: v for k, v in entry.items() if k not in KNOWN_KEYS})
+                        extra={k: v for k, v in entry.items() if k not in KNOWN_KEYS},
+                        correspondences=None if corr is None else
+                        resolve_inside(root, corr, f"{where}: correspondences"))
 
 
 def valid_indices(record: ObjectRecord, min_aesthetics: float = 0.0, min_dino: float = 0.0) -> list[int]:
@@ -174,11 +192,13 @@ def valid_indices(record: ObjectRecord, min_aesthetics: float = 0.0, min_dino: f
     if record.aesthetics_scores is None or record.dino_scores is None:
         raise DatasetFormatError(f"object {record.object_id}: score filters need 'aesthetics_scores' and "
                                  f"'dino_scores' (a *metadata_with_scores.json file)")
-    dino = np.asarray(record.dino_scores, dtype=np.float64)
-    rows, cols = ((dino >= min_dino) & (dino <= DINO_MAX)).nonzero()
-    paired = set(rows.tolist()) | set(cols.tolist())
-    return [i for i, path in enumerate(record.images)
-            if record.aesthetics_scores[path.stem] >= min_aesthetics and i in paired]
+    try:
+        aesthetics = [float(record.aesthetics_scores[path.stem]) for path in record.images]
+    except KeyError as exc:
+        raise DatasetFormatError(f"object {record.object_id}: no aesthetics score for image {exc}") from None
+    keep = filtering.keep_images(aesthetics, np.asarray(record.dino_scores, dtype=np.float64), min_aesthetics,
+                                 min_dino)
+    return [i for i, k in enumerate(keep) if k]
 
 
 def iter_objects(root, scored: Optional[bool] = None, min_aesthetics: float = 0.0,
@@ -186,8 +206,8 @@ def iter_objects(root, scored: Optional[bool] = None, min_aesthetics: float = 0.
     """The objects of dataset folder ``root`` (metadata files in name order, entries in file order) with more
     than one image surviving the score filters (upstream keeps those only)."""
     root = pathlib.Path(root)
-    if scored is None and (min_aesthetics > 0 or min_dino > 0):
-        scored = True
+    if scored is None:  # upstream: the scored files exactly when a filter is on
+        scored = min_aesthetics > 0 or min_dino > 0
     for path in metadata_files(root, scored):
         try:
             entries = json.loads(path.read_text(encoding="utf-8"))
@@ -209,6 +229,20 @@ def read_dataset(root, **kwargs) -> list[ObjectRecord]:
 
 
 # --- writing -------------------------------------------------------------------------------------------------
+
+def keep_views(corr, indices: Sequence[int]):
+    """The correspondences among the views ``indices`` only, renumbered 0..len-1 in that order (the object's
+    kept images after filtering)."""
+    from .correspondence_format import Correspondences
+
+    position = {old: new for new, old in enumerate(indices)}
+    pairs = {}
+    for a, b in ((a, b) for a in indices for b in indices if position[a] < position[b]):
+        rows = corr.between(a, b)
+        if (a, b) in corr.pairs or (b, a) in corr.pairs:
+            pairs[(position[a], position[b])] = rows
+    return Correspondences(len(indices), tuple(corr.size), pairs)
+
 
 def _tmp_name(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
@@ -242,6 +276,9 @@ class DatasetWriter:
     def metadata_path(self, object_id: str) -> pathlib.Path:
         return self.root / f"{sanitize_name(object_id)}{METADATA_SUFFIX}"
 
+    def scored_metadata_path(self, object_id: str) -> pathlib.Path:
+        return self.root / f"{sanitize_name(object_id)}{SCORED_METADATA_SUFFIX}"
+
     def has(self, object_id: str) -> bool:
         """Whether ``object_id`` is already written (complete)."""
         return self.metadata_path(object_id).is_file()
@@ -258,12 +295,15 @@ class DatasetWriter:
 
     def write(self, object_id: str, images: Sequence[Image.Image], prompts: Sequence[str], category: str,
               masks: Optional[Sequence[Optional[object]]] = None, aesthetics_scores: Optional[Sequence[float]] = None,
-              dino_scores=None, extra: Optional[dict] = None) -> Optional[pathlib.Path]:
+              dino_scores=None, extra: Optional[dict] = None, correspondences=None) -> Optional[pathlib.Path]:
         """Write one object; its metadata file, or None when ``object_id`` was already written (skipped).
 
         ``masks``: per image a PIL image or (H, W) array (> 0 = subject), or None for no mask file.
         ``aesthetics_scores``: per image (stored as {stem: score}); ``dino_scores`` N x N; ``extra``: more
-        entry keys (e.g. ``objaverse_id``, correspondence ids)."""
+        entry keys (e.g. ``objaverse_id``); ``correspondences``: a
+        :class:`~comfyui_syncd.core.correspondence_format.Correspondences` of these images' views, written to
+        ``correspondences/<object>.safetensors``. With scores the entry is also written to
+        ``<object>_metadata_with_scores.json`` (upstream's filtering loader reads only those)."""
         meta_path = self.metadata_path(object_id)
         if meta_path.is_file():
             return None
@@ -275,7 +315,7 @@ class DatasetWriter:
         if aesthetics_scores is not None and len(aesthetics_scores) != n:
             raise ValueError(f"object {object_id!r}: {len(aesthetics_scores)} aesthetics scores for {n} images")
         clash = set(extra or {}) & {"filenames", "prompts", "category", "aesthetics_scores", "dino_scores",
-                                     "object_id"}
+                                     "object_id", "correspondences"}
         if clash:
             raise ValueError(f"object {object_id!r}: extra keys {sorted(clash)} are set by the writer")
         stem = sanitize_name(object_id)
@@ -294,8 +334,24 @@ class DatasetWriter:
         if aesthetics_scores is not None:
             entry["aesthetics_scores"] = {pathlib.Path(f).stem: float(s) for f, s in zip(filenames, aesthetics_scores)}
         if dino_scores is not None:
-            entry["dino_scores"] = np.asarray(dino_scores, dtype=np.float64).tolist()
+            dino = np.asarray(dino_scores, dtype=np.float64)
+            if dino.shape != (n, n):
+                raise ValueError(f"object {object_id!r}: dino_scores of shape {dino.shape} for {n} images")
+            entry["dino_scores"] = dino.tolist()
+        if correspondences is not None:
+            from . import correspondence_format
+
+            if correspondences.views != n:
+                raise ValueError(f"object {object_id!r}: correspondences of {correspondences.views} views for {n} "
+                                 f"images")
+            (self.root / CORRESPONDENCES_DIR).mkdir(exist_ok=True)
+            relative = f"{CORRESPONDENCES_DIR}/{stem}.safetensors"
+            _replace_atomically(self.root / relative, lambda p: correspondence_format.save(p, correspondences))
+            entry["correspondences"] = relative
         entry.update(extra or {})
         text = json.dumps([entry], indent=1)
+        if aesthetics_scores is not None or dino_scores is not None:
+            _replace_atomically(self.scored_metadata_path(object_id),
+                                lambda p: p.write_text(text, encoding="utf-8"))
         _replace_atomically(meta_path, lambda p: p.write_text(text, encoding="utf-8"))
         return meta_path

@@ -7,6 +7,10 @@
   first when its box covers the whole image; resize 256, centre crop 224, ImageNet normalisation; CLS L2-normalised.
 * **CLIP-I**: CLIP image embeddings (224, CLIP normalisation), cosine. **DINO**: DINO ViT CLS features (DreamBooth).
 
+The data-generation filter's keep rule built on these features is ``core/filtering.py``; the LAION aesthetic score
+(CLIP embedding + linear head) ``core/aesthetic.py``. Resizing is bicubic with antialiasing, as torchvision's
+``Resize`` on the PIL images upstream scores.
+
 Feature extractors are transformers models (``Dinov2Model``, ``CLIPVisionModelWithProjection``, ``ViTModel``);
 images are (B, H, W, 3) floats in [0, 1] (ComfyUI's IMAGE layout), masks (B, H, W).
 """
@@ -20,7 +24,6 @@ import torch.nn.functional as F
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-NEAR_DUPLICATE = 0.98  # upstream filter: pairs above this are near-duplicates
 
 
 def square_box(mask: torch.Tensor, threshold: float = 0.1) -> tuple[int, int, int, int]:
@@ -66,10 +69,11 @@ def to_model_input(crops: list[torch.Tensor], resize: int, crop: int, stats) -> 
     for c in crops:
         x = c.permute(2, 0, 1).unsqueeze(0).float()
         h, w = x.shape[-2:]
-        scale = resize / min(h, w)
-        x = F.interpolate(x, size=(max(crop, round(h * scale)), max(crop, round(w * scale))), mode="bicubic",
-                          align_corners=False).clamp(0, 1)
-        top, left = (x.shape[-2] - crop) // 2, (x.shape[-1] - crop) // 2
+        # torchvision Resize(resize): short side to ``resize``, long side int(resize · long / short)
+        size = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
+        x = F.interpolate(x, size=(max(crop, size[0]), max(crop, size[1])), mode="bicubic", align_corners=False,
+                          antialias=True).clamp(0, 1)
+        top, left = int(round((x.shape[-2] - crop) / 2.0)), int(round((x.shape[-1] - crop) / 2.0))  # CenterCrop
         batch.append(x[..., top:top + crop, left:left + crop])
     return (torch.cat(batch) - mean) / std
 
@@ -96,16 +100,3 @@ def features(model, images: torch.Tensor, masks: Optional[torch.Tensor], kind: s
 def identity_scores(generated: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     """Per generated image: the mean cosine similarity of its feature to the references' features."""
     return (generated @ references.T).mean(-1)
-
-
-def dino_filter(feats: torch.Tensor, aesthetics: Optional[torch.Tensor], min_similarity: float,
-                min_aesthetic: float) -> torch.Tensor:
-    """Upstream's keep rule for one object's images: aesthetic ≥ threshold and in at least one pair with
-    ``min_similarity`` ≤ cosine ≤ 0.98 (near-duplicates excluded). Returns a bool per image."""
-    sim = feats @ feats.T
-    n = sim.shape[0]
-    pair_ok = (sim >= min_similarity) & (sim <= NEAR_DUPLICATE) & ~torch.eye(n, dtype=torch.bool)
-    keep = pair_ok.any(-1)
-    if aesthetics is not None:
-        keep &= aesthetics >= min_aesthetic
-    return keep

@@ -88,8 +88,9 @@ def test_reads_upstream_layout(tmp_path):
     assert dog.masks == [tmp_path / "sub" / "masks" / "0002_a.jpg", tmp_path / "sub" / "masks" / "0002_b.jpg"]
     assert dog.object_id == "deformable_metadata:0" and chair.object_id == "f00d"
     assert df.load_mask(dog.masks[0])[10, 10] and not df.load_mask(dog.masks[0])[0, 0]
-    # with scores files present they are read by default; upstream's filter (aesthetics >= 5, DINO in [0.7, 0.98])
-    (scored,) = df.read_dataset(tmp_path)
+    assert df.read_dataset(tmp_path) == plain  # no filter: the plain files, as upstream
+    # a filter reads the scored files (upstream); upstream's filter (aesthetics >= 5, DINO in [0.7, 0.98])
+    (scored,) = df.read_dataset(tmp_path, scored=True)
     assert scored.metadata_file.name == "rigid_metadata_with_scores.json" and len(scored) == 3
     (filtered,) = df.read_dataset(tmp_path, min_aesthetics=5.0, min_dino=0.55)
     assert filtered.prompts == ["p0", "p2"]  # p1 fails aesthetics; all three are paired at >= 0.55
@@ -175,3 +176,36 @@ def test_upstream_glob_sees_only_complete_objects(tmp_path):
     tmp = df._tmp_name(tmp_path / "x_metadata.json")
     tmp.write_text("[]")
     assert glob.glob(f"{tmp_path}/*metadata.json") == []
+
+
+def test_scores_and_correspondences_for_upstreams_loaders(tmp_path):
+    """Scored objects are also listed in ``*metadata_with_scores.json`` (upstream reads only those when filtering);
+    the correspondence file travels with the object, inside the folder."""
+    import glob
+
+    import torch
+
+    from comfyui_syncd.core.correspondence_format import Correspondences, load
+
+    corr = Correspondences(3, (8, 8), {(0, 1): torch.tensor([[0.5, -0.25, 0.0, 0.125]]), (1, 2): torch.zeros(0, 4)})
+    w = df.DatasetWriter(tmp_path)
+    tri = [[0.0, 0.8, 0.99], [0.0, 0.0, 0.5], [0.0, 0.0, 0.0]]
+    w.write("chair/1", [_image(i) for i in range(3)], ["a", "b", "c"], "chair", masks=[_mask()] * 3,
+            aesthetics_scores=[6.5, 6.1, 3.0], dino_scores=tri, correspondences=corr, extra={"objaverse_id": "f00"})
+    w.write("plain", [_image(4), _image(5)], ["d", "e"], "dog", masks=[_mask()] * 2)
+    assert sorted(pathlib.Path(p).name for p in glob.glob(f"{tmp_path}/*metadata_with_scores.json")) == \
+        ["chair_1_metadata_with_scores.json"]
+    assert len(glob.glob(f"{tmp_path}/*metadata.json")) == 2
+    (chair,) = df.read_dataset(tmp_path, min_aesthetics=6.0, min_dino=0.7)  # 2 is below 6; 0-1 pair at 0.8
+    assert chair.prompts == ["a", "b"] and chair.objaverse_id == "f00"
+    assert chair.correspondences == tmp_path / "correspondences" / "chair_1.safetensors"
+    back = load(chair.correspondences)
+    assert back.views == 3 and torch.equal(back.between(1, 0), torch.tensor([[0.0, 0.125, 0.5, -0.25]]))
+    assert df.read_dataset(tmp_path, min_aesthetics=6.0, min_dino=0.85) == []  # only the near-duplicate 0.99
+    with pytest.raises(ValueError, match="correspondences of 3 views for 2 images"):
+        w.write("bad", [_image(0), _image(1)], ["a", "b"], "x", correspondences=corr)
+    (tmp_path / "evil_metadata.json").write_text(json.dumps([{"filenames": ["plain_0.jpg", "plain_1.jpg"],
+                                                              "prompts": ["a", "b"], "category": "x",
+                                                              "correspondences": "../x.safetensors"}]))
+    with pytest.raises(df.DatasetFormatError, match="correspondences"):
+        df.read_dataset(tmp_path)
