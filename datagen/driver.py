@@ -33,6 +33,7 @@ import time
 from typing import Callable, Iterable, Optional
 
 from ..core.dataset_format import DatasetWriter, sanitize_name
+from ..core.filtering import PAPER_MIN_AESTHETIC, PAPER_MIN_DINO, subset_dino
 from .prompts import dataset_captions
 
 ROLE = "syncd_datagen"
@@ -40,6 +41,7 @@ SLOT_INPUTS = {"prompt": ("value", "text"), "prompts": ("value", "text"), "subje
                "seed": ("seed", "noise_seed"), "mesh": ("mesh_path", "mesh", "mesh_name")}
 OUTPUT_ROLES = ("images", "masks")
 WORKFLOWS = pathlib.Path(__file__).resolve().parents[1] / "workflows"
+REPO_MESHES = pathlib.Path(__file__).resolve().parent / "meshes"  # the shipped procedural meshes
 DEFAULT_WORKFLOWS = {"deformable": WORKFLOWS / "syncd_datagen_deformable_flux.json",
                      "rigid": WORKFLOWS / "syncd_datagen_rigid_flux.json"}
 REQUIRED_KEYS = ("object_id", "category", "prompts")
@@ -221,7 +223,7 @@ class Writer:
                 self.rejected.append(spec.object_id)
                 return False
             pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
-            dino_kept = None if dino is None else [[dino[i][j] for j in keep] for i in keep]
+            dino_kept = None if dino is None else subset_dino(dino, keep)
             extra = {k: v for k, v in spec.extra}
             if spec.mesh:
                 extra["mesh"] = pathlib.Path(spec.mesh).name
@@ -229,6 +231,38 @@ class Writer:
                                aesthetics_scores=pick(aesthetics), dino_scores=dino_kept, extra=extra)
             self.written.append(spec.object_id)
             return True
+
+
+def make_filter(dino_model=None, clip_model=None, aesthetic_head=None, min_dino: float = 0.7,
+                min_aesthetic: float = 6.0) -> Optional[Filter]:
+    """SynCD's filter (core/filtering.py) with transformers models from local folders, or None when no model is
+    given (upstream's code runs with both filters off)."""
+    if dino_model is None and clip_model is None:
+        return None
+    if (clip_model is None) != (aesthetic_head is None):
+        raise DatagenError("the aesthetic filter needs both --clip-model (CLIP ViT-L/14) and --aesthetic-head")
+    import numpy as np
+    import torch
+    import transformers
+
+    from ..core import aesthetic, filtering
+
+    dino = transformers.AutoModel.from_pretrained(dino_model, local_files_only=True).eval() if dino_model else None
+    clip = head = None
+    if clip_model:
+        clip = transformers.CLIPVisionModelWithProjection.from_pretrained(clip_model, local_files_only=True).eval()
+        head = aesthetic.load_head(aesthetic_head)
+
+    def score(images, masks):
+        pixels = torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images]))
+        mask = None if masks is None else torch.from_numpy(np.stack([np.asarray(m, dtype=np.float32) / 255.0
+                                                                     for m in masks]))
+        scores = aesthetic.aesthetic_scores(clip, head, pixels).tolist() if clip is not None else None
+        pairs = filtering.dino_scores(dino, pixels, mask).tolist() if dino is not None else None
+        keep = filtering.keep_images(scores, pairs, min_aesthetic, min_dino)
+        return [i for i, k in enumerate(keep) if k], scores, pairs
+
+    return score
 
 
 def load_workflows(paths: dict) -> dict:
@@ -340,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None, help="seconds one object may take on a server")
     parser.add_argument("--limit", type=int, default=None, help="only the first N objects of the prompts file")
     parser.add_argument("--min-images", type=int, default=2, help="an object needs this many kept images (upstream 2)")
+    parser.add_argument("--dino-model", metavar="DIR", help="DINOv2 transformers folder (upstream: "
+                        "dinov2-with-registers-large) for the pair filter; default: no DINOv2 filter (upstream's code)")
+    parser.add_argument("--min-dino", type=float, default=PAPER_MIN_DINO,
+                        help="an image needs a pair with DINOv2 similarity in [MIN, 0.98] (paper 0.7)")
+    parser.add_argument("--clip-model", metavar="DIR", help="CLIP ViT-L/14 transformers folder for the aesthetic "
+                        "filter (with --aesthetic-head); default: no aesthetic filter")
+    parser.add_argument("--aesthetic-head", metavar="FILE", help="the LAION head sa_0_4_vit_l_14_linear.pth")
+    parser.add_argument("--min-aesthetic", type=float, default=PAPER_MIN_AESTHETIC, help="paper: 6")
     parser.add_argument("--full-prompts", action="store_true",
                         help="store the full generation prompts in the dataset (upstream stores the background "
                              "captions, with the object description and the fixed suffix taken off)")
@@ -359,7 +401,13 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: no workflow for {', '.join(missing)} objects (give --{missing[0]}-workflow FILE)",
               file=sys.stderr)
         return 1
-    writer = Writer(args.out, min_images=args.min_images, full_prompts=args.full_prompts)
+    try:
+        object_filter = make_filter(args.dino_model, args.clip_model, args.aesthetic_head, args.min_dino,
+                                    args.min_aesthetic)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot load the filter models: {exc}", file=sys.stderr)
+        return 1
+    writer = Writer(args.out, object_filter, min_images=args.min_images, full_prompts=args.full_prompts)
     todo = [o for o in objects if not writer.has(o)]
     print(f"{len(objects)} objects, {len(objects) - len(todo)} already in {args.out}, {len(todo)} to generate",
           flush=True)

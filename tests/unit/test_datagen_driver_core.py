@@ -82,7 +82,7 @@ def test_filter_keeps_the_chosen_images_and_rejects_objects_below_min_images(tmp
     assert writer.write(_generated("dog-1"))
     entry = json.loads((tmp_path / "dog-1_metadata.json").read_text())[0]
     assert entry["prompts"] == ["a dog 0", "a dog 2"]
-    assert entry["dino_scores"] == [[1, .7], [.7, 1]]
+    assert entry["dino_scores"] == [[0, .7], [0, 0]]  # upstream: the strict upper triangle
     assert sorted(entry["aesthetics_scores"].values()) == [6.1, 6.5]
 
     strict = Writer(tmp_path / "strict", object_filter=lambda i, m: ([1], None, None))
@@ -100,3 +100,45 @@ def test_dataset_keeps_upstreams_captions_without_the_description(tmp_path):
     assert json.loads((tmp_path / "a" / "dog-9_metadata.json").read_text())[0]["prompts"] == [
         "a dog on a beach", "a dog in a park"]
     assert json.loads((tmp_path / "b" / "dog-9_metadata.json").read_text())[0]["prompts"] == list(spec.prompts)
+
+
+@pytest.fixture(scope="module")
+def filter_models(tmp_path_factory):
+    """Tiny random DINOv2 and CLIP vision folders (the real transformers classes) and a LAION-style head."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model
+
+    root = tmp_path_factory.mktemp("filter_models")
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=224, patch_size=32)).save_pretrained(root / "dino")
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=2, image_size=224, patch_size=32,
+                                                   projection_dim=16)).save_pretrained(root / "clip")
+    head = torch.nn.Linear(16, 1)
+    torch.save(head.state_dict(), root / "head.pth")
+    return root
+
+
+def test_driver_filter_scores_and_applies_upstreams_rule(filter_models, tmp_path):
+    from comfyui_syncd.core import filtering
+    from comfyui_syncd.datagen.driver import make_filter
+
+    assert make_filter() is None  # upstream's code: filters off
+    with pytest.raises(DatagenError, match="needs both"):
+        make_filter(clip_model=filter_models / "clip")
+    generated = _generated("dog-1")
+    images = [Image.open(io.BytesIO(d)).convert("RGB") for d in generated.images]
+    keep_all = make_filter(filter_models / "dino", filter_models / "clip", filter_models / "head.pth",
+                           min_dino=-1.0, min_aesthetic=-1e9)
+    kept, aesthetics, dino = keep_all(images, None)
+    assert kept == [0, 1, 2] and len(aesthetics) == 3 and len(dino) == 3
+    assert filtering.keep_images(aesthetics, dino, -1e9, -1.0) == [True] * 3
+    writer = Writer(tmp_path / "all", keep_all)
+    assert writer.write(generated)
+    entry = json.loads((tmp_path / "all" / "dog-1_metadata.json").read_text())[0]
+    assert sorted(entry["aesthetics_scores"].values()) == pytest.approx(sorted(aesthetics))
+    strict = make_filter(filter_models / "dino", filter_models / "clip", filter_models / "head.pth",
+                         min_aesthetic=max(aesthetics) + 1)
+    writer = Writer(tmp_path / "none", strict)
+    assert not writer.write(generated) and writer.rejected == ["dog-1"]
