@@ -11,6 +11,8 @@ rewrites the editor (UI) graph, keeping node ids and every other node as it is:
   locates subject tokens with the demo tokenizer;
 - ``SynCDIPAdapterLoader`` + ``CLIPVisionLoader`` -> one ``SynCDTinyDemoIPAdapter`` fed by the tiny model;
 - ``SynCDCheckpointLoader`` is removed: its MODEL and IPADAPTER consumers read what fed it;
+- ``SynCDIdentityModelLoader`` -> ``SynCDTinyDemoScoreModel`` of the kind its model name says (clip, dinov2,
+  dino), with a random aesthetic head where the loader names one;
 - ``LoadImage`` / ``LoadImageMask`` -> ``SynCDTinyDemoReferences`` (IMAGE, MASK), one view each, the
   same seed, so an image and its mask file still match;
 - empty latents and image resizes to at most ``size`` px a side, every ``steps`` widget to at most ``steps``.
@@ -27,16 +29,17 @@ import copy
 from .ui_graph import build_widgets_values, set_widget
 from .workflow_format import input_defs, is_api_format, is_ui_format, widget_values
 
-FAMILIES = ("sd15", "sdxl", "flux")
+FAMILIES = ("sd15", "sdxl", "flux", "qwen_image")
 TINY_MODEL = "SynCDTinyDemoModel"
 TINY_TEXT = "SynCDTinyDemoTextEncode"
 TINY_REFERENCES = "SynCDTinyDemoReferences"
 TINY_IP_ADAPTER = "SynCDTinyDemoIPAdapter"
 
-MODEL_LOADERS = {"CheckpointLoaderSimple": {0: 0, 2: 1}, "UNETLoader": {0: 0}}  # old output slot -> tiny slot
+MODEL_LOADERS = {"CheckpointLoaderSimple": {0: 0, 2: 1}, "UNETLoader": {0: 0},  # old output slot -> tiny slot
+                 "JeDiCheckpointLoader": {0: 0}}
 CLIP_SOURCES = {"CheckpointLoaderSimple": 1, "DualCLIPLoader": 0, "CLIPLoader": 0}  # type -> its CLIP output
 IMAGE_LOADERS = {"LoadImage": {0: 0, 1: 1}, "LoadImageMask": {0: 1}}
-RESIZE_NODES = {"ImageScale"}  # besides every Empty*Latent* node with width/height widgets
+RESIZE_NODES = {"ImageScale", "SynCDMeshViews"}  # besides every Empty*Latent* node with width/height widgets
 
 
 class TinySwapError(ValueError):
@@ -293,6 +296,17 @@ def tiny_swap(workflow: dict, object_info: dict, family: str | None = None, step
             report.append(f"{g.describe(node)}: was CLIPVisionLoader")
             continue
         _fold_into(g, node, tiny_ip, 1, "CLIP vision model", report)
+
+    # 4b. Scoring models (identity score, aesthetic score, dataset filter) -> tiny random ones of the same kind.
+    for node in g.of_type("SynCDIdentityModelLoader"):
+        values = widget_values(node, g.node_def("SynCDIdentityModelLoader"))
+        name = f"{values.get('model_path') or ''} {values.get('model') or ''}".lower()
+        kind = "clip" if "clip" in name else "dinov2" if "dinov2" in name else "dino" if "dino" in name else "dinov2"
+        aesthetic = kind == "clip" and (values.get("aesthetic_head", "none") != "none"
+                                        or bool(str(values.get("aesthetic_head_path") or "").strip()))
+        g.replace(node, "SynCDTinyDemoScoreModel", {0: 0}, model_kind=kind, aesthetic_head=aesthetic)
+        report.append(f"{g.describe(node)}: was SynCDIdentityModelLoader (a tiny random {kind} model"
+                      + (" with an aesthetic head)" if aesthetic else ")"))
 
     # 5. Input images: synthetic views of one subject with its mask, one per loader.
     for node in g.of_type(*IMAGE_LOADERS):

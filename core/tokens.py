@@ -10,8 +10,25 @@ import hashlib
 from typing import Callable, Optional, Sequence
 
 # Which tokenizer output conditions the diffusion model: Flux's context is T5, SDXL's is CLIP-L ‖ CLIP-G
-# (same positions), SD1.5's is CLIP-L.
-CONTEXT_TOKEN_KEYS = ("t5xxl", "l", "g")
+# (same positions), SD1.5's is CLIP-L, Qwen-Image's is Qwen2.5-VL (after its chat-template prefix is dropped).
+CONTEXT_TOKEN_KEYS = ("t5xxl", "l", "g", "qwen25_7b")
+QWEN_KEY = "qwen25_7b"
+QWEN_IM_START, QWEN_USER, QWEN_NEWLINE = 151644, 872, 198  # <|im_start|>, "user", "\n" in the Qwen2.5 vocabulary
+
+
+def qwen_template_end(ids: Sequence) -> int:
+    """How many leading tokens ComfyUI's Qwen-Image text encoder drops (the system prompt of its chat template):
+    up to the second ``<|im_start|>``, plus ``user\n`` after it (``QwenImageTEModel.encode_token_weights``, ComfyUI
+    ``comfy/text_encoders/qwen_image.py``); 0 without a template."""
+    end, seen = -1, 0
+    for i, token in enumerate(ids):
+        if isinstance(token, int) and token == QWEN_IM_START and seen < 2:
+            end, seen = i, seen + 1
+    if end == -1:
+        return 0
+    if len(ids) > end + 3 and ids[end + 1] == QWEN_USER and ids[end + 2] == QWEN_NEWLINE:
+        end += 3
+    return end
 
 
 def find_subsequence(haystack: Sequence[int], needle: Sequence[int]) -> Optional[int]:
@@ -32,7 +49,9 @@ def subject_token_positions(tokenize: Callable[[str], list[int]], prompt: str, s
                          "e.g. 'dog'")
     prompt_ids = tokenize(prompt)
     specials = set(tokenize(""))
-    for variant in dict.fromkeys((word, word.lower(), word.capitalize())):
+    # byte-level BPE (Qwen2.5) spells a word after a space with its own ids (" dog" ≠ "dog"); CLIP strips spaces
+    spellings = (word, word.lower(), word.capitalize())
+    for variant in dict.fromkeys(spellings + tuple(" " + w for w in spellings)):
         word_ids = [t for t in tokenize(variant) if t not in specials]
         start = find_subsequence(prompt_ids, word_ids) if word_ids else None
         if start is not None:
@@ -48,7 +67,8 @@ def clip_tokenizer(clip) -> Callable[[str], list[int]]:
     def tokenize(text: str) -> list:
         tokens = clip.tokenize(text)
         key = next((k for k in CONTEXT_TOKEN_KEYS if k in tokens), next(iter(tokens)))
-        return [token_key(t[0]) for batch in tokens[key] for t in batch]
+        ids = [token_key(t[0]) for batch in tokens[key] for t in batch]
+        return ids[qwen_template_end(ids):] if key == QWEN_KEY else ids
     return tokenize
 
 

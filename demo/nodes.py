@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..nodes import choices
 from . import tiny_models
+from .identity_models import SynCDTinyDemoScoreModel
 
 
 def family_input(tooltip: str):
@@ -19,14 +20,16 @@ class SynCDTinyDemoModel(io.ComfyNode):
             node_id="SynCDTinyDemoModel",
             display_name="SynCD Tiny Demo Model",
             category="SynCD/testing",
-            description="A real SD1.5, SDXL or Flux architecture at tiny width with seeded random weights, "
+            description="A real SD1.5, SDXL, Flux or Qwen-Image architecture at tiny width with seeded random weights, "
                         "plus a matching tiny VAE. For trying workflows without checkpoints: images are noise-like.",
             inputs=[
-                family_input("Which ComfyUI model class to build: sd15, sdxl (UNets) or flux (DiT)."),
+                family_input("Which ComfyUI model class to build: sd15, sdxl (UNets), flux or qwen_image (DiTs; "
+                             "Qwen-Image with a tiny Wan 2.1 VAE)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the random weights; the same seed gives the same model."),
                 io.Int.Input("width", default=32, min=16, max=512, step=16,
-                             tooltip="Channel width (UNet model_channels, multiple of 32; Flux hidden size, multiple of 16)."),
+                             tooltip="Channel width (UNet model_channels, multiple of 32; Flux/Qwen-Image hidden "
+                                     "size, multiple of 16)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -51,6 +54,7 @@ class SynCDTinyDemoTextEncode(io.ComfyNode):
             display_name="SynCD Tiny Demo Text Encode",
             category="SynCD/testing",
             description="CONDITIONING for the tiny demo models without a text encoder: ComfyUI's CLIP-L tokens "
+                        "(Qwen-Image: its Qwen2.5-VL tokens) "
                         "mapped to seeded vectors, so token positions are real.",
             inputs=[
                 family_input("Must match the SynCD Tiny Demo Model's family."),
@@ -136,4 +140,5 @@ class SynCDTinyDemoIPAdapter(io.ComfyNode):
         return io.NodeOutput(tiny_models.build_ip_adapter(model, seed), tiny_models.build_clip_vision(seed))
 
 
-DEMO_NODES = [SynCDTinyDemoModel, SynCDTinyDemoTextEncode, SynCDTinyDemoReferences, SynCDTinyDemoIPAdapter]
+DEMO_NODES = [SynCDTinyDemoModel, SynCDTinyDemoTextEncode, SynCDTinyDemoReferences, SynCDTinyDemoIPAdapter,
+              SynCDTinyDemoScoreModel]

@@ -22,12 +22,14 @@ import comfy.taesd.taesd
 
 from ..nodes.patch_kit import ENCODED_TOKENS, TOKENIZER, add_conditioning_check
 
-FAMILIES = ("sd15", "sdxl", "flux")
+FAMILIES = ("sd15", "sdxl", "flux", "qwen_image")
 
 # Text-conditioning sizes of the tiny families: (context dim, pooled dim or 0).
-CONTEXT_DIMS = {"sd15": (768, 0), "sdxl": (64, 64), "flux": (64, 32)}
+CONTEXT_DIMS = {"sd15": (768, 0), "sdxl": (64, 64), "flux": (64, 32), "qwen_image": (64, 0)}
 SDXL_SIZE_EMBED_DIM = 6 * 256  # model_base.SDXL.encode_adm: six Timestep(256) size/crop embeddings
-LATENT_CHANNELS = {"sd15": 4, "sdxl": 4, "flux": 16}
+LATENT_CHANNELS = {"sd15": 4, "sdxl": 4, "flux": 16, "qwen_image": 16}
+# Latent shape after the family's spatial size: Qwen-Image samples (B, 16, 1, h, w) video-style latents (Wan 2.1).
+LATENT_FRAMES = {"qwen_image": (1,)}
 
 
 def _unet_base(width: int) -> dict:
@@ -99,6 +101,21 @@ def model_config(family: str, width: int):
             "patch_size": 2,
         }
         return comfy.supported_models.Flux(dit)
+    if family == "qwen_image":
+        if width % 16:
+            raise ValueError(f"width must be a multiple of 16 for Qwen-Image (head size 16); got {width}")
+        dit = {  # comfy/ldm/qwen_image/model.py: 3-axis RoPE (index, row, col) summing to the head size
+            "image_model": "qwen_image",
+            "patch_size": 2,
+            "in_channels": 64,
+            "out_channels": 16,
+            "num_layers": 2,
+            "attention_head_dim": 16,
+            "num_attention_heads": width // 16,
+            "joint_attention_dim": CONTEXT_DIMS["qwen_image"][0],
+            "axes_dims_rope": (4, 6, 6),
+        }
+        return comfy.supported_models.QwenImage(dit)
     raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
@@ -122,13 +139,16 @@ def build_model(family: str, seed: int = 0, width: int = 32, std: float = 0.02) 
         load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device(),
     )
-    patcher.model_options[TOKENIZER] = token_ids  # the tokens of encode_text, for automatic masks
+    patcher.model_options[TOKENIZER] = qwen_token_ids if family == "qwen_image" else token_ids  # encode_text's tokens
     add_conditioning_check(patcher, "SynCD Tiny Demo Model")  # e.g. a tiny text encoding of another family
     return patcher
 
 
 def build_vae(family: str, seed: int = 0) -> comfy.sd.VAE:
-    """A TAESD-architecture VAE (ComfyUI loads it from its state-dict keys) with seeded random weights."""
+    """A TAESD-architecture VAE (ComfyUI loads it from its state-dict keys) with seeded random weights; for
+    Qwen-Image a tiny Wan 2.1 VAE (:func:`build_wan_vae`), as ComfyUI uses."""
+    if family == "qwen_image":
+        return build_wan_vae(seed)
     taesd = comfy.taesd.taesd.TAESD(latent_channels=LATENT_CHANNELS[family])
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # fan-in scaled weights, zero biases: decoded images are mid-grey textures, not clipped
@@ -144,7 +164,39 @@ def build_vae(family: str, seed: int = 0) -> comfy.sd.VAE:
     return comfy.sd.VAE(sd=sd)
 
 
+TINY_WAN_DIM = 8  # ComfyUI's Wan 2.1 VAE has dim 96 (comfy/sd.py); the tiny one keeps the architecture at dim 8
+
+
+def build_wan_vae(seed: int = 0) -> comfy.sd.VAE:
+    """A ComfyUI VAE of the Wan 2.1 architecture (``comfy.ldm.wan.vae.WanVAE``: 16 latent channels, 8× spatial and
+    4× temporal compression, ComfyUI's Qwen-Image VAE) at width :data:`TINY_WAN_DIM`, seeded.
+
+    ``comfy.sd.VAE`` recognises a Wan 2.1 state dict by its keys but builds it at the fixed width 96; the tiny
+    model is put in its place (with its own ModelPatcher), so encode/decode run ComfyUI's Wan code paths."""
+    import comfy.ldm.wan.vae
+
+    wan = comfy.ldm.wan.vae.WanVAE(dim=TINY_WAN_DIM, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                   attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # fan-in scaled weights, RMS-norm gains 1, zero biases (ComfyUI's ops leave them empty)
+        for name, p in wan.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+            elif p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+            else:
+                p.zero_()
+    marker = {"decoder.middle.0.residual.0.gamma": torch.ones(384, 1, 1, 1)}  # ComfyUI's Wan 2.1 key (dim 96)
+    wan.requires_grad_(False)
+    vae = comfy.sd.VAE(sd=marker)
+    vae.first_stage_model = wan.eval().to(vae.vae_dtype)
+    vae.patcher = comfy.model_patcher.ModelPatcher(vae.first_stage_model, load_device=vae.device,
+                                                   offload_device=comfy.model_management.vae_offload_device())
+    return vae
+
+
 _TOKENIZER = None
+_QWEN_TOKENIZER = None
 
 
 def tokenizer() -> comfy.sd1_clip.SDTokenizer:
@@ -162,6 +214,22 @@ def token_ids(text: str) -> list[int]:
     return [int(t[0]) for batch in batches for t in batch]
 
 
+def qwen_token_ids(text: str) -> list[int]:
+    """The Qwen2.5-VL token ids of ``text`` that condition a Qwen-Image model: ComfyUI's ``QwenImageTokenizer``
+    (its tokenizer files ship with ComfyUI, so this works offline) with the chat-template prefix the text encoder
+    drops removed (:func:`core.tokens.qwen_template_end`)."""
+    global _QWEN_TOKENIZER
+    from ..core.tokens import qwen_template_end
+
+    if _QWEN_TOKENIZER is None:
+        import comfy.text_encoders.qwen_image
+
+        _QWEN_TOKENIZER = comfy.text_encoders.qwen_image.QwenImageTokenizer()
+    batches = _QWEN_TOKENIZER.tokenize_with_weights(text)
+    ids = [int(t[0]) for batch in next(iter(batches.values())) for t in batch]
+    return ids[qwen_template_end(ids):]
+
+
 def _vector(key: str, dim: int) -> torch.Tensor:
     digest = hashlib.sha256(key.encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
@@ -171,13 +239,14 @@ def _vector(key: str, dim: int) -> torch.Tensor:
 def encode_text(family: str, text: str, seed: int = 0) -> list:
     """CONDITIONING for a tiny ``family`` model without a text encoder.
 
-    Each CLIP-L token becomes a seeded random vector of its token id plus one of
+    Each CLIP-L token (Qwen-Image: each Qwen2.5-VL token after the dropped template
+    prefix, :func:`qwen_token_ids`) becomes a seeded random vector of its token id plus one of
     its position in its 77-token chunk, so equal prompts give equal conditioning
     and the token positions are the real tokenizer's (automatic masks find the
     subject word there, and check the ids under ``ENCODED_TOKENS``).
     """
     ctx_dim, pooled_dim = CONTEXT_DIMS[family]
-    ids = token_ids(text)
+    ids = qwen_token_ids(text) if family == "qwen_image" else token_ids(text)
     ctx = torch.stack([_vector(f"{seed}/tok/{t}", ctx_dim) + 0.5 * _vector(f"{seed}/pos/{i % 77}", ctx_dim)
                        for i, t in enumerate(ids)]).unsqueeze(0)
     extra = {ENCODED_TOKENS: tuple(ids)}

@@ -96,7 +96,7 @@ class NormalizedGuider(comfy.samplers.CFGGuider):
             choices.require("SynCD Normalized Text+Image Guider", name, value, options)
         self.text_scale, self.image_scale_start, self.image_scale_end = text_scale, image_scale_start, image_scale_end
         self.combination, self.rescale = combination, rescale
-        flux = kit.is_flux(model_patcher.get_model_object("diffusion_model"))
+        flux = kit.is_joint(model_patcher.get_model_object("diffusion_model"))  # Qwen-Image follows Flux's in-context
         self.first_step_guidance = first_step_guidance == "on" or (first_step_guidance == "auto" and not flux)
         self.norm_includes_references = norm_includes_references == "on" or (norm_includes_references == "auto"
                                                                              and flux)

@@ -69,7 +69,8 @@ class ForwardState:
     guidance: Optional[GuidanceBranches] = None
     step: int = 0
     sigma: float = 0.0
-    flux_tokens: Optional[tuple[int, int, int]] = None  # Flux: (text tokens, grid h, grid w) of the image tokens
+    flux_tokens: Optional[tuple[int, int, int]] = None  # Flux, Qwen-Image: (text tokens, grid h, grid w) of the image
+    joint: Optional[str] = None                         # joint-attention DiT of this pass: "flux" | "qwen_image"
     block: Optional[tuple[str, int]] = None             # Flux: the block now running, set by the block markers
     sharing: bool = False                               # Masked Shared Attention is on in this pass
     shared: object = None                               # the Masked Shared Attention run (SharedAttentionRun)
@@ -85,18 +86,21 @@ def forward_state(transformer_options: dict) -> ForwardState:
     return state if isinstance(state, ForwardState) else ForwardState()
 
 
-def begin_forward(transformer_options: dict, x: torch.Tensor, c_crossattn, flux: bool) -> ForwardState:
+def begin_forward(transformer_options: dict, x: torch.Tensor, c_crossattn, flux) -> ForwardState:
     """This forward pass's ForwardState, created by the first pack wrapper that runs (``APPLY_MODEL``): the
-    template the caller left under :data:`KEY` (if any) plus the step, sigma and Flux token layout of this call."""
+    template the caller left under :data:`KEY` (if any) plus the step, sigma and joint token layout of this call.
+    ``flux``: the :func:`joint_family` of the model ("flux", "qwen_image"; True means Flux), or None/False for a
+    UNet. Both DiTs put the text first in the joint sequence, then the 2×2-packed image tokens."""
     state = transformer_options.get(KEY)
     if isinstance(state, ForwardState) and state.owner is transformer_options:
         return state
     template = state if isinstance(state, ForwardState) else ForwardState()
     sigmas = transformer_options.get("sigmas")
-    tokens = (c_crossattn.shape[1], *flux_grid(*x.shape[-2:])) if flux and c_crossattn is not None else None
+    joint = ("flux" if flux is True else flux) or None
+    tokens = (c_crossattn.shape[1], *flux_grid(*x.shape[-2:])) if joint and c_crossattn is not None else None
     state = replace(template, step=current_step(transformer_options),
                     sigma=float(sigmas.max()) if sigmas is not None else 0.0, flux_tokens=tokens, block=None,
-                    owner=transformer_options)
+                    joint=joint if tokens is not None else None, owner=transformer_options)
     transformer_options[KEY] = state
     return state
 
@@ -105,7 +109,7 @@ def add_forward_wrapper(m, key: str, on_forward: Callable) -> None:
     """Register an ``APPLY_MODEL`` wrapper that sets up the ForwardState, then calls
     ``on_forward(state, executor, x, t, c_concat, c_crossattn, control, transformer_options, kwargs)`` (which may
     run extra passes through ``executor`` and fill in its part of the state) before the model runs."""
-    flux = is_flux(m.get_model_object("diffusion_model"))
+    flux = joint_family(m.get_model_object("diffusion_model"))
 
     def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         state = begin_forward(transformer_options, x, c_crossattn, flux)
@@ -175,8 +179,38 @@ def is_flux(diffusion_model) -> bool:
     return hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")
 
 
+def is_qwen_image(diffusion_model) -> bool:
+    """ComfyUI's Qwen-Image DiT (``comfy/ldm/qwen_image/model.py``): joint text+image attention in every block."""
+    import comfy.ldm.qwen_image.model
+
+    return isinstance(diffusion_model, comfy.ldm.qwen_image.model.QwenImageTransformer2DModel)
+
+
+def joint_family(diffusion_model) -> Optional[str]:
+    """"flux" or "qwen_image" for the DiTs whose blocks attend jointly over [text ‖ image] (the pack treats them
+    alike: text count and token grid per forward, RoPE'd keys), None for UNets and other models."""
+    if is_flux(diffusion_model):
+        return "flux"
+    if is_qwen_image(diffusion_model):
+        return "qwen_image"
+    return None
+
+
+def is_joint(diffusion_model) -> bool:
+    return joint_family(diffusion_model) is not None
+
+
+def rope_params(diffusion_model) -> tuple[list[int], float]:
+    """(axes_dim, theta) of a joint DiT's axial RoPE over [index, row, col] ids (Flux ``params``; Qwen-Image's
+    ``pe_embedder``, the same ``EmbedND``)."""
+    if is_flux(diffusion_model):
+        return list(diffusion_model.params.axes_dim), diffusion_model.params.theta
+    return list(diffusion_model.pe_embedder.axes_dim), diffusion_model.pe_embedder.theta
+
+
 def flux_grid(h: int, w: int) -> tuple[int, int]:
-    """Flux's token grid of an h×w latent: 2×2 patches, padded (ComfyUI ``comfy/ldm/flux/model.py``)."""
+    """Flux's (and Qwen-Image's) token grid of an h×w latent: 2×2 patches, padded (ComfyUI
+    ``comfy/ldm/flux/model.py``, ``comfy/ldm/qwen_image/model.py``)."""
     return (h + 1) // 2, (w + 1) // 2
 
 
@@ -222,6 +256,9 @@ def attention(q, k, v, extra_options: dict):
 
 def unet_attention_blocks(diffusion_model) -> list[tuple[str, int]]:
     """(block name, number) of every UNet block holding a SpatialTransformer, as ComfyUI keys replace patches."""
+    if not hasattr(diffusion_model, "input_blocks"):
+        raise ValueError(f"this feature needs an SD1.5/SDXL-style UNet (or Flux where supported); "
+                         f"{type(diffusion_model).__name__} is neither")
     found = []
     for name, blocks in (("input", diffusion_model.input_blocks), ("output", diffusion_model.output_blocks)):
         for i, block in enumerate(blocks):
@@ -246,20 +283,24 @@ def unet_self_attentions(diffusion_model) -> dict[tuple[str, int, int], torch.nn
 
 
 def flux_blocks(diffusion_model) -> list[tuple[str, int]]:
-    """("double", i) and ("single", i) of every Flux block."""
+    """("double", i) and ("single", i) of every Flux block; ("double", i) of every Qwen-Image transformer block
+    (ComfyUI patches them as ``double_block``)."""
+    if is_qwen_image(diffusion_model):
+        return [("double", i) for i in range(len(diffusion_model.transformer_blocks))]
     return ([("double", i) for i in range(len(diffusion_model.double_blocks))]
             + [("single", i) for i in range(len(diffusion_model.single_blocks))])
 
 
 def model_blocks(diffusion_model, node: str) -> list[tuple[str, int]]:
-    """The attention blocks of a UNet or Flux model, or an error naming ``node`` for other architectures."""
-    if is_flux(diffusion_model):
+    """The attention blocks of a UNet, Flux or Qwen-Image model, or an error naming ``node`` for other
+    architectures."""
+    if is_joint(diffusion_model):
         return flux_blocks(diffusion_model)
     if hasattr(diffusion_model, "input_blocks"):
         found = unet_attention_blocks(diffusion_model)
         if found:
             return found
-    raise ValueError(f"{node} supports SD1.5/SDXL-style UNets and Flux; this model is neither "
+    raise ValueError(f"{node} supports SD1.5/SDXL-style UNets, Flux and Qwen-Image; this model is none of them "
                      f"({type(diffusion_model).__name__})")
 
 
@@ -295,8 +336,9 @@ def _replace_patches(m, name: str) -> dict:
 
 
 def mark_flux_blocks(m) -> None:
-    """``dit`` block-replace patches that set ``ForwardState.block`` while a Flux block runs (the attention override
-    has no other way to know the block), chaining any earlier patch on the block; once per model."""
+    """``dit`` block-replace patches that set ``ForwardState.block`` while a Flux (or Qwen-Image) block runs (the
+    attention override has no other way to know the block), chaining any earlier patch on the block; once per
+    model."""
     existing = _replace_patches(m, "dit")
     for name, i in flux_blocks(m.get_model_object("diffusion_model")):
         key = (f"{name}_block", i)
@@ -325,9 +367,10 @@ def add_attention_override(m, handler: Callable, chained: bool = False) -> None:
     """Put ``handler`` in front of any earlier ``optimized_attention_override``.
 
     ``handler(q, k, v, heads, mask, state, transformer_options)`` gets heads-first (B, heads, L, D) q/k/v of
-    Flux's joint attention (calls with ``skip_reshape``) and returns the heads-first output, or None to pass the
-    call through, unchanged, to the earlier override or ComfyUI's attention. With ``chained`` it also gets
-    ``call_next()``, which returns that pass-through output (heads-first), to modify it."""
+    Flux's joint attention (calls with ``skip_reshape``) or of Qwen-Image's (its ``optimized_attention_masked``
+    calls pass (B, L, heads·D), made heads-first here; recognised by ``state.joint``) and returns the heads-first
+    output, or None to pass the call through, unchanged, to the earlier override or ComfyUI's attention. With
+    ``chained`` it also gets ``call_next()``, which returns that pass-through output (heads-first), to modify it."""
     to = m.model_options["transformer_options"]
     previous = to.get("optimized_attention_override")
 
@@ -344,9 +387,11 @@ def add_attention_override(m, handler: Callable, chained: bool = False) -> None:
                         transformer_options=topts, **kwargs)
 
         out = None
-        if skip_reshape and isinstance(state, ForwardState):
-            out = (handler(q, k, v, heads, mask, state, topts, call_next) if chained
-                   else handler(q, k, v, heads, mask, state, topts))
+        if isinstance(state, ForwardState) and (skip_reshape or state.joint == "qwen_image"):
+            hq, hk, hv = (q, k, v) if skip_reshape else (heads_first(q, heads), heads_first(k, heads),
+                                                         heads_first(v, heads))
+            out = (handler(hq, hk, hv, heads, mask, state, topts, call_next) if chained
+                   else handler(hq, hk, hv, heads, mask, state, topts))
         if out is not None:
             return out if skip_output_reshape else heads_last(out)
         return call_next(skip_output_reshape)

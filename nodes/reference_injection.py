@@ -24,6 +24,10 @@ rows from its own ``cond_or_uncond`` and shapes, so a layout that changes betwee
   to the target; here the references are computed on their own. The references are encoded with ComfyUI's
   ``process_in`` (scale and shift); upstream Flux training and reference encoding skip the shift factor: we keep
   ComfyUI's latent convention.
+* Qwen-Image (no SynCD model exists; beyond the paper): as Flux — clean references, their keys moved beside the
+  target, bridging Qwen-Image's centred RoPE ids — but masked by default (SynCD eq. 1's foreground-only rule, as
+  the references act as training-free "other images"). Its text conds cannot be padded to one length, so reference
+  texts of different lengths run as separate batches of the step's reference computation.
 
 The target-pass attention is the pack's one self-attention patch (:mod:`self_attention`), shared with SynCD Masked
 Shared Attention: on one model the two compose (a subject group then also sees its other images' foreground).
@@ -69,7 +73,7 @@ class ReferenceConfig:
     sigma_end: float
     reference_text: str = "per_branch"        # "reference_prompt": one text (the reference prompt) for every branch
     flux_uncond_text_sees_references: bool = True
-    use_masks: str = "auto"                   # auto: SD1.5/SDXL yes, Flux no (upstream's Flux model is unmasked)
+    use_masks: str = "auto"                   # auto: SD1.5/SDXL/Qwen-Image yes, Flux no (upstream's Flux model)
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,10 @@ class ReferenceView:
 class ReferenceRun:
     """State of one sampling run: the reference features of the current noise level and a pass counter."""
 
-    def __init__(self, config: ReferenceConfig, is_flux: bool):
+    def __init__(self, config: ReferenceConfig, is_flux):
         self.config = config
-        self.is_flux = is_flux
+        self.is_flux = bool(is_flux)  # a joint-attention DiT (Flux, Qwen-Image): clean references beside the target
+        self.joint = ("flux" if is_flux is True else is_flux) or None
         self.reset()
 
     def reset(self) -> None:
@@ -112,7 +117,8 @@ class ReferenceRun:
         grid, nearest per layer; upstream Flux: every token, its in-context model attends unmasked)."""
         if grid not in self._foreground:
             refs = self.config.references
-            if self.config.use_masks == "off" or (self.config.use_masks == "auto" and self.is_flux):
+            # auto: Flux unmasked (its SynCD model); Qwen-Image has no SynCD model, so eq. 1's foreground-only rule
+            if self.config.use_masks == "off" or (self.config.use_masks == "auto" and self.joint == "flux"):
                 self._foreground[grid] = torch.ones(len(refs), grid[0] * grid[1], dtype=torch.bool)
             else:
                 self._foreground[grid] = layer_foreground(refs.masks, tuple(refs.latents.shape[-2:]),
@@ -187,31 +193,39 @@ class ReferenceRun:
         r = latents.shape[0]
         ref_sigma = sigma[:1].expand(r)
         sampling = base_model.model_sampling
-        sigmas = ref_sigma.view(-1, 1, 1, 1).to(latents)
+        sigmas = ref_sigma.view(-1, *([1] * (latents.ndim - 1))).to(latents)
         if self.config.noise_mode == "noised":
             generator = torch.Generator().manual_seed((self.config.seed + 1000003 * state.step) % 2**63)
             noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
             latents = sampling.noise_scaling(sigmas, noise, latents)
         else:  # clean: undo the model's input scaling (1/√(σ²+σ_data²) for SD; none for Flux) so it sees x₀
             latents = latents / sampling.calculate_input(sigmas, torch.ones_like(sigmas))
-        s = len(texts)
-        batch = latents.repeat(s, 1, 1, 1)
-        model_kwargs = comfy.samplers.cond_cat([self._text_kwargs(base_model, text, state, latents) for text in texts])
-        model_kwargs = {k: v.to(x.device) if torch.is_tensor(v) else v for k, v in model_kwargs.items()}
-        c_concat, c_crossattn = model_kwargs.pop("c_concat", None), model_kwargs.pop("c_crossattn", None)
-        pass_sigma = sigma[:1].expand(s * r)
-        pass_to = {k: v for k, v in to.items() if k != kit.KEY}
-        pass_to.update({"cond_or_uncond": [0], "uuids": [None], "sigmas": pass_sigma,
-                        kit.KEY: replace(state, phase=kit.Phase.REFERENCE, guidance=None, owner=None,
-                                         sharing=False, shared=None,
-                                         reference=ReferenceView(self), reference_rows=tuple(range(r)) * s)})
-        kit.begin_forward(pass_to, batch, c_crossattn, self.is_flux)  # the pass's own token layout
         self.clear_features()
         self.texts = texts
-        with kit.phase_scope(kit.Phase.REFERENCE):
-            out = executor(batch, pass_sigma, c_concat, c_crossattn, None, pass_to, **model_kwargs)
-        self.outputs = {text: (batch[i * r:(i + 1) * r] - out[i * r:(i + 1) * r]).detach()
-                        for i, text in enumerate(texts)}
+        per_text = [self._text_kwargs(base_model, text, state, latents) for text in texts]
+        collected, outputs = [], {}
+        for group in _concatenable(per_text):  # one batch; Qwen-Image texts of different lengths: one batch each
+            group_texts = [texts[i] for i in group]
+            s = len(group)
+            batch = latents.repeat(s, *([1] * (latents.ndim - 1)))
+            model_kwargs = comfy.samplers.cond_cat([per_text[i] for i in group])
+            model_kwargs = {k: v.to(x.device) if torch.is_tensor(v) else v for k, v in model_kwargs.items()}
+            c_concat, c_crossattn = model_kwargs.pop("c_concat", None), model_kwargs.pop("c_crossattn", None)
+            pass_sigma = sigma[:1].expand(s * r)
+            pass_to = {k: v for k, v in to.items() if k != kit.KEY}
+            pass_to.update({"cond_or_uncond": [0], "uuids": [None], "sigmas": pass_sigma,
+                            kit.KEY: replace(state, phase=kit.Phase.REFERENCE, guidance=None, owner=None,
+                                             sharing=False, shared=None,
+                                             reference=ReferenceView(self), reference_rows=tuple(range(r)) * s)})
+            kit.begin_forward(pass_to, batch, c_crossattn, self.joint)  # the pass's own token layout
+            self.features = {}
+            with kit.phase_scope(kit.Phase.REFERENCE):
+                out = executor(batch, pass_sigma, c_concat, c_crossattn, None, pass_to, **model_kwargs)
+            collected.append(self.features)
+            outputs.update({text: (batch[i * r:(i + 1) * r] - out[i * r:(i + 1) * r]).detach()
+                            for i, text in enumerate(group_texts)})
+        self.features = _join_features(collected)
+        self.outputs = outputs
         self.key = key
         self.passes.append(state.step)
 
@@ -223,7 +237,10 @@ class ReferenceRun:
                 raise ValueError(f"{NODE}: the references were encoded to {refs.latents.shape[1]} latent channels "
                                  f"but this model samples {x.shape[1]}; connect the VAE of the model you sample "
                                  f"with to SynCD Reference Images")
-            latents = base_model.latent_format.process_in(refs.latents.to(x.device, torch.float32))
+            latents = refs.latents.to(x.device, torch.float32)
+            while latents.ndim < x.ndim:  # an image VAE's latents for a model sampling (B, C, T, h, w) latents
+                latents = latents.unsqueeze(2)
+            latents = base_model.latent_format.process_in(latents)
             self._latents = (cache_key, latents.to(x.dtype))
         return self._latents[1]
 
@@ -251,22 +268,58 @@ class ReferenceRun:
                                               for i in range(len(self.texts))])
         return self.tokens[layer]
 
-    def flux_tokens(self, layer: tuple, target_w: int, axes_dim, theta) -> tuple[torch.Tensor, torch.Tensor]:
+    def flux_tokens(self, layer: tuple, target_w: int, axes_dim, theta, target_h: int = 0,
+                    centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, H, P, D) keys and values: every reference text's foreground tokens of a Flux layer, the keys moved to
-        the columns right of a target ``target_w`` tokens wide (reference r starts at column target_w + r·ref_w)."""
-        if (layer, target_w) not in self.tokens:
+        the columns right of a target ``target_w`` tokens wide (reference r starts at column target_w + r·ref_w,
+        counted from the target's first column). ``centred`` (Qwen-Image): positions are centred on each grid
+        (``-(w // 2)`` first), so the move also bridges the target's and the reference's centring, top rows
+        aligned (needs ``target_h``)."""
+        cache_key = (layer, target_w, target_h if centred else 0, centred)
+        if cache_key not in self.tokens:
             ref_k, ref_v = self.features[layer]
             r = len(self.config.references)
             fg = self.foreground(self.grids[layer]).to(ref_k.device)
-            ref_w = self.grids[layer][1]
+            ref_h, ref_w = self.grids[layer]
+            col0 = (ref_w // 2 - target_w // 2) if centred else 0  # reference's first column → target's
+            row = (ref_h // 2 - target_h // 2) if centred else 0
             keys, values = [], []
             for i in range(len(self.texts)):
                 k_i, v_i = ref_k[i * r:(i + 1) * r], ref_v[i * r:(i + 1) * r]
-                shifted = torch.stack([shift_axis(k_i[j], target_w + j * ref_w, axes_dim, 2, theta) for j in range(r)])
-                keys.append(gather_foreground(shifted, fg, token_dim=2))
+                shifted = []
+                for j in range(r):
+                    kj = shift_axis(k_i[j], col0 + target_w + j * ref_w, axes_dim, 2, theta)
+                    shifted.append(shift_axis(kj, row, axes_dim, 1, theta) if row else kj)
+                keys.append(gather_foreground(torch.stack(shifted), fg, token_dim=2))
                 values.append(gather_foreground(v_i, fg, token_dim=2))
-            self.tokens[(layer, target_w)] = (torch.stack(keys), torch.stack(values))
-        return self.tokens[(layer, target_w)]
+            self.tokens[cache_key] = (torch.stack(keys), torch.stack(values))
+        return self.tokens[cache_key]
+
+
+def _concatenable(per_text: list[dict]) -> list[list[int]]:
+    """Consecutive runs of reference texts whose model conds ComfyUI can batch (``COND.can_concat``): all of them
+    for CLIP/T5 (padded cross-attention conds), one each for Qwen-Image texts of different lengths (plain conds)."""
+    groups: list[list[int]] = []
+    for i, kwargs in enumerate(per_text):
+        if groups:
+            first = per_text[groups[-1][0]]
+            if first.keys() == kwargs.keys() and all(first[k].can_concat(kwargs[k]) for k in kwargs):
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+def _join_features(collected: list[dict]) -> dict:
+    """The features of several reference batches, in text order, as one batch recorded them (rows text-major)."""
+    if len(collected) == 1:
+        return collected[0]
+    joined = {}
+    for layer in collected[0]:
+        parts = [features[layer] for features in collected]
+        joined[layer] = (tuple(torch.cat(p, 0) for p in zip(*parts)) if isinstance(parts[0], tuple)
+                         else torch.cat(parts, 0))
+    return joined
 
 
 # --- UNet ----------------------------------------------------------------------------------------------------
@@ -299,7 +352,7 @@ def apply_reference_injection(model, config: ReferenceConfig):
     m = model.clone()
     diffusion_model = m.get_model_object("diffusion_model")
     blocks = kit.model_blocks(diffusion_model, NODE)
-    flux = kit.is_flux(diffusion_model)
+    flux = kit.joint_family(diffusion_model)  # Flux or Qwen-Image: the in-context path (clean, beside the target)
     if config.noise_mode == "auto":
         config = replace(config, noise_mode="clean" if flux else "noised")
     run = ReferenceRun(config, flux)

@@ -30,7 +30,10 @@ def encode_references(vae, images: torch.Tensor, masks=None, mask_dilation: int 
     if mask_dilation < 1 or mask_dilation % 2 == 0:
         raise ValueError(f"SynCD Reference Images: mask_dilation must be an odd box size (1 = none, 3, 5, ...); "
                          f"got {mask_dilation}")
-    latents = vae.encode(images[..., :3])
+    if getattr(vae, "latent_dim", 2) == 3:  # a video VAE (Wan 2.1 for Qwen-Image) reads a batch as frames: one each
+        latents = torch.cat([vae.encode(images[i:i + 1, ..., :3]) for i in range(r)])
+    else:
+        latents = vae.encode(images[..., :3])
     return ReferenceSet(images=images[..., :3].cpu(), latents=latents.float().cpu(), masks=masks.float().cpu(),
                         mask_dilation=mask_dilation)
 
@@ -71,7 +74,7 @@ class SynCDApplyReferences(io.ComfyNode):
             category="SynCD/customization",
             description="The SynCD customization model's reference conditioning: every step, one extra forward "
                         "pass over the references (noised to the current level for SD1.5/SDXL, clean beside the "
-                        "target for Flux) captures their self-attention features, and the target's self-attention "
+                        "target for Flux and Qwen-Image) captures their self-attention features, and the target's self-attention "
                         "attends to its own tokens and the references' foreground tokens. Sample with the SynCD "
                         "Normalized Text+Image Guider.",
             inputs=[io.Model.Input("model"),
@@ -81,7 +84,7 @@ class SynCDApplyReferences(io.ComfyNode):
                                                   "the SynCD guider). Upstream SDXL: 'photo of a <category>'; "
                                                   "Flux: the target prompt (upstream's canvas shares it)."),
                     io.Combo.Input("reference_noise", options=list(NOISE_MODES), default="auto",
-                                   tooltip="auto: noised for SD1.5/SDXL, clean for Flux (as the official models "
+                                   tooltip="auto: noised for SD1.5/SDXL, clean for Flux/Qwen-Image (as the official models "
                                            "were trained). noised: fresh noise to the current level every step. "
                                            "clean: the encoded references at the current timestep."),
                     io.Int.Input("noise_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
@@ -98,14 +101,15 @@ class SynCDApplyReferences(io.ComfyNode):
                                            "reference_prompt: every branch's references see reference_conditioning "
                                            "(one text, cheaper)."),
                     io.Boolean.Input("flux_uncond_text_sees_references", default=True,
-                                     tooltip="Flux with the SynCD guider: in the unconditional branch the target's "
+                                     tooltip="Flux/Qwen-Image with the SynCD guider: in the unconditional branch the target's "
                                              "text tokens still attend to the references while its image tokens "
                                              "keep to themselves (upstream's block-diagonal negative branch). Off: "
                                              "the unconditional branch sees no references at all."),
                     io.Combo.Input("use_masks", options=list(MASK_USES), default="auto",
                                    tooltip="Whether only the references' foreground (their masks) is seen. auto: as "
                                            "upstream, yes for SD1.5/SDXL, no for Flux (the SynCD Flux model attends "
-                                           "to the whole references, unmasked).")],
+                                           "to the whole references, unmasked); yes for Qwen-Image (no SynCD model: "
+                                           "foreground-only sharing as in eq. 1).")],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
 

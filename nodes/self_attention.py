@@ -14,7 +14,8 @@ negative branch: ``flux_uncond_text_sees_references``); the image and full branc
 
 UNet (SD1.5/SDXL): one ``attn1`` replace patch, set by whichever node comes second on the union of both nodes'
 blocks. Flux: one ``optimized_attention_override`` handler per model (a flag in ``transformer_options`` keeps the
-second node from chaining a duplicate).
+second node from chaining a duplicate); Qwen-Image, whose blocks attend jointly over [text ‖ image] as Flux's
+double blocks do, gets the same handler, with its centred RoPE positions).
 """
 
 from __future__ import annotations
@@ -122,9 +123,10 @@ def install_unet(m, self_attentions: dict, blocks: list[tuple[str, int]], node: 
 
 # --- Flux ----------------------------------------------------------------------------------------------------
 
-def make_flux_handler(axes_dim, theta) -> Callable:
-    """Attention-override handler of Flux's joint attention: the reference pass records the references' keys and
-    values; target passes record the automatic-mask maps and attend to own ‖ others ‖ references."""
+def make_flux_handler(axes_dim, theta, centred: bool = False) -> Callable:
+    """Attention-override handler of Flux's (and Qwen-Image's) joint attention: the reference pass records the
+    references' keys and values; target passes record the automatic-mask maps and attend to own ‖ others ‖
+    references. ``centred``: image RoPE positions are centred on the grid (Qwen-Image), which places references."""
     from ..attention.rope import shift_axis
 
     def handler(q, k, v, heads, mask, state: kit.ForwardState, to: dict):
@@ -134,8 +136,9 @@ def make_flux_handler(axes_dim, theta) -> Callable:
         layer = state.block
         if state.phase is kit.Phase.REFERENCE:
             if view is not None and layer is not None:
-                gh, gw = state.flux_tokens[1:]
-                view.run.features[layer] = (k[:, :, -gh * gw:].detach(), v[:, :, -gh * gw:].detach())
+                n_text, gh, gw = state.flux_tokens
+                image = slice(n_text, n_text + gh * gw)  # the image's own tokens (Kontext / ref_latents follow)
+                view.run.features[layer] = (k[:, :, image].detach(), v[:, :, image].detach())
                 view.run.grids[layer] = (gh, gw)
             return None
         if state.phase is not kit.Phase.TARGET:
@@ -146,7 +149,7 @@ def make_flux_handler(axes_dim, theta) -> Callable:
         run = sharing_run(state, layer)
         tokens_k = tokens_v = None
         if view is not None and layer is not None and layer in view.run.features:
-            tokens_k, tokens_v = view.run.flux_tokens(layer, gw, axes_dim, theta)
+            tokens_k, tokens_v = view.run.flux_tokens(layer, gw, axes_dim, theta, target_h=gh, centred=centred)
             if tokens_k.shape[2] == 0:  # no reference foreground on this grid: nothing to add
                 tokens_k = tokens_v = None
         if run is None and tokens_k is None:
@@ -176,6 +179,6 @@ def install_flux(m, diffusion_model) -> None:
     to = m.model_options["transformer_options"]
     if to.get(SELF_ATTENTION_PATCH):
         return
-    params = diffusion_model.params
-    kit.add_attention_override(m, make_flux_handler(list(params.axes_dim), params.theta))
+    axes_dim, theta = kit.rope_params(diffusion_model)
+    kit.add_attention_override(m, make_flux_handler(axes_dim, theta, centred=kit.is_qwen_image(diffusion_model)))
     to[SELF_ATTENTION_PATCH] = True

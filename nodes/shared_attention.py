@@ -2,8 +2,8 @@
 
 UNet (SD1.5/SDXL): the pack's self-attention patch (:mod:`self_attention`, shared with SynCD Apply References, so
 the two compose) on every selected transformer block; in automatic mask mode also an attn2 chain link that records
-the image→subject-token attention. Flux: the same module's attention-override handler on the joint attention (the
-kit's block markers say which block runs; only the selected blocks share). The kit's ``APPLY_MODEL`` wrapper
+the image→subject-token attention. Flux and Qwen-Image: the same module's attention-override handler on the joint
+attention (the kit's block markers say which block runs; only the selected blocks share). The kit's ``APPLY_MODEL`` wrapper
 gives every forward pass its ForwardState; this patch adds, once per pass, whether sharing is on. An
 ``OUTER_SAMPLE`` wrapper validates the batch and starts a fresh :class:`SharedAttentionRun` for every sampling.
 
@@ -33,7 +33,7 @@ IMPLEMENTATIONS = {"efficient": shared_attention, "reference": shared_attention_
 # With SynCD Apply References on the same model: [own ‖ group's others' foreground ‖ references' foreground].
 WITH_REFERENCES = {"efficient": shared_reference_attention, "reference": shared_reference_attention_reference}
 MASK_MODES = ("foreground_masks", "none", "automatic")
-FLUX_ROPE_LAYOUTS = ("stacked", "shared")  # official: the other images' keys below the own image
+FLUX_ROPE_LAYOUTS = ("stacked", "shared")  # official: the other images' keys below the own image (Qwen-Image too)
 DEFAULT_DILATION = 9  # upstream rigid data generation: 9×9 at the token grid (nupurkmr9/syncd dataset/gen_rigid.py)
 
 
@@ -230,7 +230,7 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
     m = model.clone()
     diffusion_model = m.get_model_object("diffusion_model")
     selected = kit.select_blocks(blocks, kit.model_blocks(diffusion_model, NODE), NODE)
-    flux = kit.is_flux(diffusion_model)
+    flux = kit.is_joint(diffusion_model)  # Flux or Qwen-Image: the joint-attention handler, stacked RoPE layout
     run = SharedAttentionRun(config, flux, selected, float(m.get_model_object("model_sampling").sigma_max))
 
     def start(noise, guider):

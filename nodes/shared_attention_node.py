@@ -20,7 +20,7 @@ class SynCDSharedAttention(io.ComfyNode):
             category="SynCD/attention",
             description="Every image of a subject group attends to its own tokens and to the foreground tokens of "
                         "the other images in its group (SynCD eq. 1). With mask_mode 'none' this is JeDi's coupled "
-                        "self-attention. Works on SD1.5/SDXL (self-attention) and Flux (joint attention). Together with "
+                        "self-attention. Works on SD1.5/SDXL (self-attention), Flux and Qwen-Image (joint attention). Together with "
                         "SynCD Apply References (either order) every image also sees the references' foreground: "
                         "a consistent set of your subject.",
             inputs=[
@@ -41,7 +41,7 @@ class SynCDSharedAttention(io.ComfyNode):
                                          "official SynCD code does at sigma = 1."),
                 io.String.Input("blocks", default="all",
                                 tooltip="Which blocks share attention: 'all', or a comma list of input, middle, "
-                                        "output (UNet) or double, single (Flux), each optionally with .N or .A-B "
+                                        "output (UNet) or double, single (Flux; Qwen-Image: double), each optionally with .N or .A-B "
                                         "block numbers, e.g. 'output, middle' or 'double.0-9'."),
                 io.Mask.Input("foreground_masks", optional=True,
                               tooltip="One mask per latent image, any resolution (mask_mode foreground_masks)."),
@@ -57,8 +57,8 @@ class SynCDSharedAttention(io.ComfyNode):
                 io.String.Input("subject_word", default="", optional=True,
                                 tooltip="automatic mode: the word naming the subject in the prompt, e.g. 'dog'."),
                 io.Combo.Input("flux_rope_layout", options=list(FLUX_ROPE_LAYOUTS), default="stacked", optional=True,
-                               tooltip="Flux: positions of the other images' keys. stacked: below the own image "
-                                       "(official code). shared: at the own image's positions."),
+                               tooltip="Flux and Qwen-Image: positions of the other images' keys. stacked: below the "
+                                       "own image (official code). shared: at the own image's positions."),
                 io.Combo.Input("attention_implementation", options=list(IMPLEMENTATIONS), default="efficient", optional=True,
                                tooltip="efficient: memory linear in the group size. reference: the official dense "
                                        "mask, memory quadratic in the group size (for verification)."),

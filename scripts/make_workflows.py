@@ -31,6 +31,8 @@ CLIP_L = ("text_encoders", "clip_l.safetensors",
           f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors")
 T5XXL = ("text_encoders", "t5xxl_fp16.safetensors",
          f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors")
+FLUX_DEPTH = ("diffusion_models", "flux1-depth-dev.safetensors",
+              f"{HF}/black-forest-labs/FLUX.1-Depth-dev/resolve/main/flux1-depth-dev.safetensors")
 FLUX_VAE = ("vae", "ae.safetensors",
             f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors")
 IP_ADAPTER = ("ipadapter", "ip-adapter-plus_sdxl_vit-h.safetensors",
@@ -38,6 +40,7 @@ IP_ADAPTER = ("ipadapter", "ip-adapter-plus_sdxl_vit-h.safetensors",
 CLIP_VISION = ("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", None)
 SYNCD_SDXL = ("syncd", "sdxl_finetuned_20k.ckpt", None)
 SYNCD_FLUX = ("syncd", "pytorch_model.bin", None)
+IDENTITY_DINOV2 = ("syncd_identity", "dinov2-large", None)  # a transformers folder (facebook/dinov2-large)
 
 SYNCD_SDXL_URL = "https://www.cs.cmu.edu/~syncd-project/assets/sdxl_finetuned_20k.ckpt"
 SYNCD_FLUX_URL = f"{HF}/spaces/nupurkmr9/SynCD/resolve/main/models/pytorch_model.bin"
@@ -52,8 +55,10 @@ FLUX_NEGATIVE = "3d render, cartoon, low resolution, illustration, blurry, unrea
 DATAGEN_PROMPT = ("A sunlit living room with a wooden floor and a large window. A fluffy brown dog with floppy ears "
                   "and a red collar. wide angle shot")  # "{background}. {description}. wide angle shot"
 JEDI_PROMPT = "a photo of a corgi dog on the beach"
+RIGID_PROMPT = "a mug on a wooden kitchen table next to a bowl of fruit a natural image with the object on the ground."
+RIGID_NEGATIVE = "3d render, cartoon, low resolution, illustration, blurry"  # gen_rigid.py
 
-COLORS = {"Models": "#3f789e", "References": "#8a6d3b", "Prompts": "#3f8e5a", "Sampling": "#7a4f9e",
+COLORS = {"Models": "#3f789e", "References": "#8a6d3b", "Mesh": "#8a6d3b", "Prompts": "#3f8e5a", "Sampling": "#7a4f9e",
           "Output": "#555555"}
 
 TINY_HINT = ("Try it without any download (tiny random models, noise-like images):\n"
@@ -153,7 +158,8 @@ def normalized_sampling(g: Builder, model: dict, positive: dict, negative: dict,
     return sampler, [guider, noise, select, schedule, sampler]
 
 
-def sdxl_customization(object_info: dict, name: str, references: int, all_in_one: bool, set_size: int = 1) -> dict:
+def sdxl_customization(object_info: dict, name: str, references: int, all_in_one: bool, set_size: int = 1,
+                       score: bool = False) -> dict:
     """SynCD SDXL: terminus-xl-gamma-v1 (v-prediction, zero-SNR) + the SynCD LoRA and IP-Adapter, references
     injected every step, normalized text+image guidance (sdxl_pipeline/sample.py). With ``set_size`` > 1 a batch
     of that many new images of the subject also shares attention (Masked Shared Attention, automatic masks)."""
@@ -217,6 +223,15 @@ def sdxl_customization(object_info: dict, name: str, references: int, all_in_one
     sampling_nodes.append(stage)
     prefix = f"syncd_sdxl_{references}ref" + (f"_set{set_size}" if set_size > 1 else "")
     outputs = g.output(sampler, (checkpoint, 2), prefix)
+    scoring = []
+    if score:  # the new images scored against the reference photos (SynCD Identity Score, DINOv2)
+        identity = g.add("SynCDIdentityModelLoader", title="Identity model (DINOv2)", model=IDENTITY_DINOV2[1])
+        scorer = g.add("SynCDIdentityScore", size=(380, 260), metric="dinov2_i")
+        g.connect(identity, 0, scorer, "score_model")
+        g.connect(outputs[0], 0, scorer, "images")
+        g.connect(refs["images"], 0, scorer, "references")
+        g.connect(refs["masks"], 0, scorer, "reference_masks")
+        scoring = [identity, scorer]
 
     first_file = "syncd_reference_1.png"
     consistent_set = [] if set_size == 1 else [
@@ -231,10 +246,20 @@ def sdxl_customization(object_info: dict, name: str, references: int, all_in_one
         "noise. For a different scene per image, run the workflow once per prompt (the images then do not share "
         "attention) or write the scene into the one prompt.",
     ]
+    identity_note = [] if not score else [
+        "",
+        "Identity score: SynCD Identity Score compares every new image with the reference photos in DINOv2 "
+        "feature space (dinov2_i: the references cropped to the square around their masks; the new images whole) "
+        "and shows the per-image scores and their mean on the node. For SynCD's MDINOv2-I proper, connect masks "
+        "of the new images (e.g. from a segmentation node) to image_masks and choose mdinov2_i; clip_i and dino "
+        "need a CLIP (openai/clip-vit-large-patch14) or DINO (facebook/dino-vits16) folder instead.",
+    ]
     note = g.note("\n".join([
         f"SynCD customization — SDXL (the paper's model), {references} reference image(s)"
-        + (f", a consistent set of {set_size} new images" if set_size > 1 else ""),
+        + (f", a consistent set of {set_size} new images" if set_size > 1 else "")
+        + (", scored against the references" if score else ""),
         *consistent_set,
+        *identity_note,
         "",
         "Put these files into your ComfyUI folder:",
         files_block([
@@ -246,7 +271,8 @@ def sdxl_customization(object_info: dict, name: str, references: int, all_in_one
                          "python -m comfyui_syncd convert-checkpoint turns it into .safetensors)"),
             (IP_ADAPTER, IP_ADAPTER[2]),
             (CLIP_VISION, f"{CLIP_VISION_URL}, renamed"),
-        ]),
+        ] + ([(IDENTITY_DINOV2, "a folder: the Hugging Face model facebook/dinov2-large (config.json + weights), "
+                                "for SynCD Identity Score")] if score else [])),
         REFERENCE_HOWTO.format(first=first_file),
         f"  Upstream's example subject: {EXAMPLE_SUBJECT_URL}",
         "",
@@ -261,7 +287,7 @@ def sdxl_customization(object_info: dict, name: str, references: int, all_in_one
     g.groups_in_order(Models=[[checkpoint, sampling, syncd], [ip_loader, vision]],
                       References=refs["columns"] + [[encoded, first]],
                       Prompts=[[positive, negative, reference_text]] + ([[prompt]] if prompt else []),
-                      Sampling=sampling_nodes, Output=[outputs])
+                      Sampling=sampling_nodes, Output=[outputs] + ([scoring] if scoring else []))
     return g.to_json(left=[note])
 
 
@@ -338,6 +364,93 @@ def flux_customization(object_info: dict, name: str, references: int, all_in_one
     return g.to_json(left=[note])
 
 
+QWEN_SPLIT = f"{HF}/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files"
+QWEN_IMAGE = ("diffusion_models", "qwen_image_fp8_e4m3fn.safetensors",
+              f"{QWEN_SPLIT}/diffusion_models/qwen_image_fp8_e4m3fn.safetensors")
+QWEN_TE = ("text_encoders", "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+           f"{QWEN_SPLIT}/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors")
+QWEN_VAE = ("vae", "qwen_image_vae.safetensors", f"{QWEN_SPLIT}/vae/qwen_image_vae.safetensors")
+QWEN_PROMPT = ("A fluffy brown dog with floppy ears sitting on a wooden floor in a sunlit living room, a large "
+               "window behind it. Realistic photo.")
+
+
+def qwen_image_consistent_set(object_info: dict, name: str, references: int = 1, set_size: int = 3) -> dict:
+    """Qwen-Image (base weights, ComfyUI's Qwen-Image template loaders and settings): a consistent set of
+    ``set_size`` new images sharing attention (automatic masks) plus the references' features."""
+    g = Builder(object_info)
+    g.extra["syncd"] = {"family": "qwen_image"}
+    unet = g.add("UNETLoader", properties=models_property(QWEN_IMAGE), unet_name=QWEN_IMAGE[1])
+    clip = g.add("CLIPLoader", properties=models_property(QWEN_TE), clip_name=QWEN_TE[1], type="qwen_image")
+    vae = g.add("VAELoader", properties=models_property(QWEN_VAE), vae_name=QWEN_VAE[1])
+    shift = g.add("ModelSamplingAuraFlow", shift=3.1)  # ComfyUI's Qwen-Image template
+    g.connect(unet, 0, shift, "model")
+
+    refs = g.reference_chain(references, 1024)
+    encoded = g.add("SynCDReferenceImages")
+    g.connect(refs["images"], 0, encoded, "images")
+    g.connect(refs["masks"], 0, encoded, "masks")
+    g.connect(vae, 0, encoded, "vae")
+
+    prompt = g.add("PrimitiveStringMultiline", title="Prompt (names the subject word)", size=(400, 200),
+                   value=QWEN_PROMPT)
+    positive = g.add("CLIPTextEncode", title="Prompt", text=QWEN_PROMPT)  # the text comes from the link
+    negative = g.add("CLIPTextEncode", title="Negative prompt", text=" ")
+    reference_text = g.add("CLIPTextEncode", title="Reference prompt: photo of a <subject>", text="photo of a dog")
+    g.connect(prompt, 0, positive, "text")
+    for encoder in (positive, negative, reference_text):
+        g.connect(clip, 0, encoder, "clip")
+
+    apply = g.add("SynCDApplyReferences")
+    shared = g.add("SynCDSharedAttention", images_per_subject=set_size, mask_mode="automatic", subject_word="dog",
+                   unmasked_first_step=True)
+    empty = g.add("EmptySD3LatentImage", width=1328, height=1328, batch_size=set_size)
+    g.connect(shift, 0, apply, "model")
+    g.connect(encoded, 0, apply, "references")
+    g.connect(reference_text, 0, apply, "reference_conditioning")
+    g.connect(apply, 0, shared, "model")
+    g.connect(clip, 0, shared, "clip")
+    g.connect(prompt, 0, shared, "prompt")
+    # the template's cfg 2.5 as the text scale; image scale 1 (no extra image guidance, as SynCD's Flux model)
+    scales = dict(text_scale=2.5, image_scale_start=1.0, image_scale_end=1.0, combination="normalized")
+    sampler, stage = normalized_sampling(g, shared, positive, negative, empty, False, 20, "euler", scales)
+    outputs = g.output(sampler, (vae, 0), "syncd_qwen_image_set")
+
+    note = g.note("\n".join([
+        f"SynCD on Qwen-Image — a consistent set of {set_size} new images of your subject, {references} reference "
+        "image(s)",
+        "",
+        f"The {set_size} images of the batch share attention (SynCD Masked Shared Attention, automatic masks from "
+        "the attention to the subject word, which must be in the prompt; the first step shares everything) and "
+        "see the references' features (SynCD Apply References: one extra pass per step over the clean "
+        "references, their keys placed beside the image in Qwen-Image's RoPE space). There are no SynCD weights "
+        "for Qwen-Image: this is the training-free part of SynCD on the base model, so identity is looser than "
+        "with the SDXL/Flux customization models. Qwen-Image-Edit's own reference input "
+        "(TextEncodeQwenImageEditPlus) needs the Edit weights and cannot restrict sharing to the subject's "
+        "foreground, so it is not used here.",
+        "",
+        "Put these files into your ComfyUI folder:",
+        files_block([(QWEN_IMAGE, "Qwen-Image (or the bf16 file)"), (QWEN_TE, "text encoder (CLIPLoader, type "
+                                                                               "qwen_image)"),
+                     (QWEN_VAE, "the Qwen-Image VAE (Wan 2.1)")]),
+        REFERENCE_HOWTO.format(first="syncd_reference_1.png"),
+        "",
+        "Settings: ComfyUI's Qwen-Image template (ModelSamplingAuraFlow shift 3.1, 20 steps euler 'simple', "
+        "cfg 2.5 → text scale 2.5, 1328×1328); image scale 1.0. Change the subject word, the reference prompt "
+        "and the prompt to your subject.",
+        "",
+        TINY_HINT.format(name=name),
+    ]))
+    g.groups_in_order(Models=[[unet, clip, vae, shift]], References=refs["columns"] + [[encoded]],
+                      Prompts=[[prompt], [positive, negative, reference_text]],
+                      Sampling=[[apply, shared, empty], stage], Output=[outputs])
+    return g.to_json(left=[note])
+
+
+def DATAGEN_SLOT(role: str) -> dict:  # noqa: N802 - reads as a constant at the call sites
+    """Marks a node the data-generation driver fills or reads (datagen/driver.py ``slots``)."""
+    return {"syncd_datagen": role}
+
+
 def flux_datagen(object_info: dict, name: str) -> dict:
     """SynCD data generation, deformable objects (dataset/gen_deformable.py): 3 images of one subject share
     attention to each other's foreground; masks estimated every step from the attention to the subject word."""
@@ -345,7 +458,7 @@ def flux_datagen(object_info: dict, name: str) -> dict:
     g.extra["syncd"] = {"family": "flux"}
     unet, clip, vae = flux_models(g)
     prompt = g.add("PrimitiveStringMultiline", title="Prompt: {background}. {description}. wide angle shot",
-                   size=(400, 200), value=DATAGEN_PROMPT)
+                   size=(400, 200), value=DATAGEN_PROMPT, properties=DATAGEN_SLOT("prompt"))
     positive_text = g.add("CLIPTextEncode", title="Prompt", text=DATAGEN_PROMPT)  # the text comes from the link
     positive = g.add("FluxGuidance", guidance=3.5)
     negative = g.add("ConditioningZeroOut", title="Negative (unused at cfg 1)")
@@ -355,9 +468,10 @@ def flux_datagen(object_info: dict, name: str) -> dict:
     g.connect(positive_text, 0, negative, "conditioning")
 
     shared = g.add("SynCDSharedAttention", images_per_subject=3, mask_mode="automatic", subject_word="dog",
-                   unmasked_first_step=True)
+                   unmasked_first_step=True, properties=DATAGEN_SLOT("subject_word"))
     empty = g.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=3)
-    sampler = g.add("KSampler", steps=50, cfg=1.0, sampler_name="euler", scheduler="simple")
+    sampler = g.add("KSampler", steps=50, cfg=1.0, sampler_name="euler", scheduler="simple",
+                    properties=DATAGEN_SLOT("seed"))
     g.connect(unet, 0, shared, "model")
     g.connect(clip, 0, shared, "clip")
     g.connect(prompt, 0, shared, "prompt")
@@ -366,6 +480,7 @@ def flux_datagen(object_info: dict, name: str) -> dict:
     g.connect(negative, 0, sampler, "negative")
     g.connect(empty, 0, sampler, "latent_image")
     outputs = g.output(sampler, (vae, 0), "syncd_datagen")
+    outputs[1]["properties"].update(DATAGEN_SLOT("images"))
 
     note = g.note("\n".join([
         "SynCD data generation — deformable subject on FLUX.1-dev (Masked Shared Attention)",
@@ -388,6 +503,81 @@ def flux_datagen(object_info: dict, name: str) -> dict:
     ]))
     g.groups_in_order(Models=[[unet, clip, vae]], Prompts=[[prompt, positive_text], [positive, negative]],
                       Sampling=[[shared], [empty, sampler]], Output=[outputs])
+    return g.to_json(left=[note])
+
+
+def flux_datagen_rigid(object_info: dict, name: str) -> dict:
+    """SynCD data generation, rigid objects (dataset/gen_rigid.py): FLUX.1-Depth-dev conditioned on the rendered
+    depth of 3 views of a mesh, MSA on the rendered masks, and the anchor view's latents warped into the other
+    views at their correspondences while sigma > 0.8."""
+    g = Builder(object_info)
+    g.extra["syncd"] = {"family": "flux"}
+    unet = g.add("UNETLoader", properties=models_property(FLUX_DEPTH), unet_name=FLUX_DEPTH[1])
+    clip = g.add("DualCLIPLoader", properties=models_property(CLIP_L, T5XXL), clip_name1=CLIP_L[1],
+                 clip_name2=T5XXL[1], type="flux")
+    vae = g.add("VAELoader", properties=models_property(FLUX_VAE), vae_name=FLUX_VAE[1])
+    views = g.add("SynCDMeshViews", size=(340, 560), width=512, height=512,
+                  properties={"syncd_datagen": "mesh"})
+    prompt = g.add("PrimitiveStringMultiline", title="Prompt: {background} a natural image with the object on the "
+                   "ground.", size=(400, 160), value=RIGID_PROMPT, properties=DATAGEN_SLOT("prompt"))
+    positive_text = g.add("CLIPTextEncode", title="Prompt", text=RIGID_PROMPT)
+    negative_text = g.add("CLIPTextEncode", title="Negative prompt (upstream)", text=RIGID_NEGATIVE)
+    g.connect(prompt, 0, positive_text, "text")
+    positive = g.add("FluxGuidance", guidance=10.0)
+    negative = g.add("FluxGuidance", guidance=10.0)
+    for encoder, guided in ((positive_text, positive), (negative_text, negative)):
+        g.connect(clip, 0, encoder, "clip")
+        g.connect(encoder, 0, guided, "conditioning")
+    depth = g.add("InstructPixToPixConditioning", title="Depth conditioning (FLUX.1-Depth)")
+    g.connect(positive, 0, depth, "positive")
+    g.connect(negative, 0, depth, "negative")
+    g.connect(vae, 0, depth, "vae")
+    g.connect(views, 0, depth, "pixels")
+
+    shared = g.add("SynCDSharedAttention", images_per_subject=3, mask_mode="foreground_masks")
+    warp = g.add("SynCDFeatureWarp", images_per_object=3)
+    sampler = g.add("KSampler", steps=30, cfg=2.5, sampler_name="euler", scheduler="simple",
+                    properties=DATAGEN_SLOT("seed"))
+    g.connect(unet, 0, shared, "model")
+    g.connect(views, 1, shared, "foreground_masks")
+    g.connect(shared, 0, warp, "model")
+    g.connect(views, 2, warp, "correspondences")
+    g.connect(warp, 0, sampler, "model")
+    g.connect(depth, 0, sampler, "positive")
+    g.connect(depth, 1, sampler, "negative")
+    g.connect(depth, 2, sampler, "latent_image")
+    outputs = g.output(sampler, (vae, 0), "syncd_datagen_rigid")
+    outputs[1]["properties"].update(DATAGEN_SLOT("images"))
+    mask_image = g.add("MaskToImage", title="Masks as images")
+    save_masks = g.add("SaveImage", size=(420, 460), filename_prefix="syncd_datagen_rigid_mask",
+                       properties=DATAGEN_SLOT("masks"))
+    g.connect(views, 1, mask_image, "mask")
+    g.connect(mask_image, 0, save_masks, "images")
+
+    note = g.note("\n".join([
+        "SynCD data generation — rigid object on FLUX.1-Depth-dev (depth + Masked Shared Attention + feature warp)",
+        "",
+        "SynCD Mesh Views renders 3 views of a mesh (its depth, masks and cross-view correspondences; the least-"
+        "overlap triplet of views that pass upstream's matching rule). The depth conditions FLUX.1-Depth-dev "
+        "through ComfyUI's InstructPixToPixConditioning; the three images share attention to each other's "
+        "rendered foreground; while sigma > 0.8 the anchor view's (the last) latents are written into the other "
+        "views at their correspondences (SynCD eq. 2).",
+        "",
+        "Put these files into your ComfyUI folder:",
+        files_block([(FLUX_DEPTH, "FLUX.1-Depth-dev"), (CLIP_L, "text encoder"),
+                     (T5XXL, "text encoder (or an fp8 T5-XXL)"), (FLUX_VAE, "the FLUX VAE")]),
+        "Meshes: pick one on SynCD Mesh Views (the pack's procedural meshes, or GLB/OBJ/PLY files in input/3d/).",
+        "",
+        "Upstream's settings (dataset/gen_rigid.py): 512×512, 30 steps euler, guidance 10, true CFG 2.5 from the "
+        "first step with the negative prompt '3d render, cartoon, low resolution, illustration, blurry', prompt "
+        "'{background} a natural image with the object on the ground.', warping while sigma > 0.8 with the last "
+        "view as the anchor. python -m comfyui_syncd datagen fills the prompt, the mesh and the seed per object.",
+        "",
+        TINY_HINT.format(name=name),
+    ]))
+    g.groups_in_order(Models=[[unet, clip, vae]], Mesh=[[views]],
+                      Prompts=[[prompt, positive_text, negative_text], [positive, negative, depth]],
+                      Sampling=[[shared, warp], [sampler]], Output=[outputs + [mask_image, save_masks]])
     return g.to_json(left=[note])
 
 
@@ -577,10 +767,16 @@ THUMBNAILS = {  # name -> (title, subtitle, reference images, generated images, 
     "syncd_customization_sdxl_3ref.json": ("SynCD customization", "SDXL · 3 references", 3, 1, "#3f789e"),
     "syncd_consistent_set_sdxl_3ref.json": ("SynCD consistent set", "SDXL · 3 references + 3 shared images", 3, 3,
                                             "#3f789e"),
+    "syncd_identity_score_sdxl_3ref.json": ("SynCD identity score", "SDXL consistent set · DINOv2 vs references",
+                                            3, 3, "#3f789e"),
     "syncd_customization_flux_1ref.json": ("SynCD customization", "FLUX.1-dev · 1 reference", 1, 1, "#3f789e"),
     "syncd_customization_flux_3ref.json": ("SynCD customization", "FLUX.1-dev · 3 references", 3, 1, "#3f789e"),
     "syncd_datagen_deformable_flux.json": ("SynCD data generation", "FLUX.1-dev · 3 images share a subject", 0, 3,
                                            "#8a6d3b"),
+    "syncd_datagen_rigid_flux.json": ("SynCD data generation", "FLUX.1-Depth · 3 views of a mesh, warped", 0, 3,
+                                      "#8a6d3b"),
+    "syncd_consistent_set_qwen_image.json": ("SynCD consistent set", "Qwen-Image · 1 reference + 3 shared images", 1,
+                                             3, "#3f789e"),
     "jedi_coupled_attention_sd15.json": ("JeDi coupled attention", "SD1.5 · a set of 3 images", 0, 3, "#3f8e5a"),
     "jedi_inpainting_sd15.json": ("JeDi inpainting", "SD1.5 · 2 references + 1 new image", 2, 1, "#3f8e5a"),
     "dci_lambda_sweep_sd15.json": ("DCI dual-branch", "SD1.5 · λ sweep −2, 0, 2", 0, 3, "#9e4f4f"),
@@ -621,9 +817,13 @@ BUILDERS = {
     "syncd_customization_sdxl_1ref.json": lambda info, name: sdxl_customization(info, name, 1, False),
     "syncd_customization_sdxl_3ref.json": lambda info, name: sdxl_customization(info, name, 3, True),
     "syncd_consistent_set_sdxl_3ref.json": lambda info, name: sdxl_customization(info, name, 3, False, set_size=3),
+    "syncd_identity_score_sdxl_3ref.json": lambda info, name: sdxl_customization(info, name, 3, False, set_size=3,
+                                                                                 score=True),
     "syncd_customization_flux_1ref.json": lambda info, name: flux_customization(info, name, 1, False),
     "syncd_customization_flux_3ref.json": lambda info, name: flux_customization(info, name, 3, True),
     "syncd_datagen_deformable_flux.json": flux_datagen,
+    "syncd_datagen_rigid_flux.json": flux_datagen_rigid,
+    "syncd_consistent_set_qwen_image.json": qwen_image_consistent_set,
     "jedi_coupled_attention_sd15.json": jedi_coupled,
     "jedi_inpainting_sd15.json": jedi_inpainting,
     "dci_lambda_sweep_sd15.json": lambda info, name: dci_sweep(info, name, "sd15"),

@@ -29,7 +29,8 @@ from torch import nn
 from . import scene as S
 
 PRESENCE = ("absent", "present")
-ATTRIBUTES = ("object",) + S.OBJECT_ATTRIBUTES + S.SCENE_ATTRIBUTES  # object, shape, colour, texture, background, placement
+# object, shape, colour, texture, background, placement
+ATTRIBUTES = ("object",) + S.OBJECT_ATTRIBUTES + S.SCENE_ATTRIBUTES
 VOCABULARIES = {"object": PRESENCE, **S.VOCABULARIES}
 OBJECT_ONLY = ("shape", "colour", "texture", "placement")  # meaningless (not trained, not scored) without an object
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"

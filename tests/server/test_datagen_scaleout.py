@@ -101,3 +101,20 @@ def test_ray_two_actors_one_killed_mid_run(comfy_path, tmp_path):
         ray.shutdown()
     assert killed.is_set()
     _assert_exactly_once(tmp_path / "ds", writer)
+
+
+def test_rigid_object_gets_its_rendered_masks(comfy_server, tmp_path):
+    from comfyui_syncd.datagen.driver import REPO_MESHES
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"object_id": "mug-0", "category": "object", "kind": "rigid",
+                                   "mesh": str(REPO_MESHES / "mug.glb"),
+                                   "prompts": ["a kitchen table a natural image with the object on the ground."]}) + "\n")
+    done = subprocess.run([sys.executable, "-m", "comfyui_syncd", "datagen", "--prompts", str(prompts), "--out",
+                           str(tmp_path / "ds"), "--server", comfy_server.url, "--tiny"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (record,) = read_dataset(tmp_path / "ds")
+    assert len(record.images) == 3 and all(m is not None for m in record.masks)
+    entry = json.loads((tmp_path / "ds" / "mug-0_metadata.json").read_text())[0]
+    assert entry["mesh"] == "mug.glb" and entry["prompts"] == ["a kitchen table"] * 3

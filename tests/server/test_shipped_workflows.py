@@ -27,9 +27,16 @@ EXPECTED = {
                                                                     "SynCDIPAdapterLoader", "SynCDIPAdapterApply"}, 1),
     "syncd_consistent_set_sdxl_3ref.json": ("sdxl", CUSTOMIZATION | {"SynCDNormalizedGuider", "SynCDIPAdapterLoader",
                                                                      "SynCDIPAdapterApply", "SynCDSharedAttention"}, 3),
+    "syncd_identity_score_sdxl_3ref.json": ("sdxl", CUSTOMIZATION | {"SynCDNormalizedGuider", "SynCDIPAdapterLoader",
+                                                                     "SynCDIPAdapterApply", "SynCDSharedAttention",
+                                                                     "SynCDIdentityScore"}, 3),
     "syncd_customization_flux_1ref.json": ("flux", CUSTOMIZATION | {"SynCDNormalizedGuider"}, 1),
     "syncd_customization_flux_3ref.json": ("flux", CUSTOMIZATION | {"SynCDCustomizationSampler"}, 1),
     "syncd_datagen_deformable_flux.json": ("flux", {"SynCDSharedAttention"}, 3),
+    # 3 views + their 3 rendered masks
+    "syncd_datagen_rigid_flux.json": ("flux", {"SynCDMeshViews", "SynCDSharedAttention", "SynCDFeatureWarp"}, 6),
+    "syncd_consistent_set_qwen_image.json": ("qwen_image", {"SynCDReferenceImages", "SynCDApplyReferences",
+                                                            "SynCDSharedAttention", "SynCDNormalizedGuider"}, 3),
     "jedi_coupled_attention_sd15.json": ("sd15", {"SynCDSharedAttention"}, 3),
     "jedi_inpainting_sd15.json": ("sd15", {"JeDiJointImageSet", "SynCDSharedAttention", "JeDiImageGuider"}, 3),
     # 3 images (λ −2, 0, 2) + the weight maps of the steps in the window (--tiny: 4 steps, the first in 0.3)
@@ -39,8 +46,9 @@ EXPECTED = {
 # loader -> {widget index: models folder} for the files it names
 LOADER_FILES = {"CheckpointLoaderSimple": {0: "checkpoints"}, "UNETLoader": {0: "diffusion_models"},
                 "DualCLIPLoader": {0: "text_encoders", 1: "text_encoders"}, "VAELoader": {0: "vae"},
+                "CLIPLoader": {0: "text_encoders"},
                 "CLIPVisionLoader": {0: "clip_vision"}, "SynCDIPAdapterLoader": {0: "ipadapter"},
-                "SynCDCheckpointLoader": {0: "syncd"}}
+                "SynCDCheckpointLoader": {0: "syncd"}, "SynCDIdentityModelLoader": {0: "syncd_identity"}}
 TINY_TYPES = {"SynCDTinyDemoModel", "SynCDTinyDemoTextEncode", "SynCDTinyDemoReferences", "SynCDTinyDemoIPAdapter"}
 
 
@@ -89,7 +97,8 @@ def test_real_loaders_note_and_groups(path, comfy_client):
     testing = {t for t in types if info.get(t, {}).get("category", "").startswith("SynCD/testing")}
     assert not testing and not types & TINY_TYPES, f"demo nodes in a shipped workflow: {testing}"
     assert workflow["extra"]["syncd"]["family"] == family
-    loaders = {"flux": {"UNETLoader", "DualCLIPLoader", "VAELoader"}}.get(family, {"CheckpointLoaderSimple"})
+    loaders = {"flux": {"UNETLoader", "DualCLIPLoader", "VAELoader"},
+               "qwen_image": {"UNETLoader", "CLIPLoader", "VAELoader"}}.get(family, {"CheckpointLoaderSimple"})
     assert loaders <= types
     if "SynCDReferenceImages" in types or "JeDiJointImageSet" in types:
         assert "LoadImage" in types
@@ -208,6 +217,23 @@ def test_datagen_and_jedi_settings(comfy_client):
     found = by_type(to_api(load("jedi_inpainting_sd15.json"), info))
     assert len(found["LoadImage"]) == 2 and found["JeDiJointImageSet"][0]["images_to_generate"] == 1
     assert found["SynCDSharedAttention"][0]["images_per_subject"] == 3
+
+
+def test_qwen_image_settings(comfy_client):
+    """ComfyUI's Qwen-Image template loaders and settings; MSA with automatic masks (the subject word found with the
+    real Qwen2.5-VL tokenizer) over a set of 3, SynCD references on the base weights (not the Edit input)."""
+    api = to_api(load("syncd_consistent_set_qwen_image.json"), comfy_client.object_info())
+    found = by_type(api)
+    assert found["UNETLoader"][0]["unet_name"] == "qwen_image_fp8_e4m3fn.safetensors"
+    assert found["CLIPLoader"][0]["type"] == "qwen_image"
+    assert found["VAELoader"][0]["vae_name"] == "qwen_image_vae.safetensors"
+    assert found["ModelSamplingAuraFlow"][0]["shift"] == 3.1
+    shared = found["SynCDSharedAttention"][0]
+    assert (shared["images_per_subject"], shared["mask_mode"], shared["subject_word"]) == (3, "automatic", "dog")
+    assert shared["clip"] == [id_of(api, "CLIPLoader"), 0]
+    assert found["EmptySD3LatentImage"][0] == {"width": 1328, "height": 1328, "batch_size": 3}
+    assert found["BasicScheduler"][0]["steps"] == 20 and found["SynCDNormalizedGuider"][0]["text_scale"] == 2.5
+    assert "TextEncodeQwenImageEditPlus" not in found
 
 
 def test_real_workflow_without_models_is_refused(comfy_client):
