@@ -124,6 +124,15 @@ class Builder(UIGraph):
         self.connect(decode, 0, save, "images")
         return [decode, save]
 
+    def ksampler(self, model: dict, positive, negative, latent, **settings) -> dict:
+        """A KSampler wired to ``model`` and the conditionings and latent (a node, or (node, output slot))."""
+        sampler = self.add("KSampler", sampler_name="euler", **settings)
+        for source, name in ((model, "model"), (positive, "positive"), (negative, "negative"),
+                             (latent, "latent_image")):
+            node, slot = source if isinstance(source, tuple) else (source, 0)
+            self.connect(node, slot, sampler, name)
+        return sampler
+
     def groups_in_order(self, **stages: list[list[dict]]) -> None:
         for title, columns in stages.items():
             self.group(title, *columns, color=COLORS[title])
@@ -470,15 +479,11 @@ def flux_datagen(object_info: dict, name: str) -> dict:
     shared = g.add("SynCDSharedAttention", images_per_subject=3, mask_mode="automatic", subject_word="dog",
                    unmasked_first_step=True, properties=DATAGEN_SLOT("subject_word"))
     empty = g.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=3)
-    sampler = g.add("KSampler", steps=50, cfg=1.0, sampler_name="euler", scheduler="simple",
-                    properties=DATAGEN_SLOT("seed"))
     g.connect(unet, 0, shared, "model")
     g.connect(clip, 0, shared, "clip")
     g.connect(prompt, 0, shared, "prompt")
-    g.connect(shared, 0, sampler, "model")
-    g.connect(positive, 0, sampler, "positive")
-    g.connect(negative, 0, sampler, "negative")
-    g.connect(empty, 0, sampler, "latent_image")
+    sampler = g.ksampler(shared, positive, negative, empty, steps=50, cfg=1.0, scheduler="simple",
+                         properties=DATAGEN_SLOT("seed"))
     outputs = g.output(sampler, (vae, 0), "syncd_datagen")
     outputs[1]["properties"].update(DATAGEN_SLOT("images"))
 
@@ -536,16 +541,12 @@ def flux_datagen_rigid(object_info: dict, name: str) -> dict:
 
     shared = g.add("SynCDSharedAttention", images_per_subject=3, mask_mode="foreground_masks")
     warp = g.add("SynCDFeatureWarp", images_per_object=3)
-    sampler = g.add("KSampler", steps=30, cfg=2.5, sampler_name="euler", scheduler="simple",
-                    properties=DATAGEN_SLOT("seed"))
     g.connect(unet, 0, shared, "model")
     g.connect(views, 1, shared, "foreground_masks")
     g.connect(shared, 0, warp, "model")
     g.connect(views, 2, warp, "correspondences")
-    g.connect(warp, 0, sampler, "model")
-    g.connect(depth, 0, sampler, "positive")
-    g.connect(depth, 1, sampler, "negative")
-    g.connect(depth, 2, sampler, "latent_image")
+    sampler = g.ksampler(warp, (depth, 0), (depth, 1), (depth, 2), steps=30, cfg=2.5, scheduler="simple",
+                         properties=DATAGEN_SLOT("seed"))
     outputs = g.output(sampler, (vae, 0), "syncd_datagen_rigid")
     outputs[1]["properties"].update(DATAGEN_SLOT("images"))
     mask_image = g.add("MaskToImage", title="Masks as images")
@@ -600,12 +601,8 @@ def jedi_coupled(object_info: dict, name: str) -> dict:
         g.connect(checkpoint, 1, encoder, "clip")
     coupled = g.add("SynCDSharedAttention", images_per_subject=3, mask_mode="none")
     empty = g.add("EmptyLatentImage", width=512, height=512, batch_size=3)
-    sampler = g.add("KSampler", steps=30, cfg=7.5, sampler_name="euler", scheduler="normal")
     g.connect(checkpoint, 0, coupled, "model")
-    g.connect(coupled, 0, sampler, "model")
-    g.connect(positive, 0, sampler, "positive")
-    g.connect(negative, 0, sampler, "negative")
-    g.connect(empty, 0, sampler, "latent_image")
+    sampler = g.ksampler(coupled, positive, negative, empty, steps=30, cfg=7.5, scheduler="normal")
     outputs = g.output(sampler, (checkpoint, 2), "jedi_coupled")
     note = g.note("\n".join([
         "JeDi coupled self-attention — a set of 3 images of one subject on SD1.5",
