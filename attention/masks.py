@@ -103,6 +103,7 @@ class AutomaticMaskEstimator:
         self._history_sum: Optional[torch.Tensor] = None
         self._history_steps = 0
         self._masks: Optional[torch.Tensor] = None
+        self._otsu: Optional[torch.Tensor] = None
 
     def add(self, maps: torch.Tensor, hw: tuple[int, int]) -> None:
         b = maps.shape[0]
@@ -122,9 +123,15 @@ class AutomaticMaskEstimator:
         self._step_sum, self._step_layers = None, 0
         mean = self._history_sum / self._history_steps
         binary = otsu_binarize(mean).reshape(-1, *self.grid)
+        self._otsu = binary
         self._masks = dilate(binary).clamp(0, 1)
 
     @property
     def masks(self) -> Optional[torch.Tensor]:
         """(B, h, w) float masks in {0, 1}, or None."""
         return self._masks
+
+    @property
+    def otsu_masks(self) -> Optional[torch.Tensor]:
+        """(B, h, w) Otsu maps before dilation (upstream saves these for training), or None."""
+        return self._otsu

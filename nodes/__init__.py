@@ -1,6 +1,7 @@
 """ComfyUI adapters (V3 nodes). Thin: the math lives in ``attention/`` and ``core/``; patches are built from
 ``patch_kit``. The demo nodes live in ``demo/`` and are registered beside these by the pack's entry point."""
 
+from .automatic_masks import SynCDAutomaticMasks
 from .dci_nodes import DCIDualBranch, DCIGuiderNode, DCIWeightMaps
 from .feature_warp import SynCDFeatureWarp, SynCDLoadCorrespondences
 from .guiders import JeDiImageGuider, SynCDCustomizationSampler, SynCDNormalizedGuider
@@ -18,4 +19,4 @@ NODES = [SynCDSharedAttention, SynCDReferenceImages, SynCDApplyReferences, SynCD
          SynCDCustomizationSampler, JeDiJointImageSet, SynCDIPAdapterLoader, SynCDIPAdapterApply,
          SynCDCheckpointLoader, JeDiCheckpointLoader, DCIDualBranch, DCIGuiderNode, DCIWeightMaps,
          SynCDIdentityModelLoader, SynCDIdentityScore, SynCDAestheticScore, SynCDDatasetWriter,
-         SynCDMeshViews, SynCDFeatureWarp, SynCDLoadCorrespondences]
+         SynCDMeshViews, SynCDFeatureWarp, SynCDLoadCorrespondences, SynCDAutomaticMasks]

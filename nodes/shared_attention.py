@@ -53,6 +53,9 @@ class SharedAttentionConfig:
     prompt_tokens: tuple[int, ...] = ()     # automatic mode: the prompt's token ids, as tokenized for the search
 
 
+RUN_ATTACHMENT = "syncd_shared_attention_run"
+
+
 class SharedAttentionRun:
     """State of one sampling run: step index, per-grid mask caches and the automatic mask estimate."""
 
@@ -232,6 +235,7 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
     selected = kit.select_blocks(blocks, kit.model_blocks(diffusion_model, NODE), NODE)
     flux = kit.is_joint(diffusion_model)  # Flux or Qwen-Image: the joint-attention handler, stacked RoPE layout
     run = SharedAttentionRun(config, flux, selected, float(m.get_model_object("model_sampling").sigma_max))
+    m.set_attachments(RUN_ATTACHMENT, run)  # SynCDAutomaticMasks reads the estimate after sampling
 
     def start(noise, guider):
         run.validate(noise.shape[0])

@@ -486,6 +486,14 @@ def flux_datagen(object_info: dict, name: str) -> dict:
                          properties=DATAGEN_SLOT("seed"))
     outputs = g.output(sampler, (vae, 0), "syncd_datagen")
     outputs[1]["properties"].update(DATAGEN_SLOT("images"))
+    masks = g.add("SynCDAutomaticMasks")
+    mask_image = g.add("MaskToImage", title="Masks as images")
+    save_masks = g.add("SaveImage", size=(420, 460), filename_prefix="syncd_datagen_mask",
+                       properties=DATAGEN_SLOT("masks"))
+    g.connect(shared, 0, masks, "model")
+    g.connect(outputs[0], 0, masks, "images")
+    g.connect(masks, 0, mask_image, "mask")
+    g.connect(mask_image, 0, save_masks, "images")
 
     note = g.note("\n".join([
         "SynCD data generation — deformable subject on FLUX.1-dev (Masked Shared Attention)",
@@ -502,12 +510,13 @@ def flux_datagen(object_info: dict, name: str) -> dict:
         "no true CFG (cfg 1), prompt '{background}. {description}. wide angle shot', subject word = the category "
         "in lower case. Upstream gives each of the three images its own background prompt; here one prompt "
         "drives the batch (edit it on the Prompt node, which feeds both the text encoder and the shared "
-        "attention's subject-word lookup).",
+        "attention's subject-word lookup). SynCD Automatic Masks saves each image's subject mask (the Otsu map of "
+        "the attention to the subject word, as upstream saves for training).",
         "",
         TINY_HINT.format(name=name),
     ]))
     g.groups_in_order(Models=[[unet, clip, vae]], Prompts=[[prompt, positive_text], [positive, negative]],
-                      Sampling=[[shared], [empty, sampler]], Output=[outputs])
+                      Sampling=[[shared], [empty, sampler]], Output=[outputs, [masks, mask_image, save_masks]])
     return g.to_json(left=[note])
 
 

@@ -597,8 +597,14 @@ def test_template_browser_lists_the_pack_workflows(frontend, comfy_server):
     frontend.command("Comfy.BrowseTemplates")
     category = page.locator(f'li.p-listbox-option[aria-label="{PACK_FOLDER}"]')
     category.click()
-    page.wait_for_function("(n) => document.querySelectorAll('[data-testid^=\"template-workflow-\"]').length === n",
-                           arg=len(stems))
+    count = "() => document.querySelectorAll('[data-testid^=\"template-workflow-\"]').length"
+    page.wait_for_function(f"(n) => ({count})() >= n", arg=min(len(stems), 12))
+    for _ in range(20):  # the grid renders 12 cards and loads more as its end scrolls into view
+        if page.evaluate(count) >= len(stems):
+            break
+        page.locator('[data-testid^="template-workflow-"]').last.scroll_into_view_if_needed()
+        page.wait_for_timeout(300)
+    page.wait_for_function(f"(n) => ({count})() === n", arg=len(stems))
     shown = page.evaluate("() => [...document.querySelectorAll('[data-testid^=\"template-workflow-\"]')]"
                           ".map((c) => c.dataset.testid.slice('template-workflow-'.length))")
     assert sorted(shown) == stems, f"template cards {shown}"

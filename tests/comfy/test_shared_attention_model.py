@@ -225,6 +225,37 @@ def test_automatic_masks_are_estimated_every_step_and_used(tiny, models, family)
     torch.testing.assert_close(sample(model, noise, pos, neg, steps=4), out)
 
 
+def test_automatic_masks_node_gives_the_runs_otsu_maps(tiny, models, family):
+    import torch.nn.functional as F
+
+    from comfyui_syncd.core.tokens import subject_token_positions
+    from comfyui_syncd.nodes.automatic_masks import SynCDAutomaticMasks, estimated_masks
+    from comfyui_syncd.nodes.shared_attention import SharedAttentionConfig, apply_shared_attention
+
+    tokens = subject_token_positions(tiny.token_ids, PROMPT, "dog")
+    config = SharedAttentionConfig(3, "automatic", 1e9, 0.0, unmasked_first_step=True, subject_tokens=tokens)
+    model, run = apply_shared_attention(models[family], config)
+    pos, neg = conds(tiny, family)
+    images = torch.zeros(3, 48, 80, 3)
+    with pytest.raises(ValueError, match="no estimate yet"):
+        estimated_masks(model, images)
+    sample(model.clone(), noise_for(tiny, family, 3), pos, neg, steps=4)  # the sampler's clone shares the run
+    masks = SynCDAutomaticMasks.execute(model, images).args[0]
+    est = run.estimator
+    assert est._history_steps == 4  # the last step folded in too
+    expected = F.interpolate(est.otsu_masks[:, None], size=(48, 80), mode="nearest")[:, 0]
+    torch.testing.assert_close(masks, expected)
+    assert masks.shape == (3, 48, 80) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    dilated = estimated_masks(model, images, dilated=True)
+    assert bool((dilated >= masks).all())  # dilation only adds
+    with pytest.raises(ValueError, match="3 masks but 2 images"):
+        estimated_masks(model, images[:2])
+    with pytest.raises(ValueError, match="mask_mode 'none'"):
+        estimated_masks(patch(models[family], mask_mode="none"), images)
+    with pytest.raises(ValueError, match="has no Masked Shared Attention"):
+        estimated_masks(models[family], images)
+
+
 def test_subject_word_found_with_a_real_clip_tokenizer(tiny):
     import comfy.sd1_clip
 

@@ -75,7 +75,9 @@ def test_datagen_command_resumes_and_reports(comfy_server, tmp_path):
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr
     assert "2 objects, 1 already in" in second.stdout and "done: 1 written" in second.stdout
-    assert sorted(r.object_id for r in read_dataset(out)) == ["dog-0", "dog-1"]
+    records = read_dataset(out)
+    assert sorted(r.object_id for r in records) == ["dog-0", "dog-1"]
+    assert all(m is not None for r in records for m in r.masks)  # the automatic subject masks (SynCDAutomaticMasks)
     meta = json.loads((out / "dog-1_metadata.json").read_text())[0]
     assert meta["category"] == "dog" and len(meta["prompts"]) == 3
 

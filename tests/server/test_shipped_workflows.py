@@ -32,7 +32,7 @@ EXPECTED = {
                                                                      "SynCDIdentityScore"}, 3),
     "syncd_customization_flux_1ref.json": ("flux", CUSTOMIZATION | {"SynCDNormalizedGuider"}, 1),
     "syncd_customization_flux_3ref.json": ("flux", CUSTOMIZATION | {"SynCDCustomizationSampler"}, 1),
-    "syncd_datagen_deformable_flux.json": ("flux", {"SynCDSharedAttention"}, 3),
+    "syncd_datagen_deformable_flux.json": ("flux", {"SynCDSharedAttention", "SynCDAutomaticMasks"}, 6),
     # 3 views + their 3 rendered masks
     "syncd_datagen_rigid_flux.json": ("flux", {"SynCDMeshViews", "SynCDSharedAttention", "SynCDFeatureWarp"}, 6),
     "syncd_consistent_set_qwen_image.json": ("qwen_image", {"SynCDReferenceImages", "SynCDApplyReferences",
