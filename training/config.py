@@ -8,6 +8,7 @@ silently), and so is a value of the wrong type.
 from __future__ import annotations
 
 import dataclasses
+import re
 import pathlib
 import tomllib
 import types
@@ -19,6 +20,19 @@ T = typing.TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the key."""
+
+
+STEP_COUNTS = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every")
+
+
+def check_train(train, named: bool = True) -> None:
+    """The ``train:`` checks every script shares: a one-word run name (it names the output files) and step counts of
+    at least 1."""
+    if named and not re.fullmatch(r"[A-Za-z0-9_.-]+", train.name):
+        raise ConfigError(f"train.name: {train.name!r} must be one word of letters, digits, '_-.'")
+    for key in STEP_COUNTS:
+        if getattr(train, key) < 1:
+            raise ConfigError(f"train.{key}: at least 1")
 
 
 def read_file(path) -> dict:

@@ -105,11 +105,7 @@ class FluxConfig:
 
 
 def check(cfg: FluxConfig) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.train.name):
-        raise config_mod.ConfigError(f"train.name: {cfg.train.name!r} must be one word of letters, digits, '_-.'")
-    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
-        if getattr(cfg.train, key) < 1:
-            raise config_mod.ConfigError(f"train.{key}: at least 1")
+    config_mod.check_train(cfg.train)
     if cfg.data.num_images < 2:
         raise config_mod.ConfigError("data.num_images: at least 2 (a target and a reference)")
     if not 0 <= cfg.data.drop_text <= 1:

@@ -134,9 +134,7 @@ def check(cfg: IcoConfig) -> None:
     if c.prefix_length < 0 or c.suffix_length < 0:
         raise config_mod.ConfigError("concept.prefix_length/suffix_length: not negative")
     t = cfg.train
-    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
-        if getattr(t, key) < 1:
-            raise config_mod.ConfigError(f"train.{key}: at least 1")
+    config_mod.check_train(t, named=False)
     if cfg.validation.every < 0 or cfg.validation.steps < 1:
         raise config_mod.ConfigError("validation.every: 0 or more; validation.steps: at least 1")
     for prompt in cfg.validation.prompts:

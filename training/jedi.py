@@ -49,7 +49,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import re
 import sys
 from typing import Literal, Optional
 
@@ -122,12 +121,8 @@ class JediConfig:
 
 
 def check(cfg: JediConfig) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.train.name):
-        raise config_mod.ConfigError(f"train.name: {cfg.train.name!r} must be one word of letters, digits, '_-.'")
-    t, d = cfg.train, cfg.data
-    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
-        if getattr(t, key) < 1:
-            raise config_mod.ConfigError(f"train.{key}: at least 1")
+    config_mod.check_train(cfg.train)
+    d = cfg.data
     if not 2 <= d.min_images <= d.max_images:
         raise config_mod.ConfigError("data.min_images/max_images: 2 <= min_images <= max_images")
     if not 0 <= d.reference_p <= 1 or not 0 <= d.drop_text <= 1:

@@ -164,12 +164,8 @@ class SyncdConfig:
 
 
 def check(cfg: SyncdConfig) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.train.name):
-        raise config_mod.ConfigError(f"train.name: {cfg.train.name!r} must be one word of letters, digits, '_-.'")
-    t, d = cfg.train, cfg.data
-    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
-        if getattr(t, key) < 1:
-            raise config_mod.ConfigError(f"train.{key}: at least 1")
+    config_mod.check_train(cfg.train)
+    d = cfg.data
     if d.num_images < 2:
         raise config_mod.ConfigError("data.num_images: at least 2 (a target and a reference)")
     if d.drop_text + d.drop_image + d.drop_both > 1 or min(d.drop_text, d.drop_image, d.drop_both, d.drop_mask) < 0:
