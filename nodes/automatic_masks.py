@@ -9,9 +9,9 @@ node reads it after the sampler has run and sizes it to the decoded images.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from comfy_api.latest import io
 
+from ..attention.masks import resize_to_grid
 from .shared_attention import RUN_ATTACHMENT
 
 NAME = "SynCD Automatic Masks"
@@ -37,8 +37,8 @@ def estimated_masks(model, images: torch.Tensor, dilated: bool = False) -> torch
     if masks.shape[0] != images.shape[0]:
         raise ValueError(f"{NAME}: the last sampling run estimated {masks.shape[0]} masks but {images.shape[0]} "
                          f"images are connected; connect the images of that run")
-    size = tuple(images.shape[1:3])
-    return F.interpolate(masks[:, None].float().cpu(), size=size, mode="nearest")[:, 0].clamp(0, 1)
+    h, w = images.shape[1:3]
+    return resize_to_grid(masks.cpu(), h, w).view(-1, h, w).float()
 
 
 class SynCDAutomaticMasks(io.ComfyNode):
