@@ -1,0 +1,147 @@
+"""The toy world's trained text-to-image model in ComfyUI: MODEL, CLIP and VAE built through ComfyUI's own classes.
+
+The file (``toyworld/weights/toy_sd15.safetensors``, :func:`comfyui_syncd.toyworld.base_model.export_file`) holds
+the diffusers UNet, VAE and transformers CLIP text encoder with their configs; here they become what a ComfyUI
+SD1.5 checkpoint gives: the UNet through ``comfy.supported_models.SD15`` with its ComfyUI ``unet_config`` and
+keys (the JeDi loader's conversion), the CLIP as ``SD1ClipModel`` over a ``SDClipModel`` of the file's text config
+(ComfyUI's CLIP-L tokenizer: the toy model was trained on its tokens), the VAE as ComfyUI's ``AutoencoderKL`` of the
+file's layout (8× down) with keys converted by ``comfy.diffusers_convert``.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import torch
+from comfy_api.latest import io
+
+import comfy.diffusers_convert
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sd
+import comfy.sd1_clip
+import comfy.supported_models
+import comfy.supported_models_base
+import folder_paths
+
+from ..nodes import choices
+from ..nodes.jedi_checkpoint import comfy_unet_config, convert_keys
+from ..nodes.patch_kit import TOKENIZER
+from ..toyworld import base_model
+from .tiny_models import token_ids
+
+SHIPPED = pathlib.Path(__file__).resolve().parent.parent / "toyworld" / "weights" / "toy_sd15.safetensors"
+NAME = "SynCD toy-world model"
+FOLDER = "syncd_toyworld"       # models/syncd_toyworld: toy models of your own reproduce runs
+SHIPPED_CHOICE = "toy_sd15 (shipped)"
+
+
+def register_folder() -> None:
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[FOLDER] = ([str(pathlib.Path(folder_paths.models_dir) / FOLDER)],
+                                                      {".safetensors"})
+
+
+register_folder()
+
+
+def available(path=SHIPPED) -> bool:
+    return pathlib.Path(path).is_file()
+
+
+def build_unet(state: dict, config: dict) -> comfy.model_patcher.ModelPatcher:
+    unet_config = comfy_unet_config(config, dtype=torch.float32)
+    model_config = comfy.supported_models.SD15(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    converted = convert_keys(state, unet_config, NAME)
+    expected = set(model.diffusion_model.state_dict())
+    if expected != set(converted):
+        raise ValueError(f"{NAME}: the UNet weights do not fill the model (missing {sorted(expected - set(converted))[:4]}"
+                         f", unexpected {sorted(set(converted) - expected)[:4]})")
+    model.load_model_weights(converted, "")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    patcher.model_options[TOKENIZER] = token_ids   # CLIP-L tokens: automatic masks find the subject word
+    return patcher
+
+
+def build_clip(state: dict, config: dict) -> comfy.sd.CLIP:
+    params = {"clip_model": comfy.sd1_clip.SDClipModel, "textmodel_json_config": dict(config),
+              "return_projected_pooled": False}
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    target.params = params
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
+    # transformers 4.x keys start with "text_model." (5.x: the CLIPTextModel is the text model); ComfyUI's have it
+    weights = {f"clip_l.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}": v
+               for k, v in state.items()}
+    missing, unexpected = clip.load_sd(weights, full_model=True)
+    missing = [k for k in missing if not k.endswith(("position_ids", "logit_scale", "text_projection.weight"))]
+    if missing or unexpected:
+        raise ValueError(f"{NAME}: the text encoder weights do not fit (missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]})")
+    return clip
+
+
+def build_vae(state: dict, config: dict) -> comfy.sd.VAE:
+    channels = [int(c) for c in config["block_out_channels"]]
+    ddconfig = {"double_z": True, "z_channels": int(config["latent_channels"]), "resolution": int(config["sample_size"]),
+                "in_channels": int(config["in_channels"]), "out_ch": int(config["out_channels"]), "ch": channels[0],
+                "ch_mult": [c // channels[0] for c in channels], "num_res_blocks": int(config["layers_per_block"]),
+                "attn_resolutions": [], "dropout": 0.0}
+    sd = comfy.diffusers_convert.convert_vae_state_dict(state)
+    vae = comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": ddconfig["z_channels"], "ddconfig": ddconfig}},
+                       dtype=torch.float32)
+    ratio = 2 ** (len(channels) - 1)
+    if ratio != vae.downscale_ratio:
+        raise ValueError(f"{NAME}: the VAE downscales {ratio}×; ComfyUI's SD1.5 latents are 8× smaller than images")
+    return vae
+
+
+@functools.lru_cache(maxsize=2)
+def load(path=SHIPPED) -> tuple[comfy.model_patcher.ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE]:
+    """(MODEL, CLIP, VAE) of a toy-world model file."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{NAME}: {path} does not exist; train it with 'python -m comfyui_syncd toyworld "
+                                f"reproduce'")
+    states, configs, _ = base_model.read_file(path)
+    return (build_unet(states["unet"], configs["unet"]), build_clip(states["text_encoder"], configs["text_encoder"]),
+            build_vae(states["vae"], configs["vae"]))
+
+
+def model_choices() -> list[str]:
+    return [SHIPPED_CHOICE] + folder_paths.get_filename_list(FOLDER)
+
+
+class SynCDToyWorldModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        register_folder()
+        return io.Schema(
+            node_id="SynCDToyWorldModel",
+            display_name="SynCD Toy-World Model",
+            category="SynCD/testing",
+            description="The pack's trained toy text-to-image model (a tiny SD1.5 architecture trained from scratch "
+                        "on the toy world's 64 px objects: 6 shapes, 6 colours, 3 textures, 6 backgrounds) as "
+                        "MODEL, CLIP and VAE, like Load Checkpoint. Any CPU samples it in seconds; prompts read like "
+                        "'a red striped cube on green grass, on the left'. Use 64x64 latents (Empty Latent Image "
+                        "64x64).",
+            inputs=[
+                io.Combo.Input("model_file", options=model_choices(), default=SHIPPED_CHOICE,
+                               tooltip="The shipped model, or a toy_sd15.safetensors of your own run of 'python -m "
+                                       "comfyui_syncd toyworld reproduce' copied to models/syncd_toyworld."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP"),
+                     io.Vae.Output(display_name="VAE")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_file=None):
+        return choices.check(cls, model_file=model_file)
+
+    @classmethod
+    def execute(cls, model_file: str = SHIPPED_CHOICE) -> io.NodeOutput:
+        path = SHIPPED if model_file == SHIPPED_CHOICE else folder_paths.get_full_path_or_raise(FOLDER, model_file)
+        return io.NodeOutput(*load(path))

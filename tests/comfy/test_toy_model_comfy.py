@@ -1,0 +1,75 @@
+"""The toy-world model file in ComfyUI (demo/toy_model.py): MODEL, CLIP and VAE built through ComfyUI's classes
+compute what the diffusers/transformers parts of the file compute."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+
+
+@pytest.fixture(scope="module")
+def toy_file(tmp_path_factory):
+    from comfyui_syncd.toyworld import base_model as B
+
+    vae, unet, text = B.build_vae(1), B.build_unet(2), B.build_text_encoder(3)
+    with torch.no_grad():  # weights with signal: a freshly initialised UNet has a zero output layer
+        for p in unet.conv_out.parameters():
+            p.normal_(0, 0.3)
+    path = tmp_path_factory.mktemp("toy") / "toy.safetensors"
+    B.export_file(path, vae, unet, text, {"test": True}, dtype=torch.float32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def parts(toy_file):
+    from comfyui_syncd.toyworld import base_model as B
+
+    return B.load_parts(toy_file)
+
+
+@pytest.fixture(scope="module")
+def comfy_parts(toy_file):
+    from comfyui_syncd.demo import toy_model
+
+    return toy_model.load(toy_file)
+
+
+def test_clip_encodes_as_transformers(parts, comfy_parts):
+    from comfyui_syncd.demo.tiny_models import tokenizer
+
+    _, _, text = parts
+    _, clip, _ = comfy_parts
+    prompt = "a red striped cube on green grass, on the left"
+    cond = clip.encode_from_tokens(clip.tokenize(prompt))
+    ids = torch.tensor([[t[0] for t in tokenizer().tokenize_with_weights(prompt)[0]]])
+    with torch.no_grad():
+        expected = text(input_ids=ids)[0]
+    assert cond.shape == expected.shape == (1, 77, 64)
+    torch.testing.assert_close(cond, expected, rtol=1e-4, atol=1e-5)
+    assert (cond - clip.encode_from_tokens(clip.tokenize("a blue cone"))).abs().max() > 1e-2
+
+
+def test_unet_predicts_as_diffusers(parts, comfy_parts):
+    _, unet, _ = parts
+    model, _, _ = comfy_parts
+    gen = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 64, generator=gen)
+    t = torch.tensor([900, 40])
+    with torch.no_grad():
+        expected = unet(x, t, encoder_hidden_states=ctx).sample
+        got = model.model.diffusion_model(x, t.float(), context=ctx)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert expected.abs().mean() > 1e-2
+
+
+def test_vae_round_trip_as_diffusers(parts, comfy_parts):
+    vae, _, _ = parts
+    _, _, comfy_vae = comfy_parts
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    latent = comfy_vae.encode(image)
+    assert latent.shape == (1, 4, 8, 8)
+    with torch.no_grad():
+        expected = vae.encode(image.permute(0, 3, 1, 2) * 2 - 1).latent_dist.mean
+        decoded = (vae.decode(expected).sample.clamp(-1, 1) + 1) / 2
+    torch.testing.assert_close(latent, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(comfy_vae.decode(latent)[0].movedim(-1, 0), decoded[0], rtol=1e-3, atol=1e-3)
