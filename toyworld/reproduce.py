@@ -36,6 +36,7 @@ class Scale:
     corpus: int = 20000
     vae_images: int = 6000
     vae_steps: int = 800
+    vae_batch: int = 16
     t2i_steps: int = 3000
     t2i_batch: int = 32
     eval_images: int = 216
@@ -44,7 +45,8 @@ class Scale:
 
 
 FULL = Scale()
-QUICK = Scale(corpus=256, vae_images=256, vae_steps=20, t2i_steps=20, t2i_batch=8, eval_images=12, sample_steps=4)
+QUICK = Scale(corpus=64, vae_images=64, vae_steps=10, vae_batch=4, t2i_steps=10, t2i_batch=4, eval_images=6,
+              sample_steps=3)
 EVAL_SEED = 2_000_003
 
 
@@ -94,7 +96,8 @@ def tokenizer_dir() -> pathlib.Path:
 
 def stage_vae(st: Stages) -> dict:
     images = B.read_corpus_images(st.dir("corpus"), st.scale.vae_images)
-    vae = B.train_vae(images, st.dir("vae"), steps=st.scale.vae_steps, progress=st.progress)
+    vae = B.train_vae(images, st.dir("vae"), steps=st.scale.vae_steps, batch=st.scale.vae_batch,
+                      progress=st.progress)
     with torch.no_grad():
         probe = images[:256]
         l1 = float((vae.decode(vae.encode(probe).latent_dist.mean).sample - probe).abs().mean())
