@@ -18,7 +18,9 @@ import uuid
 
 # Subcommands implemented in their own module, which has ``main(argv: list[str] | None) -> int`` and
 # is also runnable as ``python -m comfyui_syncd.<module>``.
-DELEGATED = {"bench": "bench", "convert-checkpoint": "checkpoint_convert", "datagen": "datagen.driver"}
+DELEGATED = {"bench": "bench", "convert-checkpoint": "checkpoint_convert", "datagen": "datagen.driver",
+             "toyworld": "toyworld.reproduce",
+             "eval": "evaluation.driver"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,6 +61,22 @@ def subject_attention(image_vectors: torch.Tensor, text_vectors: torch.Tensor,
     return probs.mean(1)
 
 
+def subject_attention_rows(image_vectors: torch.Tensor, text_vectors: torch.Tensor,
+                           row_positions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """:func:`subject_attention` where every row has its own subject-token positions (one prompt per image, as
+    upstream's data generation gives each image of a set its own background prompt, so the subject word sits at
+    different positions): row b sums the softmax over the text tokens at ``row_positions[b]``."""
+    b, t = image_vectors.shape[0], text_vectors.shape[2]
+    if len(row_positions) != b:
+        raise ValueError(f"subject token positions for {len(row_positions)} rows, but the batch has {b} rows")
+    scale = image_vectors.shape[-1] ** -0.5
+    logits = torch.einsum("bhpd,bhtd->bhpt", image_vectors.float(), text_vectors.float()) * scale
+    select = torch.zeros(b, t, device=logits.device)
+    for row, positions in enumerate(row_positions):
+        select[row, list(positions)] = 1.0
+    return torch.einsum("bhpt,bt->bhp", logits.softmax(dim=-1), select).mean(1)
+
+
 def otsu_binarize(maps: torch.Tensor, levels: int = 10) -> torch.Tensor:
     """Per-image Otsu threshold as in the official code: min-max normalize, try thresholds t/levels,
     maximize p_lo·p_hi·(μ_lo − μ_hi)². (B, P) → (B, P) float in {0, 1}.

@@ -5,7 +5,8 @@ rewrites the editor (UI) graph, keeping node ids and every other node as it is:
 
 - ``CheckpointLoaderSimple`` / ``UNETLoader`` -> ``SynCDTinyDemoModel`` (MODEL, VAE) of the workflow's
   family; ``VAELoader`` is removed and its consumers read the tiny model's VAE;
-- ``CLIPTextEncode`` -> ``SynCDTinyDemoTextEncode`` (same text, same family); the CLIP loaders
+- ``CLIPTextEncode`` -> ``SynCDTinyDemoTextEncode`` (same text, same family), ``SynCDPromptBatch`` ->
+  ``SynCDTinyDemoPromptBatch`` (same lines, same ``prompt_per_image``, same family); the CLIP loaders
   (``DualCLIPLoader``, ``CLIPLoader``, the checkpoint's CLIP) are removed, and an optional CLIP input
   of another node (``SynCDSharedAttention.clip``) is disconnected: with a tiny demo model that node
   locates subject tokens with the demo tokenizer;
@@ -32,6 +33,8 @@ from .workflow_format import input_defs, is_api_format, is_ui_format, widget_val
 FAMILIES = ("sd15", "sdxl", "flux", "qwen_image")
 TINY_MODEL = "SynCDTinyDemoModel"
 TINY_TEXT = "SynCDTinyDemoTextEncode"
+TINY_PROMPT_BATCH = "SynCDTinyDemoPromptBatch"
+TEXT_ENCODERS = {"CLIPTextEncode": TINY_TEXT, "SynCDPromptBatch": TINY_PROMPT_BATCH}  # their CLIP input is cut
 TINY_REFERENCES = "SynCDTinyDemoReferences"
 TINY_IP_ADAPTER = "SynCDTinyDemoIPAdapter"
 
@@ -227,7 +230,7 @@ def tiny_swap(workflow: dict, object_info: dict, family: str | None = None, step
             for link in g.links_from(source, slot):
                 target = g.nodes[link[3]]
                 name = g.input_name(link)
-                if target["type"] == "CLIPTextEncode":
+                if target["type"] in TEXT_ENCODERS:
                     g.remove_link(link)
                     continue
                 spec = g.object_info.get(target["type"], {}).get("input", {})
@@ -237,12 +240,17 @@ def tiny_swap(workflow: dict, object_info: dict, family: str | None = None, step
                                   f"{g.describe(source)}); the tiny demo model needs no text encoder")
                 else:
                     raise TinySwapError(f"{g.describe(target)} input {name!r} needs the CLIP of "
-                                        f"{g.describe(source)}, which --tiny cannot provide (only CLIPTextEncode "
-                                        "and optional CLIP inputs are swapped)")
+                                        f"{g.describe(source)}, which --tiny cannot provide (only CLIPTextEncode, "
+                                        "SynCDPromptBatch and optional CLIP inputs are swapped)")
     for node in g.of_type("CLIPTextEncode"):
         text = widget_values(node, g.node_def("CLIPTextEncode")).get("text", "")
         g.replace(node, TINY_TEXT, {0: 0}, keep_inputs=("text",), family=family, text=text)
         report.append(f"{g.describe(node)}: was CLIPTextEncode ({family}, same text)")
+    for node in g.of_type("SynCDPromptBatch"):
+        values = widget_values(node, g.node_def("SynCDPromptBatch"))
+        g.replace(node, TINY_PROMPT_BATCH, {0: 0, 1: 1}, keep_inputs=("text",), family=family,
+                  text=values.get("text", ""), prompt_per_image=values.get("prompt_per_image", True))
+        report.append(f"{g.describe(node)}: was SynCDPromptBatch ({family}, same prompts)")
 
     # 2. Models: every checkpoint/UNet loader becomes a tiny model; the first one also gives the VAE.
     models = g.of_type(*MODEL_LOADERS)

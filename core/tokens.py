@@ -80,3 +80,43 @@ def token_key(token) -> object:
     if hasattr(token, "detach"):
         return ("embedding", hashlib.sha1(token.detach().float().cpu().numpy().tobytes()).hexdigest())
     return int(token)
+
+
+# --- One prompt per image (SynCD data generation: each image of a set has its own background prompt) -------------
+
+def prompt_lines(text: str) -> list[str]:
+    """The prompts of a one-prompt-per-line text: every line stripped, blank lines dropped. SynCD Per-Image Prompts
+    encodes these and the automatic masks locate the subject word in them, so both read a text the same way."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def rows_token_positions(per_prompt: Sequence[Sequence[int]], rows: int) -> list[tuple[int, ...]]:
+    """The subject-token positions of each of ``rows`` consecutive latent images when a conditioning holds one
+    prompt per row: image j has prompt j mod n, because ComfyUI fits a conditioning of n rows to a batch by
+    repeating it and cutting it to the batch size (``comfy.utils.repeat_to_batch_size``)."""
+    if not per_prompt:
+        raise ValueError("no prompts to take subject-token positions from")
+    return [tuple(per_prompt[j % len(per_prompt)]) for j in range(rows)]
+
+
+def pad_token_chunks(prompts: Sequence[Sequence[Sequence[tuple]]], empty_chunk: Sequence[tuple],
+                     pad_id=None) -> list[list[list[tuple]]]:
+    """Make several prompts' tokenizations (per prompt: chunks of ``(id, weight[, word id])`` tuples, as a ComfyUI
+    tokenizer gives them for one encoder) the same shape, so their encodings stack into one batch: every prompt gets
+    as many chunks as the longest (a missing chunk is ``empty_chunk``, the tokenizer's chunk of the empty text), and
+    chunk c of every prompt gets the length of the longest chunk c by appending ``(pad_id, 1.0)`` entries at its end,
+    as the tokenizer pads a short prompt itself. Token positions stay where they were. Raises when padding is needed
+    and ``pad_id`` is None."""
+    n_chunks = max(len(chunks) for chunks in prompts)
+    filled = [[list(chunks[c]) if c < len(chunks) else list(empty_chunk) for c in range(n_chunks)]
+              for chunks in prompts]
+    lengths = [max(len(chunks[c]) for chunks in filled) for c in range(n_chunks)]
+    for chunks in filled:
+        for chunk, length in zip(chunks, lengths):
+            if len(chunk) == length:
+                continue
+            if pad_id is None:
+                raise ValueError("the prompts tokenize to different lengths and the tokenizer's pad token is unknown")
+            width = len(chunk[0]) if chunk else 2
+            chunk.extend([(pad_id, 1.0) + (0,) * (width - 2)] * (length - len(chunk)))
+    return filled

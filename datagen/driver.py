@@ -5,9 +5,11 @@ generation slots, queues it to a ComfyUI server, reads back the images (and mask
 them, and writes the object to the dataset (:class:`core.dataset_format.DatasetWriter`: atomic per object).
 
 * **Slots.** A workflow marks the nodes the driver fills or reads with ``properties["syncd_datagen"]``: ``prompt``
-  (the first prompt), ``prompts`` (all, one per line), ``subject_word`` (the category), ``seed`` (a per-object seed
-  derived from ``--seed`` and the object id, so a retried object gives the same images), ``mesh`` (rigid: the mesh
-  file), ``images`` and ``masks`` (the output nodes whose files are the object's images and masks).
+  (the first prompt, for every image), ``prompts`` (all, one per line, as upstream gives each image its own prompt:
+  image j has prompt j mod n, the way ComfyUI repeats a conditioning's rows over the batch; SynCD Per-Image Prompts
+  with ``prompt_per_image`` off uses the first for every image), ``subject_word`` (the category), ``seed`` (a
+  per-object seed derived from ``--seed`` and the object id, so a retried object gives the same images), ``mesh``
+  (rigid: the mesh file), ``images`` and ``masks`` (the output nodes whose files are the object's images and masks).
 * **Resume, nothing lost, nothing duplicated.** An object is skipped when its metadata file exists; it is written
   exactly once, by this process, whichever server or Ray actor generated it; a crash mid-object leaves no visible
   half object.
@@ -40,6 +42,7 @@ ROLE = "syncd_datagen"
 SLOT_INPUTS = {"prompt": ("value", "text"), "prompts": ("value", "text"), "subject_word": ("subject_word",),
                "seed": ("seed", "noise_seed"), "mesh": ("mesh_path", "mesh", "mesh_name")}
 OUTPUT_ROLES = ("images", "masks")
+PER_IMAGE_SWITCH = "prompt_per_image"  # SynCD Per-Image Prompts' input: off = the first prompt for every image
 WORKFLOWS = pathlib.Path(__file__).resolve().parents[1] / "workflows"
 REPO_MESHES = pathlib.Path(__file__).resolve().parent / "meshes"  # the shipped procedural meshes
 DEFAULT_WORKFLOWS = {"deformable": WORKFLOWS / "syncd_datagen_deformable_flux.json",
@@ -124,6 +127,11 @@ def fill(workflow: dict, spec: ObjectSpec, seed: int, object_info: dict) -> dict
         raise DatagenError(f"the workflow marks no output node with properties.{ROLE} = 'images'")
     if "prompt" not in marked and "prompts" not in marked:
         raise DatagenError(f"the workflow marks no prompt node with properties.{ROLE} = 'prompt' or 'prompts'")
+    if "prompts" in marked:
+        bad = next((p for p in spec.prompts if not p.strip() or "\n" in p or "\r" in p), None)
+        if bad is not None:
+            raise DatagenError(f"object {spec.object_id!r}: prompt {bad!r} is blank or spans lines; the workflow takes "
+                               f"one prompt per line")
     values = {"prompt": spec.prompts[0], "prompts": "\n".join(spec.prompts), "subject_word": spec.category,
               "seed": seed, "mesh": spec.mesh}
     for role, nodes in marked.items():
@@ -173,16 +181,25 @@ def generate(client, workflow: dict, spec: ObjectSpec, seed: int, tiny: bool = F
         for role, node_ids in ids.items():
             if item.node_id in node_ids:
                 found[role].append(client.view(item.filename, item.subfolder, item.type))
-    if len(found["images"]) != len(spec.prompts) and "prompts" in slots(filled):
-        raise DatagenError(f"object {spec.object_id!r}: the workflow gave {len(found['images'])} images for "
-                           f"{len(spec.prompts)} prompts")
     if not found["images"]:
         raise DatagenError(f"object {spec.object_id!r}: the workflow saved no images")
     if found["masks"] and len(found["masks"]) != len(found["images"]):
         raise DatagenError(f"object {spec.object_id!r}: {len(found['masks'])} masks for {len(found['images'])} images")
-    per_image = "prompts" in slots(filled)
-    prompts = list(spec.prompts) if per_image else [spec.prompts[0]] * len(found["images"])
+    prompts = image_prompts(filled, spec, len(found["images"]), object_info)
     return Generated(spec, found["images"], found["masks"], prompts, client.url)
+
+
+def image_prompts(filled: dict, spec: ObjectSpec, n_images: int, object_info: dict) -> list[str]:
+    """The prompt each generated image was conditioned on: with a ``prompts`` slot (unless its SynCD Per-Image
+    Prompts node has ``prompt_per_image`` off) image j has prompt j mod n, as ComfyUI repeats the conditioning's n
+    rows over the batch and cuts them to it; otherwise the first prompt for every image."""
+    from ..client.workflow_format import widget_values
+
+    nodes = slots(filled).get("prompts", [])
+    per_image = any(widget_values(node, object_info[node["type"]]).get(PER_IMAGE_SWITCH, True) is not False
+                    for node in nodes)
+    prompts = list(spec.prompts) if per_image else [spec.prompts[0]]
+    return [prompts[j % len(prompts)] for j in range(n_images)]
 
 
 Filter = Callable[[list, list], tuple]  # (images, masks) -> (kept indices, aesthetics, dino matrix)

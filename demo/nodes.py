@@ -5,6 +5,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..nodes import choices
+from ..nodes.patch_kit import ENCODED_TOKENS
+from ..nodes.prompt_batch import NODE as PROMPT_BATCH
+from ..nodes.prompt_batch import PER_IMAGE_TOOLTIP, PROMPTS_OUTPUT_TOOLTIP, TEXT_TOOLTIP, chosen_lines
 from . import tiny_models
 from .identity_models import SynCDTinyDemoScoreModel
 
@@ -75,6 +78,63 @@ class SynCDTinyDemoTextEncode(io.ComfyNode):
         return io.NodeOutput(tiny_models.encode_text(family, text, seed))
 
 
+def encode_prompt_rows(family: str, lines: list[str], seed: int = 0) -> list:
+    """The tiny counterpart of SynCD Per-Image Prompts: each line through :func:`tiny_models.encode_text`, one row
+    per line; a row shorter than the longest gets the empty text's 77-token chunks appended (what the real node's
+    padding encodes), and ``ENCODED_TOKENS`` records each line's token ids per row, so SynCD Masked Shared
+    Attention can refuse a prompt that is not the one encoded."""
+    import torch
+
+    encoded = [tiny_models.encode_text(family, line, seed)[0] for line in lines]
+    if len(encoded) == 1:
+        return [encoded[0]]
+    ctx = [cond for cond, _ in encoded]
+    longest = max(c.shape[1] for c in ctx)
+    if any(c.shape[1] != longest for c in ctx):
+        if family == "qwen_image":
+            raise ValueError(f"SynCD Tiny Demo {PROMPT_BATCH}: the tiny Qwen-Image encoding cannot pad prompts of "
+                             f"different token lengths; give prompts of equal length (or use another family)")
+        empty = tiny_models.encode_text(family, "", seed)[0][0]
+        ctx = [torch.cat([c] + [empty] * ((longest - c.shape[1]) // empty.shape[1]), dim=1) for c in ctx]
+    extras = dict(encoded[0][1])
+    extras[ENCODED_TOKENS] = tuple(tuple(e[ENCODED_TOKENS]) for _, e in encoded)
+    if "pooled_output" in extras:
+        extras["pooled_output"] = torch.cat([e["pooled_output"] for _, e in encoded])
+    return [[torch.cat(ctx), extras]]
+
+
+class SynCDTinyDemoPromptBatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SynCDTinyDemoPromptBatch",
+            display_name="SynCD Tiny Demo Per-Image Prompts",
+            category="SynCD/testing",
+            description="SynCD Per-Image Prompts for the tiny demo models without a text encoder: one row per line "
+                        "of the tiny demo text encoding (ComfyUI's CLIP-L tokens mapped to seeded vectors).",
+            inputs=[
+                family_input("Must match the SynCD Tiny Demo Model's family."),
+                io.String.Input("text", multiline=True, default="a photo of a dog on a beach\n"
+                                "a photo of a dog in a forest\na photo of a dog in a living room",
+                                tooltip=TEXT_TOOLTIP),
+                io.Boolean.Input("prompt_per_image", default=True, tooltip=PER_IMAGE_TOOLTIP),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of the token embedding table (keep it equal for positive and negative)."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="CONDITIONING"),
+                     io.String.Output(display_name="prompts", tooltip=PROMPTS_OUTPUT_TOOLTIP)],
+        )
+
+    @classmethod
+    def validate_inputs(cls, family=None):
+        return choices.check(cls, family=family)
+
+    @classmethod
+    def execute(cls, family: str, text: str, prompt_per_image: bool, seed: int) -> io.NodeOutput:
+        lines = chosen_lines(text, prompt_per_image)
+        return io.NodeOutput(encode_prompt_rows(family, lines, seed), "\n".join(lines))
+
+
 def demo_subject_images(count: int, size: int, seed: int):
     """``count`` views of one synthetic subject (a striped disc) on different random backgrounds, with its masks."""
     import torch
@@ -141,4 +201,4 @@ class SynCDTinyDemoIPAdapter(io.ComfyNode):
 
 
 DEMO_NODES = [SynCDTinyDemoModel, SynCDTinyDemoTextEncode, SynCDTinyDemoReferences, SynCDTinyDemoIPAdapter,
-              SynCDTinyDemoScoreModel]
+              SynCDTinyDemoScoreModel, SynCDTinyDemoPromptBatch]

@@ -11,6 +11,7 @@ from .ip_adapter import SynCDIPAdapterApply, SynCDIPAdapterLoader
 from .jedi import JeDiJointImageSet
 from .jedi_checkpoint import JeDiCheckpointLoader
 from .mesh_views import SynCDMeshViews
+from .prompt_batch import SynCDPromptBatch
 from .reference_nodes import SynCDApplyReferences, SynCDReferenceImages
 from .shared_attention_node import SynCDSharedAttention
 from .syncd_checkpoint import SynCDCheckpointLoader
@@ -19,4 +20,4 @@ NODES = [SynCDSharedAttention, SynCDReferenceImages, SynCDApplyReferences, SynCD
          SynCDCustomizationSampler, JeDiJointImageSet, SynCDIPAdapterLoader, SynCDIPAdapterApply,
          SynCDCheckpointLoader, JeDiCheckpointLoader, DCIDualBranch, DCIGuiderNode, DCIWeightMaps,
          SynCDIdentityModelLoader, SynCDIdentityScore, SynCDAestheticScore, SynCDDatasetWriter,
-         SynCDMeshViews, SynCDFeatureWarp, SynCDLoadCorrespondences, SynCDAutomaticMasks]
+         SynCDMeshViews, SynCDFeatureWarp, SynCDLoadCorrespondences, SynCDAutomaticMasks, SynCDPromptBatch]

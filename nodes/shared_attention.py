@@ -18,9 +18,11 @@ from typing import Callable, Optional
 
 import torch
 
-from ..attention.masks import AutomaticMaskEstimator, layer_foreground, resize_to_grid, subject_attention
+from ..attention.masks import (AutomaticMaskEstimator, layer_foreground, resize_to_grid, subject_attention,
+                               subject_attention_rows)
 from ..attention.shared import (shared_attention, shared_attention_reference, shared_reference_attention,
                                 shared_reference_attention_reference)
+from ..core.tokens import rows_token_positions
 from . import choices
 from . import patch_kit as kit
 from . import self_attention
@@ -38,6 +40,15 @@ DEFAULT_DILATION = 9  # upstream rigid data generation: 9×9 at the token grid (
 
 
 @dataclass(frozen=True)
+class PromptLine:
+    """One line of a multi-line automatic-mode prompt, read as its own image's prompt when the positive
+    conditioning has one row per line (SynCD Per-Image Prompts)."""
+    text: str
+    subject_tokens: Optional[tuple[int, ...]]  # positions of the subject word in this line; None: not in it
+    token_ids: tuple = ()                      # the line's token ids, as tokenized for the search
+
+
+@dataclass(frozen=True)
 class SharedAttentionConfig:
     images_per_subject: int
     mask_mode: str                          # "foreground_masks" | "none" | "automatic"
@@ -51,6 +62,7 @@ class SharedAttentionConfig:
     mask_dilation: int = DEFAULT_DILATION   # box size at the base grid (latent grid; Flux token grid)
     subject_tokens: tuple[int, ...] = ()    # automatic mode: positions of the subject word in the prompt
     prompt_tokens: tuple[int, ...] = ()     # automatic mode: the prompt's token ids, as tokenized for the search
+    prompt_lines: tuple[PromptLine, ...] = ()  # automatic mode, a prompt of several lines: each line on its own
 
 
 RUN_ATTACHMENT = "syncd_shared_attention_run"
@@ -65,6 +77,7 @@ class SharedAttentionRun:
         self.is_flux = is_flux
         self.blocks = frozenset(blocks)
         self.sigma_max = sigma_max
+        self.prompt_rows: Optional[tuple[tuple[int, ...], ...]] = None  # per-prompt subject tokens (one per row)
         self.reset(None)
 
     def reset(self, latent_shape: Optional[torch.Size]) -> None:
@@ -147,14 +160,20 @@ class SharedAttentionRun:
         estimate (upstream ``AttentionStore``, nupurkmr9/syncd ``dataset/src/editor.py``)."""
         if self.estimator is None:
             return
-        tokens = self.config.subject_tokens
-        if max(tokens) >= text_vectors.shape[2]:
-            raise ValueError(f"SynCD automatic masks: subject token position {max(tokens)} is beyond the "
+        per_prompt = self.prompt_rows or (self.config.subject_tokens,)
+        last = max(max(tokens) for tokens in per_prompt)
+        if last >= text_vectors.shape[2]:
+            raise ValueError(f"SynCD automatic masks: subject token position {last} is beyond the "
                              f"{text_vectors.shape[2]} text tokens of the conditioning; is the prompt the one encoded?")
         for cond_index, rows in conditioning_chunks(image_vectors.shape[0], to):
-            if cond_index == 0:
-                maps = subject_attention(image_vectors[rows, :, :grid[0] * grid[1]], text_vectors[rows], tokens)
-                self.estimator.add(maps, grid)
+            if cond_index != 0:
+                continue
+            image, text = image_vectors[rows, :, :grid[0] * grid[1]], text_vectors[rows]
+            if len(per_prompt) == 1:
+                maps = subject_attention(image, text, per_prompt[0])
+            else:  # a chunk holds the whole latent batch: image j has prompt j mod n, as ComfyUI tiles the rows
+                maps = subject_attention_rows(image, text, rows_token_positions(per_prompt, text.shape[0]))
+            self.estimator.add(maps, grid)
 
     def share_groups(self, q, k, v, state: kit.ForwardState, to: dict, n_text: int, grid: tuple[int, int],
                      key_shift=None, references=None, own_attention=None) -> torch.Tensor:
@@ -203,19 +222,54 @@ def make_unet_attn2(run: SharedAttentionRun) -> Callable:
     return attn2
 
 
-# --- Flux ----------------------------------------------------------------------------------------------------
+# --- Which prompt each image has (automatic masks) ------------------------------------------------------------
 
-def check_encoded_prompt(config: SharedAttentionConfig, guider) -> None:
-    """Automatic masks locate subject_word in the node's ``prompt``; where the positive conditioning records the
-    token ids it encoded (``kit.ENCODED_TOKENS``: the tiny demo encoding), that must be the same text."""
-    if config.mask_mode != "automatic" or not config.prompt_tokens:
-        return
-    encoded = [entry[kit.ENCODED_TOKENS] for entry in guider.original_conds.get("positive", [])
-               if kit.ENCODED_TOKENS in entry]
-    if encoded and tuple(config.prompt_tokens) not in {tuple(ids) for ids in encoded}:
+def encoded_rows(entry: dict) -> Optional[tuple[tuple, ...]]:
+    """The token ids a conditioning entry records per row (``kit.ENCODED_TOKENS``: the tiny demo encodings; one
+    tuple of ids, or one per row for a per-image batch), or None."""
+    ids = entry.get(kit.ENCODED_TOKENS)
+    if ids is None:
+        return None
+    ids = tuple(ids)
+    return tuple(tuple(row) for row in ids) if ids and isinstance(ids[0], (tuple, list)) else (ids,)
+
+
+def subject_token_rows(config: SharedAttentionConfig, guider) -> Optional[tuple[tuple[int, ...], ...]]:
+    """Automatic masks: where the subject word sits for each latent image, decided by the positive conditioning.
+
+    A prompt of n > 1 lines with a positive conditioning of n rows (SynCD Per-Image Prompts) is one prompt per
+    line: the result is each line's subject-token positions (image j uses line j mod n). Otherwise the whole text
+    is one prompt for every image: None (``config.subject_tokens``). Where the conditioning records the token ids it
+    encoded (``kit.ENCODED_TOKENS``: the tiny demo encodings), they must be the prompt's."""
+    if config.mask_mode != "automatic":
+        return None
+    positive = guider.original_conds.get("positive", [])
+    rows = {int(entry["cross_attn"].shape[0]) for entry in positive if torch.is_tensor(entry.get("cross_attn"))}
+    lines = config.prompt_lines
+    per_line = len(lines) > 1 and rows == {len(lines)}
+    if len(lines) > 1 and not per_line and rows - {1}:
+        raise ValueError(f"{NODE}: the prompt has {len(lines)} lines but the positive conditioning has "
+                         f"{', '.join(map(str, sorted(rows)))} rows; for one prompt per image connect SynCD Per-Image "
+                         f"Prompts' 'prompts' output to 'prompt' (one line per conditioning row), else the text that "
+                         f"was encoded as one prompt")
+    encoded = [ids for ids in map(encoded_rows, positive) if ids is not None]
+    if per_line:
+        missing = [i for i, line in enumerate(lines) if line.subject_tokens is None]
+        if missing:
+            i = missing[0]
+            raise ValueError(f"{NODE}: the subject word is not in line {i + 1} of the prompt ({lines[i].text!r}); "
+                             f"with one prompt per image every line must name the subject")
+        expected = tuple(tuple(line.token_ids) for line in lines)
+        if encoded and all(line.token_ids for line in lines) and expected not in set(encoded):
+            raise ValueError(f"{NODE}: the 'prompt' lines are not the prompts the positive conditioning encoded, so "
+                             f"subject_word's tokens would be located in the wrong text; connect SynCD Per-Image "
+                             f"Prompts' 'prompts' output to 'prompt'")
+        return tuple(line.subject_tokens for line in lines)
+    if config.prompt_tokens and encoded and (tuple(config.prompt_tokens),) not in set(encoded):
         raise ValueError(f"{NODE}: the 'prompt' input is not the text the positive conditioning encoded, so "
                          f"subject_word's tokens would be located in the wrong text; give the prompt exactly as "
                          f"encoded (connect the same text to both)")
+    return None
 
 
 # --- Putting it on a model ------------------------------------------------------------------------------------
@@ -239,7 +293,7 @@ def apply_shared_attention(model, config: SharedAttentionConfig, blocks: str = "
 
     def start(noise, guider):
         run.validate(noise.shape[0])
-        check_encoded_prompt(config, guider)
+        run.prompt_rows = subject_token_rows(config, guider)
         run.reset(noise.shape)  # the state of the previous run never leaks into this one
 
     kit.add_run(m, PATCH_KEY, start)

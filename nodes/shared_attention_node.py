@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..core.tokens import clip_tokenizer, subject_token_positions
+from ..core.tokens import clip_tokenizer, prompt_lines, subject_token_positions
 from .patch_kit import TOKENIZER
 from . import choices
-from .shared_attention import (DEFAULT_DILATION, FLUX_ROPE_LAYOUTS, IMPLEMENTATIONS, MASK_MODES,
+from .shared_attention import (DEFAULT_DILATION, FLUX_ROPE_LAYOUTS, IMPLEMENTATIONS, MASK_MODES, PromptLine,
                                SharedAttentionConfig, apply_shared_attention)
 
 
@@ -52,8 +52,13 @@ class SynCDSharedAttention(io.ComfyNode):
                                 tooltip="automatic mode: the positive prompt, character for character the text "
                                         "the positive conditioning encoded (connect the same text to both): "
                                         "subject_word's token positions are looked up in it, over all its 77-token "
-                                        "chunks. A different text would point at the wrong tokens; with the tiny "
-                                        "demo encoding the mismatch is refused."),
+                                        "chunks. One prompt per image: connect SynCD Per-Image Prompts' 'prompts' "
+                                        "output; when the text has n > 1 lines and the positive conditioning n "
+                                        "rows, each line is its own image's prompt (image j: line j mod n, as "
+                                        "ComfyUI repeats the rows over the batch) and every line must contain "
+                                        "subject_word; with a one-row conditioning the whole text, newlines "
+                                        "included, is one prompt. A different text would point at the wrong "
+                                        "tokens; with the tiny demo encoding the mismatch is refused."),
                 io.String.Input("subject_word", default="", optional=True,
                                 tooltip="automatic mode: the word naming the subject in the prompt, e.g. 'dog'."),
                 io.Combo.Input("flux_rope_layout", options=list(FLUX_ROPE_LAYOUTS), default="stacked", optional=True,
@@ -96,7 +101,7 @@ class SynCDSharedAttention(io.ComfyNode):
                                  "mask_mode 'none' (JeDi coupled attention) or 'automatic'")
             masks = foreground_masks if foreground_masks.ndim == 3 else foreground_masks.unsqueeze(0)
             masks = masks.float().cpu()
-        tokens, prompt_tokens = (), ()
+        tokens, prompt_tokens, lines = (), (), ()
         if mask_mode == "automatic":
             if clip is not None:
                 tokenize = clip_tokenizer(clip)
@@ -107,6 +112,10 @@ class SynCDSharedAttention(io.ComfyNode):
                                  "prompt (to find subject_word's tokens); connect it to the 'clip' input")
             tokens = subject_token_positions(tokenize, prompt, subject_word)
             prompt_tokens = tuple(tokenize(prompt))
+            lines = prompt_lines(prompt)
+            if len(lines) > 1:  # one prompt per image if the conditioning has a row per line (decided at sampling)
+                lines = tuple(PromptLine(line, line_subject_tokens(tokenize, line, subject_word),
+                                         tuple(tokenize(line))) for line in lines)
         sampling = model.get_model_object("model_sampling")
         config = SharedAttentionConfig(
             images_per_subject=images_per_subject,
@@ -121,6 +130,16 @@ class SynCDSharedAttention(io.ComfyNode):
             mask_dilation=mask_dilation,
             subject_tokens=tokens,
             prompt_tokens=prompt_tokens,
+            prompt_lines=tuple(lines) if len(lines) > 1 else (),
         )
         patched, _ = apply_shared_attention(model, config, blocks)
         return io.NodeOutput(patched)
+
+
+def line_subject_tokens(tokenize, line: str, subject_word: str):
+    """The subject word's positions in one line of the prompt, or None when the line does not name it (an error
+    only if the lines turn out to be per-image prompts)."""
+    try:
+        return subject_token_positions(tokenize, line, subject_word)
+    except ValueError:
+        return None

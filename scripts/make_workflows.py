@@ -52,10 +52,16 @@ SDXL_PROMPT = "An action figure riding a motorcycle"
 FLUX_PROMPT = "An action figure on top of a mountain, sunset in the background. Realistic shot."
 CATEGORY = "action figure"
 FLUX_NEGATIVE = "3d render, cartoon, low resolution, illustration, blurry, unrealistic"  # sample_flux.py
-DATAGEN_PROMPT = ("A sunlit living room with a wooden floor and a large window. A fluffy brown dog with floppy ears "
-                  "and a red collar. wide angle shot")  # "{background}. {description}. wide angle shot"
+# data generation: one prompt per image, "{background}. {description}. wide angle shot" (gen_deformable.py) and
+# "{background} a natural image with the object on the ground." (gen_rigid.py)
+DATAGEN_DESCRIPTION = "A fluffy brown dog with floppy ears and a red collar"
+DATAGEN_PROMPTS = tuple(f"{background}. {DATAGEN_DESCRIPTION}. wide angle shot" for background in (
+    "A dog lies on the wooden floor of a sunlit living room", "A dog runs along a sandy beach at sunset",
+    "A dog stands in a snowy forest clearing"))
 JEDI_PROMPT = "a photo of a corgi dog on the beach"
-RIGID_PROMPT = "a mug on a wooden kitchen table next to a bowl of fruit a natural image with the object on the ground."
+RIGID_PROMPTS = tuple(f"{background} a natural image with the object on the ground." for background in (
+    "a mug on a wooden kitchen table next to a bowl of fruit", "a mug on an office desk beside a laptop",
+    "a mug on a stone garden wall in front of flowers"))
 RIGID_NEGATIVE = "3d render, cartoon, low resolution, illustration, blurry"  # gen_rigid.py
 
 COLORS = {"Models": "#3f789e", "References": "#8a6d3b", "Mesh": "#8a6d3b", "Prompts": "#3f8e5a", "Sampling": "#7a4f9e",
@@ -466,12 +472,11 @@ def flux_datagen(object_info: dict, name: str) -> dict:
     g = Builder(object_info)
     g.extra["syncd"] = {"family": "flux"}
     unet, clip, vae = flux_models(g)
-    prompt = g.add("PrimitiveStringMultiline", title="Prompt: {background}. {description}. wide angle shot",
-                   size=(400, 200), value=DATAGEN_PROMPT, properties=DATAGEN_SLOT("prompt"))
-    positive_text = g.add("CLIPTextEncode", title="Prompt", text=DATAGEN_PROMPT)  # the text comes from the link
+    positive_text = g.add("SynCDPromptBatch", title="Prompts, one per image: {background}. {description}. wide "
+                          "angle shot", size=(420, 240), text="\n".join(DATAGEN_PROMPTS),
+                          properties=DATAGEN_SLOT("prompts"))
     positive = g.add("FluxGuidance", guidance=3.5)
     negative = g.add("ConditioningZeroOut", title="Negative (unused at cfg 1)")
-    g.connect(prompt, 0, positive_text, "text")
     g.connect(clip, 0, positive_text, "clip")
     g.connect(positive_text, 0, positive, "conditioning")
     g.connect(positive_text, 0, negative, "conditioning")
@@ -481,7 +486,7 @@ def flux_datagen(object_info: dict, name: str) -> dict:
     empty = g.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=3)
     g.connect(unet, 0, shared, "model")
     g.connect(clip, 0, shared, "clip")
-    g.connect(prompt, 0, shared, "prompt")
+    g.connect(positive_text, 1, shared, "prompt")  # the encoded prompts: each image's subject word in its own line
     sampler = g.ksampler(shared, positive, negative, empty, steps=50, cfg=1.0, scheduler="simple",
                          properties=DATAGEN_SLOT("seed"))
     outputs = g.output(sampler, (vae, 0), "syncd_datagen")
@@ -508,14 +513,15 @@ def flux_datagen(object_info: dict, name: str) -> dict:
         "",
         "Upstream's settings (dataset/gen_deformable.py): 3 images per subject, 1024×1024, 50 steps, guidance 3.5, "
         "no true CFG (cfg 1), prompt '{background}. {description}. wide angle shot', subject word = the category "
-        "in lower case. Upstream gives each of the three images its own background prompt; here one prompt "
-        "drives the batch (edit it on the Prompt node, which feeds both the text encoder and the shared "
-        "attention's subject-word lookup). SynCD Automatic Masks saves each image's subject mask (the Otsu map of "
-        "the attention to the subject word, as upstream saves for training).",
+        "in lower case. As upstream, each image has its own prompt: line i of SynCD Per-Image Prompts conditions "
+        "image i, and its 'prompts' output tells the shared attention where the subject word sits in each line "
+        "(every line must contain it). Turn prompt_per_image off for one prompt (the first line) for the whole "
+        "set. SynCD Automatic Masks saves each image's subject mask (the Otsu map of the attention to the "
+        "subject word, as upstream saves for training).",
         "",
         TINY_HINT.format(name=name),
     ]))
-    g.groups_in_order(Models=[[unet, clip, vae]], Prompts=[[prompt, positive_text], [positive, negative]],
+    g.groups_in_order(Models=[[unet, clip, vae]], Prompts=[[positive_text], [positive, negative]],
                       Sampling=[[shared], [empty, sampler]], Output=[outputs, [masks, mask_image, save_masks]])
     return g.to_json(left=[note])
 
@@ -532,11 +538,10 @@ def flux_datagen_rigid(object_info: dict, name: str) -> dict:
     vae = g.add("VAELoader", properties=models_property(FLUX_VAE), vae_name=FLUX_VAE[1])
     views = g.add("SynCDMeshViews", size=(340, 560), width=512, height=512,
                   properties={"syncd_datagen": "mesh"})
-    prompt = g.add("PrimitiveStringMultiline", title="Prompt: {background} a natural image with the object on the "
-                   "ground.", size=(400, 160), value=RIGID_PROMPT, properties=DATAGEN_SLOT("prompt"))
-    positive_text = g.add("CLIPTextEncode", title="Prompt", text=RIGID_PROMPT)
+    positive_text = g.add("SynCDPromptBatch", title="Prompts, one per view: {background} a natural image with the "
+                          "object on the ground.", size=(420, 220), text="\n".join(RIGID_PROMPTS),
+                          properties=DATAGEN_SLOT("prompts"))
     negative_text = g.add("CLIPTextEncode", title="Negative prompt (upstream)", text=RIGID_NEGATIVE)
-    g.connect(prompt, 0, positive_text, "text")
     positive = g.add("FluxGuidance", guidance=10.0)
     negative = g.add("FluxGuidance", guidance=10.0)
     for encoder, guided in ((positive_text, positive), (negative_text, negative)):
@@ -581,12 +586,14 @@ def flux_datagen_rigid(object_info: dict, name: str) -> dict:
         "Upstream's settings (dataset/gen_rigid.py): 512×512, 30 steps euler, guidance 10, true CFG 2.5 from the "
         "first step with the negative prompt '3d render, cartoon, low resolution, illustration, blurry', prompt "
         "'{background} a natural image with the object on the ground.', warping while sigma > 0.8 with the last "
-        "view as the anchor. python -m comfyui_syncd datagen fills the prompt, the mesh and the seed per object.",
+        "view as the anchor. Each view has its own prompt (line i of SynCD Per-Image Prompts; prompt_per_image "
+        "off: the first line for all). python -m comfyui_syncd datagen fills the prompts, the mesh and the seed "
+        "per object.",
         "",
         TINY_HINT.format(name=name),
     ]))
     g.groups_in_order(Models=[[unet, clip, vae]], Mesh=[[views]],
-                      Prompts=[[prompt, positive_text, negative_text], [positive, negative, depth]],
+                      Prompts=[[positive_text, negative_text], [positive, negative, depth]],
                       Sampling=[[shared, warp], [sampler]], Output=[outputs + [mask_image, save_masks]])
     return g.to_json(left=[note])
 

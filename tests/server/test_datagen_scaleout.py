@@ -120,3 +120,30 @@ def test_rigid_object_gets_its_rendered_masks(comfy_server, tmp_path):
     assert len(record.images) == 3 and all(m is not None for m in record.masks)
     entry = json.loads((tmp_path / "ds" / "mug-0_metadata.json").read_text())[0]
     assert entry["mesh"] == "mug.glb" and entry["prompts"] == ["a kitchen table"] * 3
+
+
+def test_each_image_is_generated_and_stored_with_its_own_prompt(comfy_server, tmp_path):
+    """The shipped deformable workflow on the tiny models through the driver: an object's 3 different prompts reach
+    the sampler one per image (the images differ from a run with prompt_per_image off, the same seed) and the
+    dataset stores each image's own caption (upstream's: the background, the description taken off)."""
+    import numpy as np
+    from PIL import Image
+
+    backgrounds = ("a dog on a beach", "a dog in a snowy forest", "in a kitchen a dog")
+    spec = ObjectSpec("dog-9", "dog", tuple(f"{b}. a brown dog. wide angle shot" for b in backgrounds),
+                      extra=(("description", "a brown dog"),))
+    workflows = load_workflows(DEFAULT_WORKFLOWS)
+    one_prompt = json.loads(json.dumps(workflows["deformable"]))
+    (batch,) = [n for n in one_prompt["nodes"] if n["type"] == "SynCDPromptBatch"]
+    assert batch["widgets_values"][1] is True
+    batch["widgets_values"][1] = False  # prompt_per_image off: the first prompt for the whole set
+    for name, graphs in (("per_image", workflows), ("one_prompt", {"deformable": one_prompt})):
+        writer = Writer(tmp_path / name)
+        run_on_servers([comfy_server.url], [spec], graphs, writer, seed=0, tiny=True, retries=0, timeout=600)
+        assert writer.written == ["dog-9"], writer.failed
+    stored = {name: json.loads((tmp_path / name / "dog-9_metadata.json").read_text())[0]["prompts"]
+              for name in ("per_image", "one_prompt")}
+    assert stored == {"per_image": list(backgrounds), "one_prompt": [backgrounds[0]] * 3}
+    (per_image,), (one,) = read_dataset(tmp_path / "per_image"), read_dataset(tmp_path / "one_prompt")
+    pixels = [[np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in r.images] for r in (per_image, one)]
+    assert all(np.abs(a - b).max() > 0 for a, b in zip(*pixels)), "other prompts for images 1 and 2 change the set"

@@ -32,9 +32,11 @@ EXPECTED = {
                                                                      "SynCDIdentityScore"}, 3),
     "syncd_customization_flux_1ref.json": ("flux", CUSTOMIZATION | {"SynCDNormalizedGuider"}, 1),
     "syncd_customization_flux_3ref.json": ("flux", CUSTOMIZATION | {"SynCDCustomizationSampler"}, 1),
-    "syncd_datagen_deformable_flux.json": ("flux", {"SynCDSharedAttention", "SynCDAutomaticMasks"}, 6),
+    "syncd_datagen_deformable_flux.json": ("flux", {"SynCDPromptBatch", "SynCDSharedAttention",
+                                                    "SynCDAutomaticMasks"}, 6),
     # 3 views + their 3 rendered masks
-    "syncd_datagen_rigid_flux.json": ("flux", {"SynCDMeshViews", "SynCDSharedAttention", "SynCDFeatureWarp"}, 6),
+    "syncd_datagen_rigid_flux.json": ("flux", {"SynCDPromptBatch", "SynCDMeshViews", "SynCDSharedAttention",
+                                               "SynCDFeatureWarp"}, 6),
     "syncd_consistent_set_qwen_image.json": ("qwen_image", {"SynCDReferenceImages", "SynCDApplyReferences",
                                                             "SynCDSharedAttention", "SynCDNormalizedGuider"}, 3),
     "jedi_coupled_attention_sd15.json": ("sd15", {"SynCDSharedAttention"}, 3),
@@ -49,7 +51,10 @@ LOADER_FILES = {"CheckpointLoaderSimple": {0: "checkpoints"}, "UNETLoader": {0: 
                 "CLIPLoader": {0: "text_encoders"},
                 "CLIPVisionLoader": {0: "clip_vision"}, "SynCDIPAdapterLoader": {0: "ipadapter"},
                 "SynCDCheckpointLoader": {0: "syncd"}, "SynCDIdentityModelLoader": {0: "syncd_identity"}}
-TINY_TYPES = {"SynCDTinyDemoModel", "SynCDTinyDemoTextEncode", "SynCDTinyDemoReferences", "SynCDTinyDemoIPAdapter"}
+TINY_TYPES = {"SynCDTinyDemoModel", "SynCDTinyDemoTextEncode", "SynCDTinyDemoReferences", "SynCDTinyDemoIPAdapter",
+              "SynCDTinyDemoPromptBatch"}
+SWAPPED_BY_TINY = {"SynCDCheckpointLoader": None, "SynCDIPAdapterLoader": "SynCDTinyDemoIPAdapter",
+                   "SynCDPromptBatch": "SynCDTinyDemoPromptBatch"}  # pack node -> what runs in its place
 
 
 def load(name: str) -> dict:
@@ -203,12 +208,27 @@ def test_datagen_and_jedi_settings(comfy_client):
     shared = found["SynCDSharedAttention"][0]
     assert (shared["images_per_subject"], shared["mask_mode"], shared["subject_word"]) == (3, "automatic", "dog")
     assert shared["clip"] == [id_of(api, "DualCLIPLoader"), 0], "real models find the subject word with T5/CLIP"
-    prompt = api[shared["prompt"][0]]["inputs"]["value"]
-    assert prompt.endswith(". wide angle shot") and prompt.count(". ") >= 2  # "{background}. {description}. ..."
-    assert found["CLIPTextEncode"][0]["text"] == shared["prompt"], "one prompt feeds the encoder and the masks"
+    # upstream: one prompt per image; the per-image node's encoded prompts feed the masks' subject-word lookup
+    (batch,) = found["SynCDPromptBatch"]
+    assert shared["prompt"] == [id_of(api, "SynCDPromptBatch"), 1] and batch["prompt_per_image"] is True
+    assert batch["clip"] == [id_of(api, "DualCLIPLoader"), 0] and "CLIPTextEncode" not in found
+    prompts = batch["text"].splitlines()
+    assert len(prompts) == 3 and len(set(prompts)) == 3 and all("dog" in p for p in prompts)
+    assert all(p.endswith(". wide angle shot") and p.count(". ") >= 2 for p in prompts)  # "{bg}. {desc}. ..."
+    assert found["FluxGuidance"][0]["conditioning"] == [id_of(api, "SynCDPromptBatch"), 0]
     assert found["EmptySD3LatentImage"][0] == {"width": 1024, "height": 1024, "batch_size": 3}
     sampler = found["KSampler"][0]
     assert (sampler["steps"], sampler["cfg"]) == (50, 1.0) and found["FluxGuidance"][0]["guidance"] == 3.5
+
+    api = to_api(load("syncd_datagen_rigid_flux.json"), info)
+    found = by_type(api)
+    (batch,) = found["SynCDPromptBatch"]
+    prompts = batch["text"].splitlines()
+    assert len(set(prompts)) == 3
+    assert all(p.endswith(" a natural image with the object on the ground.") for p in prompts)
+    (negative,) = found["CLIPTextEncode"]
+    assert negative["text"] == "3d render, cartoon, low resolution, illustration, blurry"
+    assert [id_of(api, "SynCDPromptBatch"), 0] in [g["conditioning"] for g in found["FluxGuidance"]]
 
     found = by_type(to_api(load("jedi_coupled_attention_sd15.json"), info))
     assert found["SynCDSharedAttention"][0]["mask_mode"] == "none"
@@ -266,7 +286,8 @@ def test_runs_with_tiny(path, comfy_server, tmp_path):
             embedded = json.loads(image.info["workflow"])  # the graph that ran: the swapped one
             prompt = json.loads(image.info["prompt"])
         ran = {n["class_type"] for n in prompt.values()}
-        assert pack_nodes - {"SynCDCheckpointLoader", "SynCDIPAdapterLoader"} <= ran
+        assert pack_nodes - set(SWAPPED_BY_TINY) <= ran
+        assert {SWAPPED_BY_TINY[n] for n in pack_nodes & set(SWAPPED_BY_TINY)} - {None} <= ran
         assert "SynCDTinyDemoModel" in ran
         assert not ran & (set(LOADER_FILES) | {"LoadImage", "LoadImageMask"}), "a real loader was left"
         assert embedded["extra"]["syncd"] == {"family": family, "tiny": True}

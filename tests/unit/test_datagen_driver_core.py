@@ -54,6 +54,52 @@ def test_object_seed_is_stable_per_object_and_differs_between_objects():
     assert len({object_seed(0, "a"), object_seed(0, "b"), object_seed(1, "a")}) == 3
 
 
+PROMPT_BATCH = {"input": {"required": {"clip": ["CLIP"], "text": ["STRING", {"multiline": True}],
+                                       "prompt_per_image": ["BOOLEAN", {"default": True}]}},
+                "input_order": {"required": ["clip", "text", "prompt_per_image"]},
+                "output": ["CONDITIONING", "STRING"], "output_name": ["CONDITIONING", "prompts"]}
+PRIMITIVE = {"input": {"required": {"value": ["STRING", {"multiline": True}]}}, "input_order": {"required": ["value"]},
+             "output": ["STRING"], "output_name": ["STRING"]}
+SAVE = {"input": {"required": {"images": ["IMAGE"]}}, "input_order": {"required": ["images"]}, "output": [],
+        "output_name": []}
+OBJECT_INFO = {"SynCDPromptBatch": PROMPT_BATCH, "PrimitiveStringMultiline": PRIMITIVE, "SaveImage": SAVE}
+
+
+def _workflow(kind: str, role: str, **widgets) -> dict:
+    values = {"SynCDPromptBatch": ["", widgets.get("prompt_per_image", True)], "PrimitiveStringMultiline": [""]}[kind]
+    return {"nodes": [{"id": 1, "type": kind, "inputs": [], "outputs": [], "widgets_values": values,
+                       "properties": {"syncd_datagen": role}},
+                      {"id": 2, "type": "SaveImage", "inputs": [], "outputs": [], "widgets_values": [],
+                       "properties": {"syncd_datagen": "images"}}], "links": []}
+
+
+@pytest.mark.parametrize("kind, role, widgets, n_prompts, expected", [
+    ("SynCDPromptBatch", "prompts", {}, 3, [0, 1, 2]),                   # upstream: one prompt per image
+    ("SynCDPromptBatch", "prompts", {}, 2, [0, 1, 0]),                   # ComfyUI repeats the rows over the batch
+    ("SynCDPromptBatch", "prompts", {"prompt_per_image": False}, 3, [0, 0, 0]),  # one prompt for the set
+    ("PrimitiveStringMultiline", "prompts", {}, 3, [0, 1, 2]),
+    ("PrimitiveStringMultiline", "prompt", {}, 3, [0, 0, 0]),           # the first prompt only
+])
+def test_fill_and_the_prompt_stored_for_each_image(kind, role, widgets, n_prompts, expected):
+    from comfyui_syncd.datagen.driver import fill, image_prompts
+
+    spec = ObjectSpec("dog-1", "dog", tuple(f"a dog in scene {k}" for k in range(n_prompts)))
+    filled = fill(_workflow(kind, role, **widgets), spec, 7, OBJECT_INFO)
+    text = filled["nodes"][0]["widgets_values"][0]
+    assert text == ("\n".join(spec.prompts) if role == "prompts" else spec.prompts[0])
+    assert image_prompts(filled, spec, 3, OBJECT_INFO) == [spec.prompts[k] for k in expected]
+
+
+def test_per_image_prompts_must_be_single_lines():
+    from comfyui_syncd.datagen.driver import fill
+
+    for bad in ("two\nlines", "  "):
+        spec = ObjectSpec("dog-1", "dog", ("a dog", bad, "a dog too"))
+        with pytest.raises(DatagenError, match="blank or spans lines"):
+            fill(_workflow("SynCDPromptBatch", "prompts"), spec, 7, OBJECT_INFO)
+    fill(_workflow("SynCDPromptBatch", "prompt"), ObjectSpec("dog-1", "dog", ("a dog", "  ")), 7, OBJECT_INFO)
+
+
 def _png(value: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16), (value, value, value)).save(buffer, format="PNG")
