@@ -112,7 +112,8 @@ def load(path=SHIPPED) -> tuple[comfy.model_patcher.ModelPatcher, comfy.sd.CLIP,
 
 
 def model_choices() -> list[str]:
-    return [SHIPPED_CHOICE] + folder_paths.get_filename_list(FOLDER)
+    """The shipped model (once a full reproduce run has been shipped in ``toyworld/weights``) and the user's."""
+    return ([SHIPPED_CHOICE] if available() else []) + folder_paths.get_filename_list(FOLDER)
 
 
 class SynCDToyWorldModel(io.ComfyNode):
@@ -129,7 +130,7 @@ class SynCDToyWorldModel(io.ComfyNode):
                         "'a red striped cube on green grass, on the left'. Use 64x64 latents (Empty Latent Image "
                         "64x64).",
             inputs=[
-                io.Combo.Input("model_file", options=model_choices(), default=SHIPPED_CHOICE,
+                io.Combo.Input("model_file", options=model_choices(),
                                tooltip="The shipped model, or a toy_sd15.safetensors of your own run of 'python -m "
                                        "comfyui_syncd toyworld reproduce' copied to models/syncd_toyworld."),
             ],

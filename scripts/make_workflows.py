@@ -255,11 +255,9 @@ def sdxl_customization(object_info: dict, name: str, references: int, all_in_one
         f"images_per_subject {set_size}): every image attends to its own tokens, the foreground of the other "
         "new images (masks estimated every step from the attention to the subject word, which must be in the "
         "prompt) and the references' foreground. The guider's unconditional branch sees neither; its image and "
-        "full branches see both. One prompt drives the whole batch: a latent batch has one conditioning, "
-        "ConditioningCombine does not give each image its own prompt (it mixes every entry into every image), and "
-        "core ComfyUI has no node that stacks different prompts into a per-image batch; the scenes differ by the "
-        "noise. For a different scene per image, run the workflow once per prompt (the images then do not share "
-        "attention) or write the scene into the one prompt.",
+        "full branches see both. One prompt drives the whole batch here; the scenes differ by the noise. For a "
+        "different scene per image, replace the positive CLIP Text Encode by SynCD Per-Image Prompts (one prompt "
+        "per line, image i gets line i) and connect its prompts output to the shared attention's prompt.",
     ]
     identity_note = [] if not score else [
         "",

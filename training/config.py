@@ -13,13 +13,40 @@ import pathlib
 import tomllib
 import types
 import typing
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 T = typing.TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the key."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunConfig:
+    """The ``train:`` keys every step-loop script shares (:mod:`.loop`); a script's ``TrainConfig`` subclasses it,
+    redeclaring the defaults it changes and adding its own keys."""
+    output_dir: str
+    name: str = "run"                    # names the exported files
+    max_steps: int = 10000
+    batch_size: int = 1                  # per process and micro-batch
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1.0e-4
+    weight_decay: float = 0.01
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None  # null: accelerate's config
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500          # resumable checkpoint every N steps (and at the end)
+    keep_checkpoints: int = 2            # newest checkpoints kept (0: all)
+    tensorboard: bool = True             # also log to TensorBoard (output_dir/logs) if tensorboard is installed
+
+
+@dataclasses.dataclass(kw_only=True)
+class AdamConfig:
+    """AdamW's moments (the learning rate and weight decay are :class:`RunConfig`'s)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1.0e-8
 
 
 STEP_COUNTS = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every")

@@ -70,28 +70,19 @@ class LoraConfig:
     alpha: float = 32.0                 # upstream 32
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    output_dir: str
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig(config_mod.RunConfig):
+    """``train:`` — the shared keys (:class:`~.config.RunConfig`) at upstream's values, and the Flux model's own."""
     name: str = "syncd_flux"
-    max_steps: int = 25100              # upstream 25,100 optimizer steps
-    batch_size: int = 1                 # upstream micro-batch 1
+    max_steps: int = 25100              # upstream 25,100 optimizer steps (batch_size: upstream micro-batch 1)
     gradient_accumulation_steps: int = 2  # upstream 2
     optimizer: Literal["adamw", "prodigy"] = "adamw"  # upstream prodigy (lr 1.0)
-    learning_rate: float = 1.0e-4
     weight_decay: float = 1.0e-4        # upstream 1e-4 (decoupled)
     max_grad_norm: float = 1.0          # upstream gradient clipping 1.0
     guidance: float = 1.0               # guidance embedding value in training (upstream 1.0)
     sigma_beta_a: float = 4.0           # σ ~ Beta(a, b) before the shift (upstream 4, 2)
     sigma_beta_b: float = 2.0
-    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
     export_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    tensorboard: bool = True            # also log the loss (and validation grids) to TensorBoard
-                                        #   (output_dir/logs) if tensorboard is installed
 
 
 @dataclasses.dataclass

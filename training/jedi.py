@@ -87,28 +87,14 @@ class DataConfig:
     num_workers: int = 4
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    output_dir: str
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig(config_mod.RunConfig, config_mod.AdamConfig):
+    """``train:`` — the shared keys (:class:`~.config.RunConfig`; batch_size counts sets) and JeDi's own."""
     name: str = "jedi"
-    max_steps: int = 10000
-    batch_size: int = 1                  # sets per process and micro-batch
-    gradient_accumulation_steps: int = 1
     learning_rate: float = 5.0e-5        # the paper's 5e-5
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1.0e-8
-    weight_decay: float = 0.01
     loss_on_references: bool = False    # true: the loss also covers the reference images (paper eq. 2 as written)
-    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
     export_every_checkpoint: bool = True
     export_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    tensorboard: bool = True             # also log the loss (and validation grids) to TensorBoard
-                                         #   (output_dir/logs) if tensorboard is installed
 
 
 @dataclasses.dataclass

@@ -126,30 +126,18 @@ class LoraConfig:
     alpha: float = 128.0                 # upstream alpha 128 (scale alpha/rank = 1)
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    output_dir: str                      # run folder: checkpoints, exports
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig(config_mod.RunConfig, config_mod.AdamConfig):
+    """``train:`` — the shared keys (:class:`~.config.RunConfig`) at upstream's values, and SynCD's own."""
     name: str = "syncd"                  # export file name
     max_steps: int = 20100               # optimizer steps (upstream 20,100)
-    batch_size: int = 1                  # objects per process and micro-batch (upstream 1)
-    gradient_accumulation_steps: int = 4  # upstream 4
+    gradient_accumulation_steps: int = 4  # upstream 4 (batch_size: objects per micro-batch, upstream 1)
     learning_rate: float = 5.0e-6        # constant (upstream 5e-6)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1.0e-8
-    weight_decay: float = 0.01
     prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"  # upstream v-prediction
     rescale_betas_zero_snr: bool = True  # upstream zero-terminal-SNR betas
     ip_scale: float = 1.0                # IP-Adapter scale in training (upstream 1)
-    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None  # null: accelerate's config (upstream bf16)
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    checkpoint_every: int = 500          # resumable checkpoint every N steps (and at the end)
-    keep_checkpoints: int = 2            # newest checkpoints kept (0: all)
     export_every_checkpoint: bool = True  # also write the ComfyUI files of each checkpoint (NAME_step000500)
     export_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    tensorboard: bool = True             # also log the loss (and validation grids) to TensorBoard
-                                         #   (output_dir/logs) if tensorboard is installed
 
 
 @dataclasses.dataclass

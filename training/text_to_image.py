@@ -52,26 +52,14 @@ class DataConfig:
     num_workers: int = 0
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    output_dir: str
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig(config_mod.RunConfig, config_mod.AdamConfig):
+    """``train:`` — the shared keys (:class:`~.config.RunConfig`) and this script's own."""
     name: str = "text_to_image"
-    max_steps: int = 10000
     batch_size: int = 32
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1.0e-4
     text_encoder_learning_rate: Optional[float] = None   # None: the text encoder stays frozen
     lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1.0e-8
-    weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    tensorboard: bool = True
 
 
 @dataclasses.dataclass
@@ -125,6 +113,8 @@ def prepare(cfg: TextToImageConfig, resume="auto") -> loop.Run:
     records = data.list_images(cfg.data.dir, need_captions=True)
     unet, text_encoder = parts.unet, parts.text_encoders[0]
     unet.requires_grad_(True).train()
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     groups = [{"params": list(unet.parameters()), "lr": t.learning_rate}]
     if t.text_encoder_learning_rate is not None:
         text_encoder.requires_grad_(True).train()

@@ -73,3 +73,29 @@ def test_vae_round_trip_as_diffusers(parts, comfy_parts):
         decoded = (vae.decode(expected).sample.clamp(-1, 1) + 1) / 2
     torch.testing.assert_close(latent, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(comfy_vae.decode(latent)[0].movedim(-1, 0), decoded[0], rtol=1e-3, atol=1e-3)
+
+
+def test_node_loads_a_model_from_the_models_folder(toy_file, tmp_path, monkeypatch, comfy_imports):
+    import shutil
+
+    import folder_paths
+    from comfyui_syncd.demo import toy_model
+
+    folder = tmp_path / "syncd_toyworld"
+    folder.mkdir()
+    shutil.copy(toy_file, folder / "mine.safetensors")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, toy_model.FOLDER, ([str(folder)], {".safetensors"}))
+    folder_paths.filename_list_cache.pop(toy_model.FOLDER, None)
+    assert "mine.safetensors" in toy_model.model_choices()
+    assert toy_model.SynCDToyWorldModel.validate_inputs(model_file="mine.safetensors") is True
+    assert isinstance(toy_model.SynCDToyWorldModel.validate_inputs(model_file="other.safetensors"), str)
+    model, clip, vae = toy_model.SynCDToyWorldModel.execute("mine.safetensors").result
+    import comfy.sample
+
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a blue cone on a sandy beach"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    latent = comfy.sample.sample(model, noise, 2, 5.0, "euler", "simple", pos, neg, torch.zeros_like(noise), seed=0,
+                                 disable_pbar=True)
+    image = vae.decode(latent)
+    assert image.shape == (1, 64, 64, 3) and torch.isfinite(image).all()
