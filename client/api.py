@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import mimetypes
 import pathlib
 import re
 import time
@@ -210,6 +211,25 @@ class ComfyClient:
                 self.interrupt(prompt_id)
                 done = "interrupted it"
             time.sleep(0.2)
+
+    def upload_image(self, data: bytes, filename: str, subfolder: str = "", type: str = "input",
+                     overwrite: bool = True) -> str:
+        """POST /upload/image (multipart, as the editor's upload button sends it) into ``type``/``subfolder``;
+        returns the value a ``LoadImage`` node takes (``subfolder/name``; the server may rename the file when
+        ``overwrite`` is off and the name is taken)."""
+        boundary = uuid.uuid4().hex
+        content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        parts = [(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+                  f"Content-Type: {content_type}\r\n\r\n").encode(), data, b"\r\n"]
+        for name, value in (("subfolder", subfolder), ("type", type), ("overwrite", str(overwrite).lower())):
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+                         .encode())
+        parts.append(f"--{boundary}--\r\n".encode())
+        request = urllib.request.Request(self.url + "/upload/image", data=b"".join(parts),
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            answer = json.loads(response.read())
+        return f"{answer['subfolder']}/{answer['name']}" if answer.get("subfolder") else answer["name"]
 
     # -- prompts ----------------------------------------------------------------------------------
     def queue_prompt(self, graph: dict, extra_data: dict | None = None, prompt_id: str | None = None) -> str:

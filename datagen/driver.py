@@ -13,8 +13,9 @@ them, and writes the object to the dataset (:class:`core.dataset_format.DatasetW
 * **Resume, nothing lost, nothing duplicated.** An object is skipped when its metadata file exists; it is written
   exactly once, by this process, whichever server or Ray actor generated it; a crash mid-object leaves no visible
   half object.
-* **Scale-out.** ``--server URL`` (repeatable): one worker thread per server; an object that fails on a server is
-  retried on another (``--retries``), a server that stops answering is dropped and its object requeued.
+* **Scale-out.** ``--server URL`` (repeatable, :mod:`client.pool`): one worker thread per server; an object that
+  fails on a server is retried on another (``--retries``), a server that stops answering is dropped and its object
+  requeued.
   ``--ray [ADDRESS]`` (:mod:`datagen.ray_backend`): one actor per GPU (or CPU) owning an embedded ComfyUI; objects
   are actor tasks with Ray's retries. With neither, one embedded ComfyUI is started.
 """
@@ -28,10 +29,8 @@ import hashlib
 import io
 import json
 import pathlib
-import queue
 import sys
 import threading
-import time
 from typing import Callable, Iterable, Optional
 
 from ..core.dataset_format import DatasetWriter, sanitize_name
@@ -293,80 +292,26 @@ def load_workflows(paths: dict) -> dict:
 
 def run_on_servers(urls: list[str], todo: list[ObjectSpec], workflows: dict, writer: Writer, seed: int,
                    tiny: bool, retries: int, timeout: Optional[float], progress=None) -> None:
-    """One worker thread per server; failed objects move to another server; dead servers are dropped."""
-    from ..client.api import ComfyClient
+    """``todo`` on the servers ``urls`` (:func:`client.pool.run_jobs`: one worker thread per server, failed objects
+    move to another server, dead servers are dropped); a :class:`DatagenError` is not retried. Objects ``writer``
+    already has are skipped; failures go to ``writer.failed``; ``progress(writer)`` after each finished object."""
+    from ..client.pool import run_jobs
 
-    pending: "queue.Queue[tuple[ObjectSpec, int, frozenset]]" = queue.Queue()
-    for spec in todo:
-        pending.put((spec, 0, frozenset()))
-    remaining = [len(todo)]
-    alive = set(urls)
-    state = threading.Condition()
+    def work(client, spec: ObjectSpec) -> None:
+        if writer.has(spec):
+            return
+        writer.write(generate(client, workflows[spec.kind], spec, object_seed(seed, spec.object_id), tiny, timeout))
 
-    def finish(spec: ObjectSpec, error: Optional[str] = None) -> None:
-        with state:
-            if error is not None:
-                writer.failed[spec.object_id] = error
-            remaining[0] -= 1
-            state.notify_all()
+    def finished(spec: ObjectSpec, error: Optional[str]) -> None:
+        if error is not None:
+            writer.failed[spec.object_id] = error
         if progress is not None:
             progress(writer)
 
-    def worker(url: str) -> None:
-        client = ComfyClient(url)
-        while True:
-            with state:
-                if remaining[0] == 0 or url not in alive:
-                    return
-            try:
-                spec, attempts, tried = pending.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if url in tried and len(alive - tried) > 0:
-                pending.put((spec, attempts, tried))  # leave it to a server that has not failed it yet
-                time.sleep(0.05)
-                continue
-            if writer.has(spec):
-                finish(spec)
-                continue
-            try:
-                generated = generate(client, workflows[spec.kind], spec, object_seed(seed, spec.object_id), tiny,
-                                     timeout)
-            except Exception as exc:  # noqa: BLE001 - connection, websocket, API and workflow errors alike
-                if not isinstance(exc, DatagenError) and _unreachable(client):
-                    with state:
-                        alive.discard(url)
-                        state.notify_all()
-                    pending.put((spec, attempts, tried))  # not the object's fault
-                    return
-                if attempts + 1 > retries or isinstance(exc, DatagenError):
-                    finish(spec, f"{type(exc).__name__}: {exc}")
-                else:
-                    pending.put((spec, attempts + 1, tried | {url}))
-                continue
-            writer.write(generated)
-            finish(spec)
-
-    threads = [threading.Thread(target=worker, args=(url,), daemon=True) for url in urls]
-    for thread in threads:
-        thread.start()
-    with state:
-        while remaining[0] > 0 and alive:
-            state.wait(timeout=1.0)
-    for thread in threads:
-        thread.join(timeout=5.0)
-    if remaining[0] > 0:
-        while not pending.empty():
-            spec, _, _ = pending.get()
-            writer.failed.setdefault(spec.object_id, "no ComfyUI server left to run it")
-
-
-def _unreachable(client) -> bool:
-    try:
-        client.system_stats()
-        return False
-    except Exception:  # noqa: BLE001 - any failure to answer means the server is gone
-        return True
+    failed = run_jobs(urls, todo, work, key=lambda spec: spec.object_id, retries=retries, progress=finished,
+                      final=(DatagenError,))
+    for object_id, error in failed.items():  # the objects no server was left to run
+        writer.failed.setdefault(object_id, error)
 
 
 def build_parser() -> argparse.ArgumentParser:

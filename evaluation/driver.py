@@ -23,8 +23,8 @@ from typing import Optional
 from .dataset import Benchmark, EvalDatasetError, Subject, fill_template, read_benchmark
 from .questions import load_question_file
 from .scoring import MODEL_FLAGS, ModelLoadError, Scorer, load_image, load_models
-from .workflow import (EvalWorkflowError, Slots, fill, find_slots, parse_slot, png_bytes, reference_frames,
-                       split_references, tiny, upload_image)
+from .workflow import (UPLOAD_FOLDER, EvalWorkflowError, Slots, fill, find_slots, parse_slot, png_bytes,
+                       reference_frames, split_references, tiny)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,16 +171,18 @@ class Generator:
 
     def __call__(self, client, job: Job) -> None:
         from ..cli import apply_overrides
+        from ..client.pool import JobError
         from ..client.workflow_format import to_api
-        from .pool import JobError
 
         method = self.methods[job.method]
         object_info = client.object_info()
         names = []
         for i, data in enumerate(self.reference_files(job)):
-            key = (client.url, hashlib.sha256(data).hexdigest())
-            if key not in self.uploaded:
-                self.uploaded[key] = upload_image(client, data, f"{job.subject.name}_{job.references}ref_{i}")
+            digest = hashlib.sha256(data).hexdigest()
+            key = (client.url, digest)
+            if key not in self.uploaded:  # the name carries the content hash: the same references are stored once
+                name = f"{job.subject.name}_{job.references}ref_{i}_{digest[:16]}.png"
+                self.uploaded[key] = client.upload_image(data, name, UPLOAD_FOLDER)
             names.append(self.uploaded[key])
         prompt = job.subject.prompts[job.prompt_index]
         text = fill_template(prompt.template, self.benchmark.unique_token, job.subject.class_word)
@@ -230,11 +232,13 @@ def _progress(total: int, what: str):
 
 def generate(jobs: list, generator: Generator, urls: list, retries: int) -> dict:
     """Run the jobs on the servers ``urls``; {job key: error} of the failed ones."""
-    from .pool import run_jobs
+    from ..client.api import PromptValidationError
+    from ..client.pool import run_jobs
 
     bar = _progress(len(jobs), "generate")
-    try:
-        return run_jobs(urls, jobs, generator, key=lambda j: j.key, retries=retries, progress=bar)
+    try:  # a workflow the server refuses is refused by every server: not retried
+        return run_jobs(urls, jobs, generator, key=lambda j: j.key, retries=retries, progress=bar,
+                        final=(PromptValidationError,))
     finally:
         bar(None)
 

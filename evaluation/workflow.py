@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import io
-import json
-import urllib.request
-import uuid
 from typing import Optional, Sequence
 
 from ..client.ui_graph import set_widget, widget_inputs
@@ -324,20 +320,3 @@ def png_bytes(frames: Sequence) -> bytes:
         frames[0].save(buffer, format="PNG", save_all=True, append_images=list(frames[1:]), default_image=False,
                        disposal=0, blend=0, optimize=False)
     return buffer.getvalue()
-
-
-def upload_image(client, data: bytes, stem: str, subfolder: str = UPLOAD_FOLDER) -> str:
-    """POST /upload/image (ComfyUI ``server.py``) into ``input/subfolder``; returns the LoadImage value. The file
-    name carries the content hash, so the same references are stored once."""
-    filename = f"{stem}_{hashlib.sha256(data).hexdigest()[:16]}.png"
-    boundary = uuid.uuid4().hex
-    parts = [(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
-              f"Content-Type: image/png\r\n\r\n").encode(), data, b"\r\n"]
-    for name, value in (("subfolder", subfolder), ("type", "input"), ("overwrite", "true")):
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
-    parts.append(f"--{boundary}--\r\n".encode())
-    request = urllib.request.Request(client.url + "/upload/image", data=b"".join(parts),
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    with urllib.request.urlopen(request, timeout=client.timeout) as response:
-        answer = json.loads(response.read())
-    return f"{answer['subfolder']}/{answer['name']}" if answer.get("subfolder") else answer["name"]

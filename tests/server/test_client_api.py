@@ -94,6 +94,16 @@ def test_execution_error_names_the_node(comfy_client):
     assert "tiny_models.py" in error.traceback
 
 
+def test_upload_image_gives_the_loadimage_value_and_the_same_bytes_back(comfy_client):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    value = comfy_client.upload_image(data, "client_upload.png", "client_test")
+    assert value == "client_test/client_upload.png"
+    assert comfy_client.view("client_upload.png", "client_test", "input") == data
+    assert comfy_client.upload_image(data, "client_upload.png") == "client_upload.png"  # no subfolder
+
+
 def _wait_in_history(client, prompt_id):
     deadline = time.monotonic() + 120
     while client.history(prompt_id) is None:

@@ -1,4 +1,5 @@
-"""The data-generation driver's pure parts: the prompts file, per-object seeds, and the exactly-once writer."""
+"""The data-generation driver's pure parts: the prompts file, per-object seeds, the exactly-once writer, and
+``run_on_servers``' bookkeeping on the job pool (``generate`` replaced: no server runs)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image
 
 from comfyui_syncd.core.dataset_format import read_dataset
+from comfyui_syncd.datagen import driver
 from comfyui_syncd.datagen.driver import DatagenError, Generated, ObjectSpec, Writer, object_seed, read_prompts
 
 pytestmark = pytest.mark.unit
@@ -146,6 +148,38 @@ def test_dataset_keeps_upstreams_captions_without_the_description(tmp_path):
     assert json.loads((tmp_path / "a" / "dog-9_metadata.json").read_text())[0]["prompts"] == [
         "a dog on a beach", "a dog in a park"]
     assert json.loads((tmp_path / "b" / "dog-9_metadata.json").read_text())[0]["prompts"] == list(spec.prompts)
+
+
+def test_run_on_servers_skips_written_objects_and_does_not_retry_datagen_errors(tmp_path, monkeypatch):
+    """An object already in the dataset is not generated; a DatagenError fails its object at once (no retry) into
+    ``writer.failed``; the rest is written once; ``progress(writer)`` follows every object, failures already
+    counted; with no server left the object fails saying so."""
+    calls = []
+
+    def fake_generate(client, workflow, spec, seed, tiny, timeout):
+        calls.append(spec.object_id)
+        if spec.object_id == "broken":
+            raise DatagenError("the workflow saved no images")
+        if spec.object_id == "lost":
+            raise ConnectionError("connection refused")  # and the server does not answer: dropped
+        return Generated(spec, [_png(0), _png(90)], [], list(spec.prompts))
+
+    monkeypatch.setattr(driver, "generate", fake_generate)
+    writer = Writer(tmp_path)
+    writer.write(_generated("done"))
+    todo = [ObjectSpec(name, "dog", ("a dog", "a dog")) for name in ("done", "broken", "new")]
+    seen = []
+    driver.run_on_servers(["http://127.0.0.1:1"], todo, {"deformable": {}}, writer, seed=0, tiny=False, retries=3,
+                          timeout=None, progress=lambda w: seen.append((len(w.written), dict(w.failed))))
+    assert sorted(calls) == ["broken", "new"]
+    assert writer.failed == {"broken": "DatagenError: the workflow saved no images"}
+    assert writer.written == ["done", "new"] and [r.object_id for r in read_dataset(tmp_path)] == ["done", "new"]
+    assert len(seen) == 3 and seen[-1] == (2, writer.failed)
+
+    lost = Writer(tmp_path / "lost")
+    driver.run_on_servers(["http://127.0.0.1:1"], [ObjectSpec("lost", "dog", ("a dog",))], {"deformable": {}},
+                          lost, seed=0, tiny=False, retries=3, timeout=None)
+    assert lost.failed == {"lost": "no ComfyUI server left to run it"} and lost.written == []
 
 
 @pytest.fixture(scope="module")

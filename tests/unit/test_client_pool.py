@@ -1,6 +1,7 @@
-"""The eval command's server pool (evaluation/pool.py): a failed job moves to another server, a job error that would
-fail anywhere is not retried, a dead server is dropped and its job requeued. Servers are tiny local HTTP servers
-answering ``/system_stats`` (what the pool asks to tell a dead server from a failed job)."""
+"""The multi-server job pool (client/pool.py, the datagen and eval commands' ``--server``): a failed job moves to
+another server, a job error that would fail anywhere is not retried, a dead server is dropped and its job requeued,
+jobs left with no server fail saying so. Servers are tiny local HTTP servers answering ``/system_stats`` (what the
+pool asks to tell a dead server from a failed job)."""
 
 import collections
 import http.server
@@ -8,7 +9,8 @@ import threading
 
 import pytest
 
-from comfyui_syncd.evaluation.pool import JobError, run_jobs
+from comfyui_syncd.client.api import ComfyClient
+from comfyui_syncd.client.pool import NO_SERVER_LEFT, JobError, run_jobs, unreachable
 
 pytestmark = pytest.mark.unit
 
@@ -71,3 +73,29 @@ def test_a_dead_server_is_dropped_and_its_job_requeued(servers):
                       progress=lambda job, error: finished.append((job, error)))
     assert failed == {} and sorted(done) == list(range(6)) and set(done.values()) == {servers[0]}
     assert sorted(finished) == [(j, None) for j in range(6)]
+
+
+class Refused(RuntimeError):
+    pass
+
+
+def test_final_exception_types_are_not_retried(servers):
+    calls = collections.Counter()
+
+    def work(client, job):
+        calls[job] += 1
+        raise Refused("the server refused the workflow") if job == "refused" else RuntimeError("out of memory")
+
+    failed = run_jobs(servers, ["refused", "oom"], work, key=lambda j: j, retries=3, final=(Refused,))
+    assert failed == {"refused": "Refused: the server refused the workflow", "oom": "RuntimeError: out of memory"}
+    assert calls == {"refused": 1, "oom": 4}  # the first attempt and 3 retries
+
+
+def test_jobs_fail_saying_so_when_every_server_is_dead(servers):
+    dead = "http://127.0.0.1:1"
+    assert unreachable(ComfyClient(dead)) and not unreachable(ComfyClient(servers[0]))
+
+    def work(client, job):
+        raise ConnectionError("connection refused")
+
+    assert run_jobs([dead], ["a", "b"], work, key=lambda j: j) == {"a": NO_SERVER_LEFT, "b": NO_SERVER_LEFT}
