@@ -52,6 +52,8 @@ SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_en
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
 
 CORPUS_SEED = 7
+CORPUS_P_EMPTY = 0.05
+OBJECT_WEIGHT = 4.0
 CAPTIONS_PER_IMAGE = "one phrasing per line; the text-to-image script draws one per sample"
 
 
@@ -100,7 +102,7 @@ def phrasings(scene: S.Scene) -> list[str]:
     return lines[:1] + lines
 
 
-def corpus(folder, count: int, seed: int = CORPUS_SEED, p_empty: float = 0.05, chunk: int = 512) -> pathlib.Path:
+def corpus(folder, count: int, seed: int = CORPUS_SEED, p_empty: float = CORPUS_P_EMPTY, chunk: int = 512) -> pathlib.Path:
     """Write ``count`` toy renders as ``NNNNNN.png`` with ``NNNNNN.txt`` phrasings (one per line) into ``folder``;
     an existing complete corpus (``corpus.json`` with the same count and seed) is kept."""
     from PIL import Image
@@ -123,6 +125,13 @@ def corpus(folder, count: int, seed: int = CORPUS_SEED, p_empty: float = 0.05, c
     return folder
 
 
+def corpus_masks(count: int, seed: int = CORPUS_SEED, p_empty: float = CORPUS_P_EMPTY, limit: int | None = None) -> torch.Tensor:
+    """(N, 1, 64, 64) object masks of the first ``limit`` images of :func:`corpus` ``(count, seed, p_empty)``,
+    rendered again (the renderer is deterministic)."""
+    scenes = S.sample_scenes(count, seed, p_empty=p_empty)[:limit]
+    return torch.cat([S.render(scenes[i:i + 512]).mask for i in range(0, len(scenes), 512)]).float()[:, None]
+
+
 def read_corpus_images(folder, limit: int | None = None) -> torch.Tensor:
     """(N, 3, 64, 64) images in [-1, 1] of a corpus folder, in name order."""
     from PIL import Image
@@ -134,18 +143,25 @@ def read_corpus_images(folder, limit: int | None = None) -> torch.Tensor:
 
 # --- the VAE ------------------------------------------------------------------------------------------------------
 
-def vae_loss(vae, pixels: torch.Tensor, gen: torch.Generator, kl_weight: float = 1e-6) -> torch.Tensor:
-    """L1 reconstruction of a latent sample plus ``kl_weight`` × the KL to N(0, I) (Rombach et al. 2022, without
-    the perceptual and adversarial terms a toy world does not need)."""
+def vae_loss(vae, pixels: torch.Tensor, gen: torch.Generator, masks: torch.Tensor | None = None,
+             object_weight: float = OBJECT_WEIGHT, kl_weight: float = 1e-6) -> torch.Tensor:
+    """L1 reconstruction of a latent sample, object pixels weighted ``1 + object_weight`` (the object is a few
+    percent of the image but all that identity is made of), plus ``kl_weight`` × the KL to N(0, I) (Rombach et al.
+    2022, without the perceptual and adversarial terms a toy world does not need)."""
     posterior = vae.encode(pixels).latent_dist
     recon = vae.decode(posterior.sample(generator=gen)).sample
-    return (recon - pixels).abs().mean() + kl_weight * posterior.kl().mean()
+    error = (recon - pixels).abs()
+    if masks is not None:
+        weight = 1 + object_weight * masks
+        error = error * weight / weight.mean()
+    return error.mean() + kl_weight * posterior.kl().mean()
 
 
 def train_vae(images: torch.Tensor, out_dir, steps: int = 800, batch: int = 16, lr: float = 1e-3, seed: int = 0,
-              checkpoint_every: int = 100, progress: bool = True):
-    """Train the toy VAE on ``images`` ((N, 3, H, W) in [-1, 1]); resumable from ``out_dir/vae_state.pt``
-    (written every ``checkpoint_every`` steps). Returns the trained ``AutoencoderKL`` (latent scale not folded)."""
+              checkpoint_every: int = 100, progress: bool = True, masks: torch.Tensor | None = None):
+    """Train the toy VAE on ``images`` ((N, 3, H, W) in [-1, 1]; ``masks`` (N, 1, H, W) weight the object pixels,
+    :func:`vae_loss`); resumable from ``out_dir/vae_state.pt`` (written every ``checkpoint_every`` steps). Returns
+    the trained ``AutoencoderKL`` (latent scale not folded)."""
     from tqdm.auto import tqdm
 
     out_dir = pathlib.Path(out_dir)
@@ -166,7 +182,7 @@ def train_vae(images: torch.Tensor, out_dir, steps: int = 800, batch: int = 16, 
         index = torch.randint(0, images.shape[0], (batch,), generator=gen)
         for group in optimizer.param_groups:  # cosine decay to a tenth
             group["lr"] = lr * (0.55 + 0.45 * float(np.cos(np.pi * step / steps)))
-        loss = vae_loss(vae, images[index], gen)
+        loss = vae_loss(vae, images[index], gen, None if masks is None else masks[index])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

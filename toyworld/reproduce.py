@@ -35,7 +35,7 @@ STAGES = ("corpus", "vae", "base_init", "text_to_image", "export", "base_eval")
 class Scale:
     corpus: int = 20000
     vae_images: int = 6000
-    vae_steps: int = 800
+    vae_steps: int = 2000
     vae_batch: int = 16
     t2i_steps: int = 3000
     t2i_batch: int = 32
@@ -96,8 +96,9 @@ def tokenizer_dir() -> pathlib.Path:
 
 def stage_vae(st: Stages) -> dict:
     images = B.read_corpus_images(st.dir("corpus"), st.scale.vae_images)
+    masks = B.corpus_masks(st.scale.corpus, limit=st.scale.vae_images)
     vae = B.train_vae(images, st.dir("vae"), steps=st.scale.vae_steps, batch=st.scale.vae_batch,
-                      progress=st.progress)
+                      progress=st.progress, masks=masks)
     with torch.no_grad():
         probe = images[:256]
         l1 = float((vae.decode(vae.encode(probe).latent_dist.mean).sample - probe).abs().mean())

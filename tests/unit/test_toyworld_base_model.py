@@ -70,3 +70,27 @@ def test_read_file_refuses_other_files(tmp_path):
     safetensors.torch.save_file({"unet.x": torch.zeros(1)}, str(path))
     with pytest.raises(ValueError, match="not a toy-world model file"):
         B.read_file(path)
+
+
+def test_vae_loss_weights_the_object_pixels():
+    vae = B.build_vae(0)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    plain = B.vae_loss(vae, pixels, torch.Generator().manual_seed(1))
+    no_object = B.vae_loss(vae, pixels, torch.Generator().manual_seed(1), masks=torch.zeros(2, 1, 64, 64))
+    torch.testing.assert_close(plain, no_object)  # weights are normalized: all-background = unweighted
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[:, :, 20:40, 20:40] = 1
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(1))).sample
+    error = (recon - pixels).abs()
+    weight = 1 + B.OBJECT_WEIGHT * masks
+    expected = (error * weight / weight.mean()).mean()
+    weighted = B.vae_loss(vae, pixels, torch.Generator().manual_seed(1), masks=masks, kl_weight=0.0)
+    torch.testing.assert_close(weighted, expected)
+
+
+def test_corpus_masks_are_the_corpus_objects():
+    masks = B.corpus_masks(5, seed=3, limit=4)
+    scenes = S.sample_scenes(5, 3, p_empty=B.CORPUS_P_EMPTY)[:4]
+    assert masks.shape == (4, 1, 64, 64)
+    assert torch.equal(masks[:, 0].bool(), S.render(scenes).mask)
