@@ -25,7 +25,7 @@ import comfy.supported_models
 import comfy.supported_models_base
 import folder_paths
 
-from ..nodes import choices
+from ..nodes import choices, model_folders
 from ..nodes.jedi_checkpoint import comfy_unet_config, convert_keys
 from ..nodes.patch_kit import TOKENIZER
 from ..toyworld import base_model
@@ -38,9 +38,7 @@ SHIPPED_CHOICE = "toy_sd15 (shipped)"
 
 
 def register_folder() -> None:
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = ([str(pathlib.Path(folder_paths.models_dir) / FOLDER)],
-                                                      {".safetensors"})
+    model_folders.register(FOLDER, {".safetensors"})
 
 
 register_folder()

@@ -16,7 +16,7 @@ from comfy_api.latest import io, ui
 
 from ..core.aesthetic import HEAD_FILE, aesthetic_scores, load_head
 from ..core.identity import features, identity_scores
-from . import choices
+from . import choices, model_folders
 
 FOLDER = "syncd_identity"  # models/syncd_identity/: transformers model folders + aesthetic head files
 HEAD_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -34,8 +34,7 @@ KIND_NAMES = {"dinov2": "a DINOv2 model", "clip": "a CLIP vision model", "dino":
 
 ScoreModelType = io.Custom("SYNCD_SCORE_MODEL")
 
-if FOLDER not in folder_paths.folder_names_and_paths:
-    folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)], set())
+model_folders.register(FOLDER, ())
 
 
 @dataclasses.dataclass(frozen=True)

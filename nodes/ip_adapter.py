@@ -32,7 +32,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 
 from ..core.ip_adapter_model import Resampler, check_plus_layout, ip_layers, split_flat_state_dict
 from ..core.weights import read_weights, tensor_dict
-from . import choices
+from . import choices, model_folders
 from . import patch_kit as kit
 from .layout import chunk_reference_access
 from .references import References
@@ -44,9 +44,7 @@ GRAY = 0.5  # upstream's unconditional IP image: zeros in [-1, 1]
 
 def register_folder() -> None:
     """``models/ipadapter`` (shared with ComfyUI_IPAdapter_plus, which registers the same name) if nobody has."""
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = (
-            [os.path.join(folder_paths.models_dir, FOLDER)], set(folder_paths.supported_pt_extensions))
+    model_folders.register(FOLDER, folder_paths.supported_pt_extensions)
 
 
 register_folder()

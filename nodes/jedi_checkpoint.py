@@ -41,7 +41,7 @@ import comfy.supported_models
 import comfy.utils
 import folder_paths
 
-from . import choices
+from . import choices, model_folders
 from . import patch_kit as kit
 from .layout import UNCOND, chunk_roles
 
@@ -54,9 +54,7 @@ WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, 
 
 
 def register_folder() -> None:
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)],
-                                                      {".safetensors"})
+    model_folders.register(FOLDER, {".safetensors"})
 
 
 register_folder()

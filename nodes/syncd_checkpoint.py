@@ -35,7 +35,7 @@ from ..core.checkpoint_keys import (FLUX_LORA_KEY, SDXL_IP_KEY, SDXL_LORA_KEY, C
                                     count_other_keys, detect_family, lora_pairs, raise_unmatched)
 from ..core.ip_adapter_model import check_plus_layout, layer_key
 from ..core.weights import read_weights, tensor_dict
-from . import choices
+from . import choices, model_folders
 from .ip_adapter import IPAdapter, cross_attentions
 from .patch_kit import in_reference_pass, is_flux
 
@@ -43,9 +43,7 @@ FOLDER = "syncd"
 
 
 def register_folder() -> None:
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = (
-            [os.path.join(folder_paths.models_dir, FOLDER)], set(folder_paths.supported_pt_extensions))
+    model_folders.register(FOLDER, folder_paths.supported_pt_extensions)
 
 
 register_folder()
