@@ -14,7 +14,7 @@ scripts load it as any SD1.5 diffusers folder, and ComfyUI builds the same layer
 
 :func:`corpus` writes the training folder of the text-to-image script: toy renders with a caption file holding
 several phrasings per image (the full caption and ones leaving out colour, texture or placement), so the model
-also generates from partial prompts ("a cube on green grass"), which is what data generation asks of it.
+also generates from partial prompts ("a cube on grass"), which is what data generation asks of it.
 :func:`write_pipeline` assembles the diffusers folder; :func:`export_file` / :func:`read_file` the single
 safetensors file the pack ships (``toyworld/weights/toy_sd15.safetensors``).
 """
@@ -84,7 +84,7 @@ def build_text_encoder(seed: int = 0):
 
 def phrase(scene: S.Scene, colour: bool = True, texture: bool = True, placement: bool = True) -> str:
     """The caption of ``scene`` naming only the chosen attributes besides shape and background:
-    ``phrase(s)`` is :func:`scene.caption`; ``phrase(s, False, False, False)`` 'a cube on green grass'."""
+    ``phrase(s)`` is :func:`scene.caption`; ``phrase(s, False, False, False)`` 'a cube on grass'."""
     if not scene.has_object:
         return S.caption(scene)
     if colour and texture:
@@ -109,7 +109,7 @@ def corpus(folder, count: int, seed: int = CORPUS_SEED, p_empty: float = CORPUS_
 
     folder = pathlib.Path(folder)
     stamp = folder / "corpus.json"
-    wanted = {"count": count, "seed": seed, "p_empty": p_empty}
+    wanted = {"count": count, "seed": seed, "p_empty": p_empty, "phrases": [S.BACKGROUND_PHRASES, S.PLACEMENT_PHRASES]}
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return folder
     folder.mkdir(parents=True, exist_ok=True)

@@ -47,8 +47,9 @@ SCENE_ATTRIBUTES = ("background", "placement")      # what a prompt asks for bes
 COLOUR_RGB = {"red": (0.86, 0.12, 0.10), "orange": (0.97, 0.52, 0.08), "yellow": (0.95, 0.86, 0.12),
               "green": (0.15, 0.66, 0.20), "blue": (0.12, 0.30, 0.88), "purple": (0.55, 0.18, 0.72)}
 SECONDARY_RGB = (0.95, 0.95, 0.93)  # the second colour of striped and dotted objects
-BACKGROUND_PHRASES = {"wooden floor": "on a wooden floor", "grass": "on green grass", "beach": "on a sandy beach",
-                      "brick wall": "in front of a brick wall", "sky": "against a blue sky", "snow": "on white snow"}
+# No colour or texture word in a background phrase: prompts that leave the object's look open must not suggest one.
+BACKGROUND_PHRASES = {"wooden floor": "on a wooden floor", "grass": "on grass", "beach": "on a sandy beach",
+                      "brick wall": "in front of a brick wall", "sky": "against the sky", "snow": "in the snow"}
 PLACEMENT_PHRASES = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
 # Where the object's centre goes (fraction of the width) per placement: disjoint ranges with a gap between them,
 # so the placement is always unambiguous to read back.
