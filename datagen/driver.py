@@ -373,7 +373,7 @@ def main(argv: Optional[list] = None) -> int:
     todo = [o for o in objects if not writer.has(o)]
     print(f"{len(objects)} objects, {len(objects) - len(todo)} already in {args.out}, {len(todo)} to generate",
           flush=True)
-    bar = _progress_bar(len(todo))
+    bar = progress_bar(len(todo))
     try:
         if args.ray is not None:
             from .ray_backend import run_on_ray
@@ -405,7 +405,7 @@ def summary(writer: Writer, total: int) -> str:
     return "\n".join(lines)
 
 
-def _progress_bar(total: int):
+def progress_bar(total: int):
     """A tqdm bar with written/rejected/failed counts; call with None to close."""
     from tqdm import tqdm
 

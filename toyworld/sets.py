@@ -62,3 +62,100 @@ def set_consistency(identities: Sequence[tuple | None], set_size: int = SET_SIZE
         out[name] = sum(all(x is not None for x in s) and len({x[k] for x in s}) == 1 for s in sets) / len(sets)
     out["all"] = sum(all(x is not None for x in s) and len(set(s)) == 1 for s in sets) / len(sets)
     return out
+
+
+# --- the data-generation conditions compared (SynCD Table 4's ablation at toy scale) ---------------------------
+
+CONDITIONS = {
+    "msa_off": "each image attends only to itself (images_per_subject 1): a plain batch, masks still estimated",
+    "msa_no_masks": "the 3 images share all their tokens (mask_mode none, JeDi-style coupled attention)",
+    "msa_masks": "the 3 images share their subject tokens (mask_mode automatic: SynCD's deformable MSA)",
+}
+MASK_NODES = ("SynCDAutomaticMasks", "MaskToImage")
+
+
+def condition_workflow(workflow: dict, condition: str, object_info: dict) -> dict:
+    """A copy of a data-generation editor workflow (one SynCD Masked Shared Attention node) set to ``condition``.
+    Without mask estimation (``msa_no_masks``) the mask outputs are muted."""
+    import copy
+
+    from ..client.ui_graph import set_widget
+    from ..client.workflow_format import widget_values
+
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition {condition!r}: expected one of {', '.join(CONDITIONS)}")
+    workflow = copy.deepcopy(workflow)
+    shared = [n for n in workflow["nodes"] if n.get("type") == "SynCDSharedAttention"]
+    if len(shared) != 1:
+        raise ValueError(f"expected one SynCDSharedAttention node, found {len(shared)}")
+    node, node_def = shared[0], object_info["SynCDSharedAttention"]
+    if condition == "msa_off":
+        set_widget(node, node_def, "images_per_subject", 1)
+    elif condition == "msa_no_masks":
+        set_widget(node, node_def, "mask_mode", "none")
+        for other in workflow["nodes"]:
+            roles = (other.get("properties") or {}).get("syncd_datagen")
+            if other.get("type") in MASK_NODES or roles == "masks":
+                other["mode"] = 2  # muted
+    else:
+        set_widget(node, node_def, "mask_mode", "automatic")
+    if widget_values(node, node_def).get("images_per_subject") not in (1, SET_SIZE):
+        set_widget(node, node_def, "images_per_subject", SET_SIZE)
+    return workflow
+
+
+def reader_scores(images, masks=None):
+    """The data-generation driver's filter with the attribute reader as the toy world's DINOv2 and aesthetic
+    scorer: every image is kept and scored, "aesthetics" 1 where an object is read (0 elsewhere) and the pair
+    "DINO" similarity 0.98 × the fraction of (shape, colour, texture) two images agree on, so the training
+    scripts' upstream filter (``min_aesthetics`` 0.5, ``min_dino`` 0.98) keeps the images that show an object and
+    read the same identity as another image of their set."""
+    import torch
+
+    from . import reader as R
+
+    pixels = torch.from_numpy(np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in images]))
+    reading = R.read(pixels)
+    ids = [reading.identity(i) for i in range(len(images))]
+    aesthetics = [1.0 if x is not None else 0.0 for x in ids]
+    pairs = [[0.0 if i == j or a is None or b is None else
+              0.98 * sum(p == q for p, q in zip(a, b)) / len(S.OBJECT_ATTRIBUTES)
+              for j, b in enumerate(ids)] for i, a in enumerate(ids)]
+    return list(range(len(images))), aesthetics, pairs
+
+
+def background_of(prompt: str) -> str | None:
+    """The background a :func:`set_prompts` prompt asks for."""
+    return next((b for b, phrase in S.BACKGROUND_PHRASES.items() if prompt.endswith(" " + phrase)), None)
+
+
+def dataset_consistency(root) -> dict:
+    """Set consistency (:func:`set_consistency`) of a generated dataset folder, with prompt following (the read
+    shape is the object's category, the read background the prompt's) and the share of sets the score filter
+    keeps whole."""
+    import torch
+    from PIL import Image
+
+    from ..core import dataset_format
+    from . import reader as R
+
+    records = dataset_format.read_dataset(root)
+    if not records:
+        raise ValueError(f"{root}: no generated sets")
+    images, backgrounds, categories = [], [], []
+    for record in records:
+        if len(record.images) != SET_SIZE:
+            raise ValueError(f"{root}: object {record.object_id} has {len(record.images)} images, not {SET_SIZE}")
+        images += [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0 for p in record.images]
+        backgrounds += [background_of(prompt) for prompt in record.prompts]
+        categories += [record.category] * SET_SIZE
+    reading = R.read(torch.from_numpy(np.stack(images)))
+    identities = [reading.identity(i) for i in range(len(images))]
+    out = set_consistency(identities)
+    out["shape_follows_prompt"] = sum(reading.labels["shape"][i] == c for i, c in enumerate(categories)) / len(images)
+    out["background_follows_prompt"] = sum(reading.labels["background"][i] == b
+                                           for i, b in enumerate(backgrounds)) / len(images)
+    kept = dataset_format.read_dataset(root, min_aesthetics=0.5, min_dino=0.98)
+    out["sets_kept_by_filter"] = len(kept) / len(records)
+    out["sets"] = len(records)
+    return out

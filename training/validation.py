@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..attention.guidance import jedi_image_guidance, linear_image_scale, normalized_guidance
+from ..attention.guidance import brooks_guidance, jedi_image_guidance, linear_image_scale, normalized_guidance
 from ..attention.masks import dilate
 from . import config as config_mod
 
@@ -68,6 +68,8 @@ class SyncdValidationConfig(ValidationConfig):
     reference_ip_scale: float = 1.0      # IP-Adapter scale of the reference pass (upstream 1.0)
     reference_prompt: str = "photo of a {category}"  # the references' text in the full branch (upstream)
     mask_dilation: int = 3               # box dilation of the references' latent-grid masks (upstream inference 3)
+    guidance: Literal["normalized", "brooks"] = "normalized"  # SynCD eq. 4 (upstream), or Brooks et al.'s
+                                         #   un-normalized combination the paper compares against
 
 
 @dataclasses.dataclass
@@ -243,9 +245,9 @@ def sample_syncd(core, parts, refs: References, prompt: str, v: SyncdValidationC
         pred = core.target_pass(x_in, t, tgt_ctx, tgt_pooled, tgt_time, tgt_ip, tgt_masks, r,
                                 captured={k: c[keep] for k, c in captured.items()}, ip_scale=v.ip_scale).float()
         uncond, image, full = pred.chunk(3)
-        guided = normalized_guidance(uncond, image, full,
-                                     linear_image_scale(v.image_scale_start, v.image_scale_end, i, steps),
-                                     v.text_scale)
+        combine = brooks_guidance if v.guidance == "brooks" else normalized_guidance
+        guided = combine(uncond, image, full, linear_image_scale(v.image_scale_start, v.image_scale_end, i, steps),
+                         v.text_scale)
         x = scheduler.step(guided, t, x, generator=gen).prev_sample
     return _decode(parts.vae, x)
 
@@ -263,7 +265,7 @@ def sample_jedi(core, parts, refs: References, prompt: str, v: JediValidationCon
     ref_latents = _encode(parts.vae, refs.pixels, device)
     context = models.encode_text(parts, refs.prompts + [prompt, ""])[0].float().to(device)
     # rows: [references, target | target alone]; sets [r + 1, 1]
-    ref_in = torch.cat([ref_latents, torch.zeros_like(ref_latents[:2])])
+    ref_in = torch.cat([ref_latents, ref_latents.new_zeros((2, *ref_latents.shape[1:]))])  # 1 ref: [:2] is 1 row
     ref_mask = torch.tensor([1.0] * r + [0.0, 0.0], device=device)
     scheduler = sd_scheduler(core.scheduler, v.sampler)
     scheduler.set_timesteps(v.steps, device=device)

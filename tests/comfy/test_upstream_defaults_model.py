@@ -1,7 +1,6 @@
 """Upstream-faithful defaults on tiny real models, each checked against an independent computation of upstream's
 rule (nupurkmr9/syncd): the reference text of each guidance branch and Masked Shared Attention's first step."""
 
-from dataclasses import replace
 
 import pytest
 import torch

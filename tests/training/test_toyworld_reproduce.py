@@ -21,6 +21,34 @@ def test_quick_reproduce_runs_every_stage_and_resumes(tmp_path, capsys, comfy_im
     assert "| shape |" in table and "| background |" in table
     eval_figures = json.loads((out / "base_eval" / "done.json").read_text())
     assert eval_figures["rendered"]["colour"] >= 0.8  # the reader reads true renders of the same captions
+    # sets: the shipped deformable workflow on the toy model, once per condition, through the datagen driver
+    from comfyui_syncd.core import dataset_format
+    from comfyui_syncd.toyworld import sets
+
+    consistency = json.loads((out / "sets" / "done.json").read_text())
+    assert set(sets.CONDITIONS) <= set(consistency)
+    for condition in sets.CONDITIONS:
+        records = dataset_format.read_dataset(out / "sets" / condition)
+        assert len(records) == R.QUICK.sets and all(len(r.images) == sets.SET_SIZE for r in records)
+        scored = dataset_format.read_dataset(out / "sets" / condition, scored=True)
+        assert all(len(r.dino_scores) == sets.SET_SIZE for r in scored)
+        has_masks = [m is not None for r in records for m in r.masks]
+        assert all(has_masks) if condition != "msa_no_masks" else not any(has_masks)
+        assert records[0].prompts[0] == sets.draw_objects(1, R.SETS_SEED)[0]["prompts"][0]
+        assert 0 <= consistency[condition]["all"] <= 1
+    assert "msa_masks" in (out / "tables" / "set_consistency.md").read_text()
+    # customization: three models trained by the pack's scripts on the sets, evaluated per method and reference count
+    from comfyui_syncd.toyworld import customization
+
+    for name in customization.MODELS:
+        assert list((out / "customize" / name / "checkpoints").glob("step_*")), name
+    trained = json.loads((out / "customize" / "done.json").read_text())
+    assert trained["syncd_msa"]["steps"] == R.QUICK.custom_steps
+    results = json.loads((out / "customize_eval" / "done.json").read_text())
+    assert {f"{m} | {c}" for m in customization.METHODS for c in (1, 3)} <= set(results)
+    table = (out / "tables" / "customization.md").read_text()
+    assert all(m in table for m in customization.METHODS)
+    assert (out / "customize_eval" / "grid_3ref.png").is_file()
     stamps = {s: (out / s / "done.json").stat().st_mtime_ns for s in R.STAGES}
     capsys.readouterr()
     assert R.main(["reproduce", "--out", str(out), "--quick", "--no-progress"]) == 0

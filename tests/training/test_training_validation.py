@@ -162,6 +162,23 @@ def test_validation_leaves_training_state_alone(syncd_run):
 
 # --- JeDi and Flux: the samplers ---------------------------------------------------------------------------------
 
+def test_syncd_sampler_brooks_guidance_option(syncd_run, monkeypatch):
+    """guidance: brooks combines the same three branches with Brooks et al.'s un-normalized rule instead of eq. 4."""
+    run = syncd_run
+    refs = validation.object_references(run.dataset.objects[0], 1, run.resolution)
+    seen = []
+    real = validation.brooks_guidance
+    monkeypatch.setattr(validation, "brooks_guidance", lambda *a, **k: seen.append(a[3:5]) or real(*a, **k))
+    images = {}
+    for guidance in ("normalized", "brooks"):
+        v = validation.SyncdValidationConfig(steps=2, image_scale_start=3.0, image_scale_end=3.0, guidance=guidance)
+        with torch.no_grad():
+            images[guidance] = validation.sample_syncd(run.core, run.parts, refs, "a thing", v, run.resolution, "cpu",
+                                                       torch.Generator().manual_seed(0))
+    assert seen == [(3.0, 7.5), (3.0, 7.5)]
+    assert not torch.allclose(images["normalized"], images["brooks"])
+
+
 def test_jedi_sampler_uses_the_set_and_image_guidance(tiny_sd15, tiny_dataset, tmp_path, monkeypatch):
     """Each step one predict call over [references ‖ target | target alone]: sets [R+1, 1], reference channels and
     mask 1 on the references only, the references noised to t; the references' own captions, the prompt, and the
@@ -196,6 +213,10 @@ def test_jedi_sampler_uses_the_set_and_image_guidance(tiny_sd15, tiny_dataset, t
         assert 0.7 < ((noisy[:2] - a.sqrt() * latents) / (1 - a).sqrt()).std() < 1.3
     assert all(c[2] == 2.5 and c[0].shape == c[1].shape == (1, 4, 8, 8) for c in combos)
     assert not torch.allclose(combos[0][0], combos[0][1])  # references and text change the prediction
+    with torch.no_grad():  # one reference: the set [reference ‖ target | target alone]
+        one = validation.sample_jedi(core, run.parts, validation.object_references(run.dataset.objects[0], 1, 64),
+                                     "a thing in snow", v, 64, "cpu", torch.Generator().manual_seed(0))
+    assert one.shape == (1, 3, 64, 64) and calls[-1][5] == [2, 1] and calls[-1][2].tolist() == [1.0, 0.0, 0.0]
 
 
 def test_flux_sampler_keeps_the_references_clean(tiny_flux, tiny_dataset, tmp_path, monkeypatch):  # noqa: F811

@@ -56,3 +56,67 @@ def test_true_multi_view_sets_read_as_consistent():
 def test_background_phrases_suggest_no_look():
     for phrase in S.BACKGROUND_PHRASES.values():
         assert not set(phrase.split()) & set(S.COLOURS + S.TEXTURES), phrase
+
+
+def _to_pil(images):
+    from PIL import Image
+
+    return [Image.fromarray((255 * im.numpy()).round().astype("uint8")) for im in images]
+
+
+def test_reader_scores_are_the_upstream_filters_inputs(tmp_path):
+    """An image without an object scores 0 'aesthetics'; pairs score 0.98 × the share of agreeing attributes; the
+    dataset writer stores them, and the training scripts' upstream filter (min_aesthetics 0.5, min_dino 0.98) then
+    keeps the images that read the same identity as another of their set."""
+    import numpy as np
+
+    from comfyui_syncd.core import dataset_format
+
+    cube = views.Identity("cube", "red", "plain")
+    render = views.multi_view_set(cube, 3, seed=3)
+    empty = S.render(S.sample_scenes(1, 5, p_empty=1.0)).image
+    images = _to_pil(torch_cat([render.image[:2], empty]))
+    keep, aesthetics, pairs = sets.reader_scores(images)
+    ids = [R.read(render.image[:2]).identity(i) for i in range(2)]
+    assert keep == [0, 1, 2] and aesthetics[2] == 0.0 and aesthetics[:2] == [1.0 if x else 0.0 for x in ids]
+    agree = sum(a == b for a, b in zip(*ids)) / 3 if all(ids) else 0.0
+    assert pairs[0][1] == pairs[1][0] == pytest.approx(0.98 * agree) and pairs[0][2] == pairs[0][0] == 0.0
+    writer = dataset_format.DatasetWriter(tmp_path)
+    writer.write("obj", images, ["a cube on grass"] * 3, "cube", aesthetics_scores=aesthetics,
+                 dino_scores=np.asarray(pairs))
+    kept = dataset_format.read_dataset(tmp_path, min_aesthetics=0.5, min_dino=0.98)
+    expected = [0, 1] if ids[0] is not None and ids[0] == ids[1] else []
+    assert [len(r.images) for r in kept] == ([2] if expected else [])
+
+
+def torch_cat(parts):
+    import torch
+
+    return torch.cat(parts)
+
+
+def test_condition_workflows_set_the_shared_attention():
+    import json
+
+    from comfyui_syncd.client.workflow_format import widget_values
+    from comfyui_syncd.datagen.driver import DEFAULT_WORKFLOWS
+
+    workflow = json.loads(DEFAULT_WORKFLOWS["deformable"].read_text())
+    spec = {"input": {"required": {"model": ["MODEL"], "images_per_subject": ["INT", {"default": 3}],
+                                   "mask_mode": [["foreground_masks", "none", "automatic"]]}},
+            "input_order": {"required": ["model", "images_per_subject", "mask_mode"]}}
+    shared = next(n for n in workflow["nodes"] if n["type"] == "SynCDSharedAttention")
+    # the shipped node's widgets go beyond this minimal definition; only the first two are read and set
+    object_info = {"SynCDSharedAttention": spec}
+    got = {}
+    for condition in sets.CONDITIONS:
+        out = sets.condition_workflow(workflow, condition, object_info)
+        node = next(n for n in out["nodes"] if n["id"] == shared["id"])
+        muted = {n["type"] for n in out["nodes"] if n.get("mode") == 2}
+        got[condition] = (widget_values(node, spec)["images_per_subject"], widget_values(node, spec)["mask_mode"], muted)
+    assert got["msa_off"][:2] == (1, "automatic") and not got["msa_off"][2]
+    assert got["msa_no_masks"][:2] == (3, "none") and {"SynCDAutomaticMasks", "MaskToImage", "SaveImage"} <= got["msa_no_masks"][2]
+    assert got["msa_masks"][:2] == (3, "automatic") and not got["msa_masks"][2]
+    assert widget_values(shared, spec)["images_per_subject"] == 3  # the input workflow is untouched
+    with pytest.raises(ValueError, match="condition"):
+        sets.condition_workflow(workflow, "msa_sometimes", object_info)

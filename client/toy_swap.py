@@ -1,0 +1,112 @@
+"""Swap a text-to-image workflow's loaders for the toy world's trained model (``SynCDToyWorldModel``).
+
+The toy model (``demo/toy_model.py``) is a small SD1.5 architecture trained from scratch on the toy world's 64 px
+objects, so it draws recognisable cubes and spheres on grass where the tiny random demo models draw noise. This
+rewrites an editor (UI) graph the way :func:`~.tiny_swap.tiny_swap` does, keeping node ids and every other node:
+
+- ``CheckpointLoaderSimple`` / ``UNETLoader`` -> ``SynCDToyWorldModel`` (MODEL, CLIP, VAE); the first one also
+  serves the CLIP of every ``DualCLIPLoader`` / ``CLIPLoader`` and the VAE of every ``VAELoader``, which are removed.
+  Text encoders (``CLIPTextEncode``, ``SynCDPromptBatch``) stay: they encode with the toy model's own CLIP;
+- ``ConditioningZeroOut`` (a negative unused at cfg 1) -> ``CLIPTextEncode`` of the empty prompt: the toy model
+  learned the unconditional prediction from empty captions and samples with true classifier-free guidance;
+- empty latents and image resizes to 64 px a side (the toy model's size; any latent channel count is fixed by
+  ComfyUI's sampler for an empty latent), every sampler's ``steps`` and ``cfg`` to the toy model's.
+
+Nodes that need what the toy model does not have (depth conditioning, IP-Adapters, SynCD/JeDi checkpoints, input
+images) are refused with the reason. Pure: no ComfyUI import.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from .tiny_swap import TinySwapError, _fold_into, _Graph, _scaled
+from .ui_graph import set_widget
+from .workflow_format import is_api_format, is_ui_format, widget_values
+
+TOY_MODEL = "SynCDToyWorldModel"
+SHIPPED_CHOICE = "toy_sd15 (shipped)"  # demo/toy_model.py SHIPPED_CHOICE (that module imports ComfyUI)
+SIZE = 64
+STEPS = 25
+CFG = 5.0
+MODEL_LOADERS = {"CheckpointLoaderSimple": {0: 0, 1: 1, 2: 2}, "UNETLoader": {0: 0}}  # old slot -> toy slot
+CLIP_LOADERS = ("DualCLIPLoader", "CLIPLoader")
+SAMPLERS = ("KSampler", "KSamplerAdvanced")
+REFUSED = {
+    "InstructPixToPixConditioning": "depth conditioning (the toy model is text-to-image only)",
+    "ModelSamplingFlux": "Flux's sampling schedule (the toy model is an SD1.5 architecture)",
+    "SynCDIPAdapterLoader": "an IP-Adapter (the toy world's customization model is not an IP-Adapter)",
+    "CLIPVisionLoader": "a CLIP vision model",
+    "SynCDCheckpointLoader": "a SynCD checkpoint for a real base model",
+    "JeDiCheckpointLoader": "a JeDi checkpoint for a real base model",
+    "LoadImage": "input images",
+    "LoadImageMask": "input masks",
+}
+
+
+def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE, steps: int = STEPS,
+             cfg: float = CFG, size: int = SIZE) -> tuple[dict, list[str]]:
+    """(a copy of ``workflow`` running on the toy-world model ``model_file``, one line per change)."""
+    if is_api_format(workflow) or not is_ui_format(workflow):
+        raise TinySwapError("the toy-world swap works on editor-format workflows (as in workflows/)")
+    g = _Graph(copy.deepcopy(workflow), object_info)
+    report = g.report
+    for kind, why in REFUSED.items():
+        found = g.of_type(kind)
+        if found:
+            raise TinySwapError(f"{g.describe(found[0])} needs {why}; the toy-world model cannot run this workflow")
+    if TOY_MODEL not in object_info:
+        raise TinySwapError(f"the server has no {TOY_MODEL} node; it comes with the SynCD pack")
+    options = _combo_options(object_info[TOY_MODEL], "model_file")
+    if model_file not in options:
+        raise TinySwapError(f"toy-world model {model_file!r} is not on the server (it lists {options or 'none'}); the "
+                            "shipped one is toyworld/weights/toy_sd15.safetensors, your own runs' files go to "
+                            "models/syncd_toyworld")
+
+    models = g.of_type(*MODEL_LOADERS)
+    if not models:
+        raise TinySwapError("no CheckpointLoaderSimple or UNETLoader to swap for the toy-world model")
+    for node in models:
+        kind = node["type"]
+        g.replace(node, TOY_MODEL, MODEL_LOADERS[kind], model_file=model_file)
+        report.append(f"{g.describe(node)}: was {kind} (toy-world model {model_file})")
+    primary = models[0]
+    for kind, slot, what in (("DualCLIPLoader", 1, "CLIP"), ("CLIPLoader", 1, "CLIP"), ("VAELoader", 2, "VAE")):
+        for node in g.of_type(kind):
+            _fold_into(g, node, primary, slot, what, report)
+
+    for node in g.of_type("ConditioningZeroOut"):
+        g.replace(node, "CLIPTextEncode", {0: 0}, text="")
+        g.add_link(primary, 1, node, "clip")
+        report.append(f"{g.describe(node)}: was ConditioningZeroOut (now the empty prompt, for true guidance)")
+
+    for node in sorted(g.nodes.values(), key=lambda n: n["id"]):
+        node_def = g.object_info.get(node["type"])
+        if node_def is None or node.get("mode", 0) != 0:
+            continue
+        values = widget_values(node, node_def)
+        kind = node["type"]
+        if (kind == "SynCDMeshViews" or kind == "ImageScale" or (kind.startswith("Empty") and "Latent" in kind)) \
+                and isinstance(values.get("width"), int) and isinstance(values.get("height"), int):
+            new = _scaled(values["width"], values["height"], size)
+            if new != (values["width"], values["height"]):
+                set_widget(node, node_def, "width", new[0])
+                set_widget(node, node_def, "height", new[1])
+                report.append(f"{g.describe(node)}: {values['width']}x{values['height']} -> {new[0]}x{new[1]}")
+        if kind in SAMPLERS:
+            set_widget(node, node_def, "steps", steps)
+            set_widget(node, node_def, "cfg", cfg)
+            report.append(f"{g.describe(node)}: steps {values.get('steps')} -> {steps}, cfg {values.get('cfg')} -> {cfg}")
+
+    swapped = g.finish()
+    swapped.setdefault("extra", {}).setdefault("syncd", {}).update(family="sd15", toy=model_file)
+    return swapped, report
+
+
+def _combo_options(node_def: dict, name: str) -> list:
+    spec = (node_def.get("input", {}).get("required", {}) or {}).get(name)
+    if not spec:
+        return []
+    if isinstance(spec[0], list):
+        return list(spec[0])
+    return list((spec[1] if len(spec) > 1 else {}).get("options", []))

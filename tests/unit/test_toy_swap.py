@@ -1,0 +1,107 @@
+"""``client/toy_swap.py`` on a hand-made Flux data-generation graph: loaders become one toy-world model, the
+text encoders stay on its CLIP, the zeroed negative becomes the empty prompt, sizes/steps/cfg follow the toy
+model, and what the toy model cannot run is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from comfyui_syncd.client.tiny_swap import TinySwapError
+from comfyui_syncd.client.toy_swap import CFG, SHIPPED_CHOICE, STEPS, toy_swap
+from comfyui_syncd.client.ui_graph import UIGraph
+from comfyui_syncd.client.workflow_format import to_api
+
+pytestmark = pytest.mark.unit
+
+
+def node_def(required: dict, outputs: list[str], optional: dict | None = None) -> dict:
+    return {"input": {"required": required, "optional": optional or {}},
+            "input_order": {"required": list(required), "optional": list(optional or {})},
+            "output": outputs, "output_name": outputs, "category": "test"}
+
+
+OBJECT_INFO = {
+    "UNETLoader": node_def({"unet_name": [[]], "weight_dtype": [["default"]]}, ["MODEL"]),
+    "DualCLIPLoader": node_def({"clip_name1": [[]], "clip_name2": [[]], "type": [["flux"]]}, ["CLIP"]),
+    "VAELoader": node_def({"vae_name": [[]]}, ["VAE"]),
+    "CLIPTextEncode": node_def({"text": ["STRING", {"multiline": True}], "clip": ["CLIP"]}, ["CONDITIONING"]),
+    "SynCDPromptBatch": node_def({"clip": ["CLIP"], "text": ["STRING", {"multiline": True}]},
+                                 ["CONDITIONING", "STRING"]),
+    "FluxGuidance": node_def({"conditioning": ["CONDITIONING"], "guidance": ["FLOAT", {"default": 3.5}]},
+                             ["CONDITIONING"]),
+    "ConditioningZeroOut": node_def({"conditioning": ["CONDITIONING"]}, ["CONDITIONING"]),
+    "SynCDSharedAttention": node_def({"model": ["MODEL"], "images_per_subject": ["INT", {"default": 3}]}, ["MODEL"],
+                                     optional={"clip": ["CLIP"], "prompt": ["STRING", {"default": ""}]}),
+    "EmptySD3LatentImage": node_def({"width": ["INT", {"default": 1024}], "height": ["INT", {"default": 1024}],
+                                     "batch_size": ["INT", {"default": 1}]}, ["LATENT"]),
+    "KSampler": node_def({"model": ["MODEL"], "seed": ["INT", {"default": 0, "control_after_generate": True}],
+                          "steps": ["INT", {"default": 20}], "cfg": ["FLOAT", {"default": 8.0}],
+                          "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
+                          "latent_image": ["LATENT"]}, ["LATENT"]),
+    "VAEDecode": node_def({"samples": ["LATENT"], "vae": ["VAE"]}, ["IMAGE"]),
+    "SaveImage": node_def({"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}, []),
+    "InstructPixToPixConditioning": node_def({"positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
+                                              "vae": ["VAE"], "pixels": ["IMAGE"]},
+                                             ["CONDITIONING", "CONDITIONING", "LATENT"]),
+    "SynCDToyWorldModel": node_def({"model_file": [[SHIPPED_CHOICE, "mine.safetensors"]]}, ["MODEL", "CLIP", "VAE"]),
+}
+
+
+def flux_datagen(depth: bool = False) -> dict:
+    g = UIGraph(OBJECT_INFO)
+    unet = g.add("UNETLoader", unet_name="flux1-dev.safetensors")                     # 1
+    clip = g.add("DualCLIPLoader", clip_name1="clip_l", clip_name2="t5", type="flux")  # 2
+    vae = g.add("VAELoader", vae_name="ae.safetensors")                                # 3
+    prompts = g.add("SynCDPromptBatch", text="a cube on grass\na cube in the snow")     # 4
+    guided = g.add("FluxGuidance")                                                     # 5
+    zero = g.add("ConditioningZeroOut")                                                # 6
+    shared = g.add("SynCDSharedAttention")                                             # 7
+    empty = g.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=3)        # 8
+    sampler = g.add("KSampler", steps=50, cfg=1.0)                                     # 9
+    decode = g.add("VAEDecode")                                                        # 10
+    save = g.add("SaveImage")                                                          # 11
+    g.connect(clip, 0, prompts, "clip")
+    g.connect(prompts, 0, guided, "conditioning")
+    g.connect(prompts, 0, zero, "conditioning")
+    g.connect(unet, 0, shared, "model")
+    g.connect(clip, 0, shared, "clip")
+    g.connect(prompts, 1, shared, "prompt")
+    g.connect(shared, 0, sampler, "model")
+    g.connect(guided, 0, sampler, "positive")
+    g.connect(zero, 0, sampler, "negative")
+    g.connect(empty, 0, sampler, "latent_image")
+    g.connect(sampler, 0, decode, "samples")
+    g.connect(vae, 0, decode, "vae")
+    g.connect(decode, 0, save, "images")
+    if depth:
+        g.add("InstructPixToPixConditioning")
+    g.group("all", g.nodes)
+    return g.to_json()
+
+
+def test_flux_datagen_runs_on_the_toy_model():
+    swapped, report = toy_swap(flux_datagen(), OBJECT_INFO)
+    api = to_api(swapped, OBJECT_INFO)
+    assert "2" not in api and "3" not in api, "the CLIP and VAE loaders fold into the toy model"
+    assert api["1"]["class_type"] == "SynCDToyWorldModel" and api["1"]["inputs"] == {"model_file": SHIPPED_CHOICE}
+    assert api["4"]["inputs"]["clip"] == ["1", 1] and api["7"]["inputs"]["clip"] == ["1", 1]
+    assert api["7"]["inputs"]["model"] == ["1", 0] and api["10"]["inputs"]["vae"] == ["1", 2]
+    assert api["4"]["inputs"]["text"] == "a cube on grass\na cube in the snow"
+    assert api["6"]["class_type"] == "CLIPTextEncode" and api["6"]["inputs"] == {"text": "", "clip": ["1", 1]}
+    assert (api["8"]["inputs"]["width"], api["8"]["inputs"]["height"]) == (64, 64)
+    assert api["9"]["inputs"]["steps"] == STEPS and api["9"]["inputs"]["cfg"] == CFG
+    assert swapped["extra"]["syncd"]["toy"] == SHIPPED_CHOICE
+    assert any("ConditioningZeroOut" in line for line in report)
+
+
+def test_other_model_file_and_refusals():
+    swapped, _ = toy_swap(flux_datagen(), OBJECT_INFO, model_file="mine.safetensors", steps=7, cfg=3.0)
+    api = to_api(swapped, OBJECT_INFO)
+    assert api["1"]["inputs"]["model_file"] == "mine.safetensors" and api["9"]["inputs"]["steps"] == 7
+    with pytest.raises(TinySwapError, match="not on the server"):
+        toy_swap(flux_datagen(), OBJECT_INFO, model_file="missing.safetensors")
+    with pytest.raises(TinySwapError, match="depth conditioning"):
+        toy_swap(flux_datagen(depth=True), OBJECT_INFO)
+    without = {k: v for k, v in OBJECT_INFO.items() if k != "SynCDToyWorldModel"}
+    with pytest.raises(TinySwapError, match="SynCDToyWorldModel"):
+        toy_swap(flux_datagen(), without)

@@ -1,0 +1,189 @@
+"""Customization models of the toy world (issue 13 §2.3–2.4): trained on generated sets with the pack's training
+scripts, then evaluated on held-out objects with the attribute reader.
+
+Models (each a run of the pack's own script on the toy base model):
+
+* ``syncd_msa`` — :mod:`comfyui_syncd.training.syncd` on the sets generated with Masked Shared Attention and
+  automatic masks (``sets/msa_masks``);
+* ``syncd_no_msa`` — the same script and settings on the sets generated without MSA (``sets/msa_off``): the paper's
+  headline comparison (SynCD Table 4);
+* ``jedi_msa`` — :mod:`comfyui_syncd.training.jedi` on the MSA sets.
+
+Deviations from the papers' settings, for a 64 px model trained in minutes on a CPU: the base model's ε-prediction
+and schedule are kept (``prediction_type: epsilon``, no zero-terminal-SNR rescale), LoRA rank 32, a larger learning
+rate, the IP-Adapter's image encoder is a small random CLIP vision model (frozen, as upstream's; the trained
+``to_k_ip``/``to_v_ip`` can only use what its random features keep), and the score filter is the attribute reader's
+(:func:`sets.reader_scores`: an image is kept when it shows an object and agrees with another image of its set on at
+least one of shape, colour and texture).
+
+Evaluation: for each held-out identity (:func:`views.split_identities`), true toy renders are the references (1 or 3
+views) and the prompt names the shape, a background and a placement ("a cube on grass, on the left"); the reader
+reads the generated image. Identity: the read (shape, colour, texture) equals the reference's; prompt following:
+the read background and placement equal the prompt's; overexposure: the mean HSV saturation and value of the
+images (renders as the reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+import torch
+
+from . import reader as R, scene as S, views as V
+
+MODELS = {"syncd_msa": ("syncd", "msa_masks"), "syncd_no_msa": ("syncd", "msa_off"), "jedi_msa": ("jedi", "msa_masks")}
+MIN_AESTHETICS, MIN_DINO = 0.5, 0.3  # sets.reader_scores: an object, and a pair agreeing on one attribute or more
+IMAGE_ENCODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+                     patch_size=8, projection_dim=64, hidden_act="quick_gelu")
+EVAL_SEED = 4_000_037
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    steps: int = 1500
+    batch: int = 8
+    learning_rate: float = 2e-4
+    jedi_learning_rate: float = 1e-4
+    lora_rank: int = 32
+    eval_objects: int = 24
+    sample_steps: int = 25
+
+
+def image_encoder(folder) -> pathlib.Path:
+    """A small random CLIP vision model (the IP-Adapter's frozen image encoder) saved to ``folder``."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = pathlib.Path(folder)
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        CLIPVisionModelWithProjection(CLIPVisionConfig(**IMAGE_ENCODER)).save_pretrained(folder)
+    return folder
+
+
+def syncd_config(base, dataset, encoder, out, s: Settings):
+    from ..training import config, syncd
+
+    return config.from_dict(syncd.SyncdConfig, {
+        "model": {"path": str(base)},
+        "ip_adapter": {"image_encoder": str(encoder), "resampler_dim": 64, "resampler_heads": 4,
+                       "resampler_depth": 2, "num_queries": 8},
+        "data": {"dirs": [str(dataset)], "resolution": S.SIZE, "crop_padding": 12, "mask_dilation": 1,
+                 "min_aesthetics": MIN_AESTHETICS, "min_dino": MIN_DINO, "num_workers": 0},
+        "lora": {"rank": s.lora_rank, "alpha": float(s.lora_rank)},
+        "train": {"output_dir": str(out), "max_steps": s.steps, "batch_size": s.batch, "gradient_accumulation_steps": 1,
+                  "learning_rate": s.learning_rate, "prediction_type": "epsilon", "rescale_betas_zero_snr": False,
+                  "checkpoint_every": max(1, min(250, s.steps)), "keep_checkpoints": 1,
+                  "export_every_checkpoint": False, "tensorboard": False}})
+
+
+def jedi_config(base, dataset, out, s: Settings):
+    from ..training import config, jedi
+
+    return config.from_dict(jedi.JediConfig, {
+        "model": {"path": str(base)},
+        "data": {"dirs": [str(dataset)], "resolution": S.SIZE, "min_images": 2, "max_images": 3,
+                 "min_aesthetics": MIN_AESTHETICS, "min_dino": MIN_DINO, "num_workers": 0},
+        "train": {"output_dir": str(out), "max_steps": s.steps, "batch_size": s.batch,
+                  "learning_rate": s.jedi_learning_rate, "checkpoint_every": max(1, min(250, s.steps)),
+                  "keep_checkpoints": 1, "export_every_checkpoint": False, "tensorboard": False}})
+
+
+def prepare(kind: str, cfg):
+    """The prepared run of ``kind`` (``syncd``/``jedi``), resumed from its newest checkpoint."""
+    from ..training import jedi, syncd
+
+    return (syncd if kind == "syncd" else jedi).prepare(cfg, resume="auto")
+
+
+def train(kind: str, cfg, progress: bool = True) -> dict:
+    from ..training import jedi, loop, syncd
+
+    run = prepare(kind, cfg)
+    (syncd if kind == "syncd" else jedi).train(run, progress=progress)
+    losses = loop.read_losses(cfg.train.output_dir)
+    last = [losses[k] for k in sorted(losses)[-100:]]
+    return {"objects": len(run.dataset), "steps": len(losses), "loss_mean_last_100": round(sum(last) / len(last), 4)}
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class EvalCase:
+    identity: V.Identity
+    references: S.Render     # 3 true views
+    prompt: str
+    background: str
+    placement: str
+
+
+def eval_cases(count: int, seed: int = EVAL_SEED) -> list[EvalCase]:
+    """``count`` held-out identities (cycled), 3 rendered views each, and a prompt with another background."""
+    _, held_out = V.split_identities()
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(count):
+        identity = held_out[i % len(held_out)]
+        refs = V.multi_view_set(identity, views=3, seed=seed + i)
+        background = S.BACKGROUNDS[rng.integers(len(S.BACKGROUNDS))]
+        placement = S.PLACEMENTS[rng.integers(len(S.PLACEMENTS))]
+        prompt = (f"{'an' if identity.shape[0] in 'aeiou' else 'a'} {identity.shape} "
+                  f"{S.BACKGROUND_PHRASES[background]}, {S.PLACEMENT_PHRASES[placement]}")
+        cases.append(EvalCase(identity, refs, prompt, background, placement))
+    return cases
+
+
+def references(case: EvalCase, count: int):
+    """The case's first ``count`` views as the training scripts' validation references."""
+    from ..training.validation import References
+
+    pixels = case.references.image[:count].permute(0, 3, 1, 2) * 2 - 1
+    masks = case.references.mask[:count].float()
+    return References(pixels, masks, [f"a {case.identity.shape}"] * count, case.identity.shape)
+
+
+def saturation_value(images: torch.Tensor) -> tuple[float, float]:
+    """Mean HSV saturation and value of (B, H, W, 3) images in [0, 1] (the overexposure measure)."""
+    high, low = images.max(-1).values, images.min(-1).values
+    saturation = torch.where(high > 0, (high - low) / high.clamp_min(1e-6), torch.zeros_like(high))
+    return float(saturation.mean()), float(high.mean())
+
+
+def score(images: torch.Tensor, cases: list[EvalCase]) -> dict[str, float]:
+    """Identity, per-attribute identity, prompt following and overexposure of (B, H, W, 3) images of ``cases``."""
+    reading = R.read(images)
+    n = len(cases)
+    out = {"identity": sum(reading.identity(i) == (c.identity.shape, c.identity.colour, c.identity.texture)
+                           for i, c in enumerate(cases)) / n}
+    for k in S.OBJECT_ATTRIBUTES:
+        out[k] = sum(reading.labels[k][i] == getattr(c.identity, k) for i, c in enumerate(cases)) / n
+    out["background"] = sum(reading.labels["background"][i] == c.background for i, c in enumerate(cases)) / n
+    out["placement"] = sum(reading.labels["placement"][i] == c.placement for i, c in enumerate(cases)) / n
+    out["saturation"], out["value"] = saturation_value(images)
+    return out
+
+
+METHODS = {  # name -> (model, guidance): what SynCD Table 5 / JeDi Table 4 compare, at toy scale
+    "no references (base model, text guidance)": ("base", None),
+    "SynCD on MSA sets, normalized guidance": ("syncd_msa", "normalized"),
+    "SynCD on MSA sets, Brooks guidance": ("syncd_msa", "brooks"),
+    "SynCD on no-MSA sets, normalized guidance": ("syncd_no_msa", "normalized"),
+    "JeDi on MSA sets, JeDi image guidance": ("jedi_msa", "jedi"),
+}
+
+
+def sample_method(run, kind: str, guidance: str, case: EvalCase, count: int, steps: int, seed: int) -> torch.Tensor:
+    """One (1, H, W, 3) image in [0, 1] of ``case`` with ``count`` references, by the training scripts' own samplers
+    (upstream's inference: :func:`~comfyui_syncd.training.validation.sample_syncd` / ``sample_jedi``)."""
+    from ..training import validation
+
+    gen = torch.Generator().manual_seed(seed)
+    refs = references(case, count)
+    if kind == "syncd":
+        v = validation.SyncdValidationConfig(steps=steps, guidance=guidance)
+        image = validation.sample_syncd(run.core, run.parts, refs, case.prompt, v, S.SIZE, torch.device("cpu"), gen)
+    else:
+        v = validation.JediValidationConfig(steps=steps)
+        image = validation.sample_jedi(run.core, run.parts, refs, case.prompt, v, S.SIZE, torch.device("cpu"), gen)
+    return ((image.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
