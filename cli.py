@@ -2,7 +2,8 @@
 
 ``run`` queues a workflow (editor or API format) to a ComfyUI server, or to a private server it
 starts and stops itself, prints progress and saves the output files. ``run --tiny`` first swaps the
-workflow's model and image loaders for the pack's tiny demo nodes (``client/tiny_swap.py``).
+workflow's loaders: for the shipped toy-world model where it can run the workflow (``client/toy_swap.py``), else
+(or with ``--random-tiny``) for the pack's random-weight tiny demo nodes (``client/tiny_swap.py``).
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "124 (default: no limit)")
     run.add_argument("--tiny", action="store_true",
                      help="run on the pack's tiny demo models and demo images instead of the real loaders' files "
-                          "(editor-format workflows only): any machine, no downloads, noise-like images; sizes "
-                          "down to 64 px and at most 4 steps")
+                          "(editor-format workflows only): any machine, no downloads. Text-to-image workflows run "
+                          "on the shipped toy-world model (64 px toy objects, 25 steps, cfg 5); the others, or all "
+                          "with --random-tiny, on random-weight tiny models (noise-like images, 64 px, at most 4 "
+                          "steps)")
+    run.add_argument("--random-tiny", action="store_true",
+                     help="with --tiny: always the random-weight tiny models, never the toy-world model")
     for name, module in DELEGATED.items():
         commands.add_parser(name, add_help=False, help=f"see python -m comfyui_syncd.{module} --help")
     return parser
@@ -163,7 +168,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .client.api import ComfyAPIError, ComfyClient, ExecutionError, PromptTimeout, PromptValidationError
-    from .client.tiny_swap import TinySwapError, tiny_swap
+    from .client.tiny_swap import TinySwapError
+    from .client.toy_swap import demo_swap
     from .client.workflow_format import WorkflowFormatError, is_api_format, to_api
 
     try:
@@ -183,8 +189,8 @@ def _run(args: argparse.Namespace) -> int:
         try:
             object_info = client.probe()
             if args.tiny:
-                workflow, swapped = tiny_swap(workflow, object_info)
-                print(f"--tiny: {len(swapped)} change(s) for the tiny demo models:")
+                workflow, swapped, which = demo_swap(workflow, object_info, args.random_tiny)
+                print(f"--tiny: {len(swapped)} change(s) for {which}:")
                 for line in swapped:
                     print(f"  {line}")
             prompt = to_api(workflow, object_info)

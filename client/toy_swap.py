@@ -110,3 +110,19 @@ def _combo_options(node_def: dict, name: str) -> list:
     if isinstance(spec[0], list):
         return list(spec[0])
     return list((spec[1] if len(spec) > 1 else {}).get("options", []))
+
+
+def demo_swap(workflow: dict, object_info: dict, random_only: bool = False) -> tuple[dict, list[str], str]:
+    """``--tiny``: (the workflow on the toy-world model, when its weights are shipped and it can run the workflow,
+    else on the tiny random demo models; one line per change; which of the two, in words)."""
+    from .tiny_swap import tiny_swap
+
+    note = []
+    if not random_only and SHIPPED_CHOICE in _combo_options(object_info.get(TOY_MODEL, {}), "model_file"):
+        try:
+            swapped, report = toy_swap(workflow, object_info)
+            return swapped, report, "the toy-world model"
+        except TinySwapError as exc:
+            note = [f"(not the toy-world model: {exc})"]
+    swapped, report = tiny_swap(workflow, object_info)
+    return swapped, note + report, "the tiny demo models"

@@ -165,12 +165,12 @@ class Generated:
 def generate(client, workflow: dict, spec: ObjectSpec, seed: int, tiny: bool = False,
              timeout: Optional[float] = None) -> Generated:
     """Run the filled workflow for one object on ``client``'s server and download its images (and masks)."""
-    from ..client.tiny_swap import tiny_swap
+    from ..client.toy_swap import demo_swap
     from ..client.workflow_format import to_api
 
     object_info = client.object_info()
-    if tiny:
-        workflow, _ = tiny_swap(workflow, object_info)
+    if tiny:  # True: the toy-world model where it runs the workflow; "random": the random tiny models
+        workflow, _, _ = demo_swap(workflow, object_info, random_only=tiny == "random")
     filled = fill(workflow, spec, seed, object_info)
     prompt = to_api(filled, object_info)
     result = client.run(prompt, timeout=timeout)
@@ -330,7 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "embedded ComfyUI; ADDRESS as ray.init takes it (default: auto / a local cluster)")
     parser.add_argument("--workers", type=int, default=None, help="Ray actors (default: the cluster's GPUs, or 1)")
     parser.add_argument("--comfyui", metavar="PATH", help="ComfyUI for embedded servers (default: as `run` finds it)")
-    parser.add_argument("--tiny", action="store_true", help="run the workflows on the pack's tiny demo models")
+    parser.add_argument("--tiny", action="store_true", help="run the workflows on the shipped toy-world model where it "
+                        "can (deformable objects), else on the random-weight tiny demo models")
+    parser.add_argument("--random-tiny", action="store_const", const="random", dest="tiny",
+                        help="run the workflows on the random-weight tiny demo models")
     parser.add_argument("--seed", type=int, default=0, help="base seed; each object's seed derives from it and its id")
     parser.add_argument("--retries", type=int, default=2, help="attempts on other servers after a failure")
     parser.add_argument("--timeout", type=float, default=None, help="seconds one object may take on a server")

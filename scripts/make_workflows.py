@@ -69,6 +69,25 @@ COLORS = {"Models": "#3f789e", "References": "#8a6d3b", "Mesh": "#8a6d3b", "Prom
 
 TINY_HINT = ("Try it without any download (tiny random models, noise-like images):\n"
              "  python -m comfyui_syncd run workflows/{name} --tiny")
+TOY_HINT = ("Try it without any download, on the pack's toy-world model (a small SD1.5 trained from scratch on 64 px "
+            "toy objects: cubes, spheres, cones... on grass, sand, snow; any CPU, seconds):\n"
+            "  python -m comfyui_syncd run workflows/{name} --tiny")
+
+
+def with_try_hint(workflow: dict, object_info: dict, name: str) -> dict:
+    """The Note's --tiny hint says what --tiny runs the workflow on: the toy-world model where it can."""
+    from comfyui_syncd.client.tiny_swap import TinySwapError
+    from comfyui_syncd.client.toy_swap import toy_swap
+
+    try:
+        toy_swap(workflow, object_info)
+    except TinySwapError:
+        return workflow
+    for node in workflow["nodes"]:
+        if node["type"] == "Note":
+            node["widgets_values"][0] = node["widgets_values"][0].replace(TINY_HINT.format(name=name),
+                                                                          TOY_HINT.format(name=name))
+    return workflow
 
 
 def models_property(*files) -> dict:
@@ -859,7 +878,8 @@ def main() -> None:
             (WORKFLOWS / stale).unlink()
             print(f"removed {WORKFLOWS / stale}")
     for name, build in BUILDERS.items():
-        (WORKFLOWS / name).write_text(json.dumps(build(object_info, name), indent=2, ensure_ascii=False) + "\n")
+        workflow = with_try_hint(build(object_info, name), object_info, name)
+        (WORKFLOWS / name).write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n")
         thumbnail(*THUMBNAILS[name]).save(WORKFLOWS / pathlib.Path(name).with_suffix(".jpg"), quality=88)
         print(WORKFLOWS / name)
 

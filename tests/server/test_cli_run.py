@@ -46,7 +46,27 @@ def test_runs_a_ui_workflow_with_overrides(comfy_server, tmp_path):
             prompt = json.loads(image.info["prompt"])  # SaveImage embeds the API graph
         assert prompt["6"]["inputs"]["steps"] == 2 and prompt["2"]["inputs"]["text"] == "a corgi"
         assert prompt["4"]["inputs"]["images_per_subject"] == 2
-        assert prompt["1"]["class_type"] == "SynCDTinyDemoModel"
+        assert prompt["1"]["class_type"] == "SynCDToyWorldModel"  # --tiny: the shipped toy-world model
+
+
+def test_tiny_runs_text_to_image_workflows_on_the_toy_model(comfy_server, tmp_path):
+    """The toy-world model replaces the checkpoint (MODEL, CLIP, VAE), the real text encoders stay, sizes go to 64
+    px and the sampler to the toy model's steps and cfg; --random-tiny keeps the random tiny models."""
+    from comfyui_syncd.client import toy_swap
+
+    assert (REPO / "toyworld" / "weights" / "toy_sd15.safetensors").is_file(), "the toy-world model is shipped"
+    done = run_cli(SD15, "--tiny", "--server", comfy_server.url, "--out", tmp_path, "--set", "6.steps=1")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("--tiny: ") and lines[0].endswith(" change(s) for the toy-world model:")
+    assert f"  #1 SynCDToyWorldModel: was CheckpointLoaderSimple (toy-world model {toy_swap.SHIPPED_CHOICE})" in lines
+    assert "  #5 EmptyLatentImage: 512x512 -> 64x64" in lines
+    assert f"  #6 KSampler: steps 30 -> {toy_swap.STEPS}, cfg 7.5 -> {toy_swap.CFG}" in lines
+    saved = sorted(tmp_path.glob("jedi_coupled_*.png"))
+    assert len(saved) == 3
+    with Image.open(saved[0]) as image:
+        prompt = json.loads(image.info["prompt"])
+    assert prompt["2"]["class_type"] == "CLIPTextEncode" and prompt["2"]["inputs"]["clip"] == ["1", 1]
 
 
 def test_runs_an_api_workflow(comfy_server, comfy_client, tmp_path):
@@ -67,7 +87,7 @@ def test_runs_an_api_workflow(comfy_server, comfy_client, tmp_path):
 
 
 def test_tiny_prints_the_swaps(comfy_server, tmp_path):
-    done = run_cli(SD15, "--tiny", "--server", comfy_server.url, "--out", tmp_path, "--set", "6.steps=1")
+    done = run_cli(SD15, "--tiny", "--random-tiny", "--server", comfy_server.url, "--out", tmp_path, "--set", "6.steps=1")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "--tiny: 5 change(s) for the tiny demo models:"
@@ -90,7 +110,7 @@ def test_tiny_refuses_an_api_workflow(tmp_path):
     """Refused before any server is contacted (the URL goes nowhere)."""
     path = tmp_path / "api.json"
     path.write_text(json.dumps({"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x"}}}))
-    done = run_cli(path, "--tiny", "--server", "http://127.0.0.1:9", "--out", tmp_path / "o", timeout=60)
+    done = run_cli(path, "--tiny", "--random-tiny", "--server", "http://127.0.0.1:9", "--out", tmp_path / "o", timeout=60)
     assert done.returncode == 1
     assert "--tiny works on editor-format workflows" in done.stderr and "is in API format" in done.stderr
 
@@ -107,7 +127,7 @@ def test_tiny_refuses_an_api_workflow(tmp_path):
 def test_set_value_checked_before_queueing(comfy_server, comfy_client, tmp_path, override, message):
     """Checked against /object_info: V1 combo, range, link input, V3 combo; one error line, nothing queued."""
     history = set(comfy_client.get_json("/history"))
-    done = run_cli(SD15, "--tiny", "--server", comfy_server.url, "--out", tmp_path, "--set", override)
+    done = run_cli(SD15, "--tiny", "--random-tiny", "--server", comfy_server.url, "--out", tmp_path, "--set", override)
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"error: --set '{override}': {message}")
@@ -148,7 +168,7 @@ def test_second_run_into_the_same_out_keeps_the_first_files(comfy_server, tmp_pa
     free number, and the first run's files stay as they were."""
     prefix = f"cli_clash_{uuid.uuid4().hex[:8]}"
     out = tmp_path / "out"
-    args = [SD15, "--tiny", "--server", comfy_server.url, "--out", out, "--set", "6.steps=1", "--set",
+    args = [SD15, "--tiny", "--random-tiny", "--server", comfy_server.url, "--out", out, "--set", "6.steps=1", "--set",
             "5.batch_size=2", "--set", "4.images_per_subject=2", "--set", f"8.filename_prefix={prefix}"]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
@@ -168,7 +188,7 @@ def test_second_run_into_the_same_out_keeps_the_first_files(comfy_server, tmp_pa
 
 def test_unreachable_server_is_one_error_line(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
-    done = run_cli(SD15, "--tiny", "--server", url, "--out", tmp_path, timeout=60)
+    done = run_cli(SD15, "--tiny", "--random-tiny", "--server", url, "--out", tmp_path, timeout=60)
     assert done.returncode == 1
     assert done.stderr.splitlines() == [f"error: cannot reach {url}/object_info: [Errno 111] Connection refused"]
 
@@ -189,7 +209,7 @@ def test_a_server_that_is_not_comfyui_is_one_error_line(tmp_path, object_info, a
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
-        done = run_cli(SD15, "--tiny", "--server", url, "--out", tmp_path / "o", timeout=60)
+        done = run_cli(SD15, "--tiny", "--random-tiny", "--server", url, "--out", tmp_path / "o", timeout=60)
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -198,7 +218,7 @@ def test_a_server_that_is_not_comfyui_is_one_error_line(tmp_path, object_info, a
 
 
 def test_execution_error_exits_nonzero_with_node_and_message(comfy_server, tmp_path):
-    done = run_cli(SD15, "--tiny", "--server", comfy_server.url, "--out", tmp_path, "--set", "1.width=48")
+    done = run_cli(SD15, "--tiny", "--random-tiny", "--server", comfy_server.url, "--out", tmp_path, "--set", "1.width=48")
     assert done.returncode == 1
     assert "node #1 (SynCDTinyDemoModel) failed: ValueError: width must be a multiple of 32" in done.stderr
     assert "server traceback (most recent call last):" in done.stderr
@@ -211,7 +231,7 @@ def test_execution_error_exits_nonzero_with_node_and_message(comfy_server, tmp_p
     ("6steps=3", "expected NODE_ID.INPUT=VALUE"),
 ])
 def test_bad_override_is_refused(comfy_server, tmp_path, override, message):
-    done = run_cli(SD15, "--tiny", "--server", comfy_server.url, "--out", tmp_path, "--set", override)
+    done = run_cli(SD15, "--tiny", "--random-tiny", "--server", comfy_server.url, "--out", tmp_path, "--set", override)
     assert done.returncode == 1
     assert message in done.stderr
 

@@ -47,7 +47,7 @@ def test_two_servers_one_killed_mid_run(comfy_server, comfy_path, tmp_path):
                 killed.set()
                 os.killpg(second.process.pid, signal.SIGKILL)  # dies with whatever object it holds
 
-        run_on_servers([comfy_server.url, second.url], OBJECTS, workflows, writer, seed=0, tiny=True, retries=2,
+        run_on_servers([comfy_server.url, second.url], OBJECTS, workflows, writer, seed=0, tiny="random", retries=2,
                        timeout=600, progress=kill_second_after_first)
         assert killed.is_set() and second.process.wait(timeout=30) is not None
         _assert_exactly_once(tmp_path / "ds", writer)
@@ -55,7 +55,7 @@ def test_two_servers_one_killed_mid_run(comfy_server, comfy_path, tmp_path):
 
         # a rerun finds everything written and generates nothing
         again = Writer(tmp_path / "ds")
-        run_on_servers([comfy_server.url], OBJECTS, workflows, again, seed=0, tiny=True, retries=0, timeout=600)
+        run_on_servers([comfy_server.url], OBJECTS, workflows, again, seed=0, tiny="random", retries=0, timeout=600)
         assert again.written == [] and again.failed == {}
     finally:
         second.stop()
@@ -67,7 +67,7 @@ def test_datagen_command_resumes_and_reports(comfy_server, tmp_path):
                                            "prompts": list(o.prompts)}) + "\n" for o in OBJECTS[:2]))
     out = tmp_path / "ds"
     command = [sys.executable, "-m", "comfyui_syncd", "datagen", "--prompts", str(prompts), "--out", str(out),
-               "--server", comfy_server.url, "--tiny", "--limit", "1"]
+               "--server", comfy_server.url, "--random-tiny", "--limit", "1"]
     first = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
     assert "done: 1 written, 0 rejected by the filters, 0 failed, of 1" in first.stdout
@@ -97,7 +97,7 @@ def test_ray_two_actors_one_killed_mid_run(comfy_path, tmp_path):
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        run_on_ray("local", OBJECTS, workflows, writer, seed=0, tiny=True, retries=3, timeout=600, workers=2,
+        run_on_ray("local", OBJECTS, workflows, writer, seed=0, tiny="random", retries=3, timeout=600, workers=2,
                    comfyui=str(comfy_path), progress=kill_one_after_first, on_started=actors.extend)
     finally:
         ray.shutdown()
@@ -113,7 +113,7 @@ def test_rigid_object_gets_its_rendered_masks(comfy_server, tmp_path):
                                    "mesh": str(REPO_MESHES / "mug.glb"),
                                    "prompts": ["a kitchen table a natural image with the object on the ground."]}) + "\n")
     done = subprocess.run([sys.executable, "-m", "comfyui_syncd", "datagen", "--prompts", str(prompts), "--out",
-                           str(tmp_path / "ds"), "--server", comfy_server.url, "--tiny"],
+                           str(tmp_path / "ds"), "--server", comfy_server.url, "--random-tiny"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     (record,) = read_dataset(tmp_path / "ds")
@@ -139,7 +139,7 @@ def test_each_image_is_generated_and_stored_with_its_own_prompt(comfy_server, tm
     batch["widgets_values"][1] = False  # prompt_per_image off: the first prompt for the whole set
     for name, graphs in (("per_image", workflows), ("one_prompt", {"deformable": one_prompt})):
         writer = Writer(tmp_path / name)
-        run_on_servers([comfy_server.url], [spec], graphs, writer, seed=0, tiny=True, retries=0, timeout=600)
+        run_on_servers([comfy_server.url], [spec], graphs, writer, seed=0, tiny="random", retries=0, timeout=600)
         assert writer.written == ["dog-9"], writer.failed
     stored = {name: json.loads((tmp_path / name / "dog-9_metadata.json").read_text())[0]["prompts"]
               for name in ("per_image", "one_prompt")}

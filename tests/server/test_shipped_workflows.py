@@ -51,6 +51,9 @@ LOADER_FILES = {"CheckpointLoaderSimple": {0: "checkpoints"}, "UNETLoader": {0: 
                 "CLIPLoader": {0: "text_encoders"},
                 "CLIPVisionLoader": {0: "clip_vision"}, "SynCDIPAdapterLoader": {0: "ipadapter"},
                 "SynCDCheckpointLoader": {0: "syncd"}, "SynCDIdentityModelLoader": {0: "syncd_identity"}}
+# text-to-image workflows: --tiny runs them on the shipped toy-world model (client/toy_swap.py)
+ON_TOY_MODEL = {"syncd_datagen_deformable_flux", "jedi_coupled_attention_sd15", "dci_lambda_sweep_sd15",
+                "dci_lambda_sweep_sdxl"}
 TINY_TYPES = {"SynCDTinyDemoModel", "SynCDTinyDemoTextEncode", "SynCDTinyDemoReferences", "SynCDTinyDemoIPAdapter",
               "SynCDTinyDemoPromptBatch"}
 SWAPPED_BY_TINY = {"SynCDCheckpointLoader": None, "SynCDIPAdapterLoader": "SynCDTinyDemoIPAdapter",
@@ -72,6 +75,14 @@ def note_text(workflow: dict) -> str:
     notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
     assert len(notes) == 1, "one Note node"
     return notes[0]["widgets_values"][0]
+
+
+def test_notes_say_what_tiny_runs_on():
+    for path in WORKFLOWS:
+        text = note_text(json.loads(path.read_text()))
+        assert f"run workflows/{path.name} --tiny" in text
+        assert ("toy-world model" in text) == (path.stem in ON_TOY_MODEL), path.name
+        assert ("noise-like" in text) == (path.stem not in ON_TOY_MODEL), path.name
 
 
 def test_workflows_are_shipped():
@@ -270,24 +281,36 @@ def test_runs_with_tiny(path, comfy_server, tmp_path):
     """``python -m comfyui_syncd run WORKFLOW --tiny``: loaders swapped, the server runs it, images come back."""
     family, pack_nodes, count = EXPECTED[path.name]
     out = tmp_path / "out"
+    toy = path.stem in ON_TOY_MODEL
+    fewer_steps = [arg for n in json.loads(path.read_text())["nodes"] if toy and n["type"] in ("KSampler", "KSamplerAdvanced")
+                   for arg in ("--set", f"{n['id']}.steps=6")]  # the toy model's 25 steps, cut for CI time
     done = subprocess.run([sys.executable, "-m", "comfyui_syncd", "run", str(path), "--tiny", "--server",
-                           comfy_server.url, "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           comfy_server.url, "--out", str(out), *fewer_steps], capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert re.match(r"--tiny: \d+ change\(s\) for the tiny demo models:", lines[0])
+    assert re.match(rf"--tiny: \d+ change\(s\) for the {'toy-world model' if toy else 'tiny demo models'}:", lines[0])
     workflow = json.loads(path.read_text())
     loader = next(n for n in workflow["nodes"] if n["type"] in ("CheckpointLoaderSimple", "UNETLoader"))
-    assert f"  #{loader['id']} SynCDTinyDemoModel: was {loader['type']} ({family})" in lines
+    assert (f"  #{loader['id']} SynCDToyWorldModel: was {loader['type']} (toy-world model toy_sd15 (shipped))" if toy
+            else f"  #{loader['id']} SynCDTinyDemoModel: was {loader['type']} ({family})") in lines
     saved = sorted(out.glob("*.png"))
-    assert len(saved) == count and [str(p) for p in saved] == sorted(l for l in lines if l.endswith(".png"))
+    assert [str(p) for p in saved] == sorted(l for l in lines if l.endswith(".png"))
+    maps = [p for p in saved if p.name.startswith("dci_weight_maps")]  # one per step in DCI's window
+    assert len(saved) == count if not (toy and maps) else (len(saved) - len(maps) == count - 1 and len(maps) >= 1)
     for png in saved:
         with Image.open(png) as image:
             assert image.size == (64, 64)
-            embedded = json.loads(image.info["workflow"])  # the graph that ran: the swapped one
+            embedded = json.loads(image.info.get("workflow", "null"))  # the graph that ran (none with --set)
             prompt = json.loads(image.info["prompt"])
         ran = {n["class_type"] for n in prompt.values()}
-        assert pack_nodes - set(SWAPPED_BY_TINY) <= ran
-        assert {SWAPPED_BY_TINY[n] for n in pack_nodes & set(SWAPPED_BY_TINY)} - {None} <= ran
-        assert "SynCDTinyDemoModel" in ran
+        if toy:  # the pack's nodes run as they are, on the toy model's MODEL, CLIP and VAE
+            assert pack_nodes <= ran and "SynCDToyWorldModel" in ran and not ran & TINY_TYPES
+            assert embedded is None or embedded["extra"]["syncd"] == {"family": "sd15", "toy": "toy_sd15 (shipped)"}
+            assert prompt[str(loader["id"])]["inputs"] == {"model_file": "toy_sd15 (shipped)"}
+        else:
+            assert pack_nodes - set(SWAPPED_BY_TINY) <= ran
+            assert {SWAPPED_BY_TINY[n] for n in pack_nodes & set(SWAPPED_BY_TINY)} - {None} <= ran
+            assert "SynCDTinyDemoModel" in ran
+            assert embedded["extra"]["syncd"] == {"family": family, "tiny": True}
         assert not ran & (set(LOADER_FILES) | {"LoadImage", "LoadImageMask"}), "a real loader was left"
-        assert embedded["extra"]["syncd"] == {"family": family, "tiny": True}
