@@ -42,12 +42,12 @@ EVAL_SEED = 4_000_037
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    steps: int = 1500
-    batch: int = 8
+    steps: int = 600
+    batch: int = 4
     learning_rate: float = 2e-4
     jedi_learning_rate: float = 1e-4
     lora_rank: int = 32
-    eval_objects: int = 24
+    eval_objects: int = 18
     sample_steps: int = 25
 
 

@@ -53,10 +53,10 @@ class Scale:
     eval_images: int = 216
     sample_steps: int = 25
     guidance: float = 5.0
-    sets: int = 240
-    custom_steps: int = 1500
-    custom_batch: int = 8
-    custom_eval: int = 24
+    sets: int = 72
+    custom_steps: int = 600
+    custom_batch: int = 4
+    custom_eval: int = 18
 
 
 FULL = Scale()

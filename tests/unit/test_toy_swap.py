@@ -105,3 +105,24 @@ def test_other_model_file_and_refusals():
     without = {k: v for k, v in OBJECT_INFO.items() if k != "SynCDToyWorldModel"}
     with pytest.raises(TinySwapError, match="SynCDToyWorldModel"):
         toy_swap(flux_datagen(), without)
+
+
+def test_demo_swap_prefers_the_toy_model_and_falls_back_to_the_random_tiny_models():
+    from comfyui_syncd.client.toy_swap import demo_swap
+
+    family = ["COMBO", {"options": ["sd15", "sdxl", "flux"], "default": "sd15"}]
+    seed = ["INT", {"default": 0, "control_after_generate": False}]
+    info = {**OBJECT_INFO,
+            "SynCDTinyDemoModel": node_def({"family": family, "seed": seed}, ["MODEL", "VAE"]),
+            "SynCDTinyDemoPromptBatch": node_def({"family": family, "text": ["STRING", {"multiline": True}],
+                                                  "prompt_per_image": ["BOOLEAN", {"default": True}]},
+                                                 ["CONDITIONING", "STRING"])}
+    swapped, _, which = demo_swap(flux_datagen(), info)
+    assert which == "the toy-world model" and to_api(swapped, info)["1"]["class_type"] == "SynCDToyWorldModel"
+    swapped, report, which = demo_swap(flux_datagen(), info, random_only=True)
+    assert which == "the tiny demo models" and to_api(swapped, info)["1"]["class_type"] == "SynCDTinyDemoModel"
+    swapped, report, which = demo_swap(flux_datagen(depth=True), info)
+    assert which == "the tiny demo models" and "depth conditioning" in report[0]
+    not_shipped = {**info, "SynCDToyWorldModel": node_def({"model_file": [["mine.safetensors"]]},
+                                                           ["MODEL", "CLIP", "VAE"])}
+    assert demo_swap(flux_datagen(), not_shipped)[2] == "the tiny demo models"
