@@ -20,7 +20,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SD15 = REPO / "workflows" / "jedi_coupled_attention_sd15.json"
-LONG = ["--tiny", "--set", "6.steps=10000"]
+LONG = ["--tiny", "--random-tiny", "--set", "6.steps=10000"]  # signal handling: the quick random models
 
 
 def cli(*args) -> list[str]:
