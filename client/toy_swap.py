@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import copy
 
-from .tiny_swap import TinySwapError, _fold_into, _Graph, _scaled
+from .tiny_swap import RESIZE_NODES, TinySwapError, _fold_into, _Graph, _scaled
 from .ui_graph import set_widget
-from .workflow_format import is_api_format, is_ui_format, widget_values
+from .workflow_format import input_defs, is_api_format, is_ui_format, widget_values
 
 TOY_MODEL = "SynCDToyWorldModel"
 SHIPPED_CHOICE = "toy_sd15 (shipped)"  # demo/toy_model.py SHIPPED_CHOICE (that module imports ComfyUI)
@@ -71,9 +71,10 @@ def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE
         g.replace(node, TOY_MODEL, MODEL_LOADERS[kind], model_file=model_file)
         report.append(f"{g.describe(node)}: was {kind} (toy-world model {model_file})")
     primary = models[0]
-    for kind, slot, what in (("DualCLIPLoader", 1, "CLIP"), ("CLIPLoader", 1, "CLIP"), ("VAELoader", 2, "VAE")):
-        for node in g.of_type(kind):
-            _fold_into(g, node, primary, slot, what, report)
+    for node in g.of_type(*CLIP_LOADERS):
+        _fold_into(g, node, primary, 1, "CLIP", report)
+    for node in g.of_type("VAELoader"):
+        _fold_into(g, node, primary, 2, "VAE", report)
 
     for node in g.of_type("ConditioningZeroOut"):
         g.replace(node, "CLIPTextEncode", {0: 0}, text="")
@@ -86,7 +87,7 @@ def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE
             continue
         values = widget_values(node, node_def)
         kind = node["type"]
-        if (kind == "SynCDMeshViews" or kind == "ImageScale" or (kind.startswith("Empty") and "Latent" in kind)) \
+        if (kind in RESIZE_NODES or (kind.startswith("Empty") and "Latent" in kind)) \
                 and isinstance(values.get("width"), int) and isinstance(values.get("height"), int):
             new = _scaled(values["width"], values["height"], size)
             if new != (values["width"], values["height"]):
@@ -104,12 +105,9 @@ def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE
 
 
 def _combo_options(node_def: dict, name: str) -> list:
-    spec = (node_def.get("input", {}).get("required", {}) or {}).get(name)
-    if not spec:
-        return []
-    if isinstance(spec[0], list):
-        return list(spec[0])
-    return list((spec[1] if len(spec) > 1 else {}).get("options", []))
+    """The options of combo input ``name`` (none when the node or input is missing)."""
+    spec = next((d for d in input_defs(node_def) if d.name == name), None) if node_def else None
+    return list(spec.options.get("options") or []) if spec else []
 
 
 def demo_swap(workflow: dict, object_info: dict, random_only: bool = False) -> tuple[dict, list[str], str]:
