@@ -17,10 +17,16 @@ the unfinished one from its last checkpoint):
    :data:`sets.CONDITIONS` (MSA off, MSA without masks, MSA with masks); prompts name the shape and a background
    only (:func:`sets.draw_objects`), the attribute reader scores every image (:func:`sets.reader_scores`);
    ``sets/<condition>/`` datasets, ``tables/set_consistency.md`` and a grid per condition.
-8. ``customize`` — the SynCD customization model trained on the MSA sets and on the no-MSA sets, and a JeDi model
+8. ``attention_probe`` — how much the base model relies on self-attention: the sets' prompts sampled with
+   self-attention as trained, shared across each set, and zeroed (:class:`sets.SelfAttentionProbe`);
+   ``tables/attention_probe.md`` and a grid.
+9. ``customize`` — the SynCD customization model trained on the MSA sets and on the no-MSA sets, and a JeDi model
    on the MSA sets, by the pack's training scripts (:mod:`comfyui_syncd.toyworld.customization`).
-9. ``customize_eval`` — held-out objects with 1 and 3 rendered references: identity, prompt following and
+10. ``customize_eval`` — held-out objects with 1 and 3 rendered references: identity, prompt following and
    overexposure per method (:data:`customization.METHODS`); ``tables/customization.md`` and a grid.
+11. ``dci`` — DCI/ICO: an ICO concept per held-out object and reference count (the pack's ICO script), then the
+    shipped DCI λ-sweep workflow, toy-swapped, on an embedded ComfyUI (:mod:`comfyui_syncd.toyworld.concepts`);
+    ``tables/dci.md`` and a grid.
 
 ``--quick`` runs every stage at a few-minutes size (what CI runs): the numbers then only show the loop works.
 """
@@ -38,8 +44,8 @@ import torch
 
 from . import base_model as B, reader as R, scene as S
 
-STAGES = ("corpus", "vae", "base_init", "text_to_image", "export", "base_eval", "sets", "customize",
-          "customize_eval")
+STAGES = ("corpus", "vae", "base_init", "text_to_image", "export", "base_eval", "sets", "attention_probe", "customize",
+          "customize_eval", "dci")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +63,14 @@ class Scale:
     custom_steps: int = 600
     custom_batch: int = 4
     custom_eval: int = 18
+    dci_objects: int = 18
+    ico_steps: int = 300
 
 
 FULL = Scale()
 QUICK = Scale(corpus=64, vae_images=64, vae_steps=10, vae_batch=4, t2i_steps=10, t2i_batch=4, eval_images=6,
-              sample_steps=3, sets=2, custom_steps=3, custom_batch=2, custom_eval=2)
+              sample_steps=3, sets=2, custom_steps=3, custom_batch=2, custom_eval=2, dci_objects=1,
+              ico_steps=2)
 EVAL_SEED = 2_000_003
 SETS_SEED = 3_000_017
 
@@ -287,6 +296,52 @@ def sets_grid(root, path, rows: int = 8) -> None:
         S.contact_sheet(torch.stack(images), columns=len(records[0].images)).save(path)
 
 
+def stage_attention_probe(st: Stages) -> dict:
+    """The sets stage's prompts sampled by the diffusers base model with self-attention as trained, shared across
+    each set, and removed: how far each moves the images, and the set consistency the reader finds."""
+    from ..training import models
+    from . import sets
+
+    prompts = [p for o in sets.draw_objects(st.scale.sets, SETS_SEED) for p in o["prompts"]]
+    parts = models.load(st.dir("text_to_image") / "pipeline")
+    probe = sets.SelfAttentionProbe(parts.unet)
+    chunk = 16 * sets.SET_SIZE
+    images = {}
+    for name in sets.PROBES:
+        out = []
+        for start in range(0, len(prompts), chunk):
+            part = prompts[start:start + chunk]
+            probe.set(name, 2 * len(part))  # sample() runs the uncond rows, then the cond rows, in one batch
+            out.append(sample(parts, part, SETS_SEED + start, st.scale.sample_steps, st.scale.guidance,
+                              batch=len(part)))
+        images[name] = torch.cat(out)
+    probe.remove()
+    figures = {}
+    for name, batch in images.items():
+        reading = R.read(batch)
+        f = sets.set_consistency([reading.identity(i) for i in range(len(reading))])
+        f["mean_abs_change_levels"] = float((batch - images["plain"]).abs().mean() * 255)
+        figures[name] = {k: round(v, 4) for k, v in f.items()}
+    folder = st.dir("attention_probe")
+    folder.mkdir(parents=True, exist_ok=True)
+    k = sets.SET_SIZE  # one set per row: as trained | shared | zeroed
+    rows = [images[n][i * k:(i + 1) * k] for i in range(min(8, st.scale.sets)) for n in sets.PROBES]
+    S.contact_sheet(torch.cat(rows), columns=k * len(sets.PROBES)).save(folder / "grid.png")
+    table = ["| self-attention | mean change from plain (0–255 levels) | consistent sets | shape | colour | texture |",
+             "|---|---|---|---|---|---|"]
+    for name, f in figures.items():
+        table.append(f"| {name}: {sets.PROBES[name]} | {f['mean_abs_change_levels']:.1f} | {100 * f['all']:.1f}% | "
+                     f"{100 * f['shape']:.1f}% | {100 * f['colour']:.1f}% | {100 * f['texture']:.1f}% |")
+    tables = st.out / "tables"
+    tables.mkdir(exist_ok=True)
+    (tables / "attention_probe.md").write_text(
+        f"How much the base model's images depend on self-attention ({st.scale.sets} sets of {sets.SET_SIZE}, the "
+        f"sets stage's prompts; DDIM {st.scale.sample_steps} steps, guidance {st.scale.guidance}, the same noise in "
+        f"every row; attribute reader; grid: attention_probe/grid.png, one set per row, the probes side by side).\n\n"
+        + "\n".join(table) + "\n")
+    return figures
+
+
 def custom_settings(st: Stages):
     from . import customization as C
 
@@ -369,6 +424,62 @@ def stage_customize_eval(st: Stages) -> dict:
     return {f"{method} | {count}": r for (method, count), r in results.items()}
 
 
+def stage_dci(st: Stages) -> dict:
+    from ..client.api import ComfyClient
+    from ..client.embedded import EmbeddedServer
+    from ..client.toy_swap import toy_swap
+    from ..client.workflow_format import to_api
+    from ..datagen.driver import WORKFLOWS
+    from . import concepts as D, customization as C
+
+    s = custom_settings(st)
+    cases = C.eval_cases(s.eval_objects)[:st.scale.dci_objects]
+    folder, base, model = st.dir("dci"), st.dir("text_to_image") / "pipeline", st.dir("export") / "toy_sd15.safetensors"
+    training = {}
+    for i, case in enumerate(cases):
+        for count in (1, 3):
+            name = D.concept_name(i, count)
+            print(f"[dci] ICO concept {name} ({case.identity.shape}, {count} reference(s))", flush=True)
+            training[name] = D.train_concept(base, case.references.image[:count], name, case.identity.shape, folder,
+                                             st.scale.ico_steps, progress=st.progress)
+    paths = D.model_paths_yaml(folder, model)
+    images = {}
+    with EmbeddedServer(extra_args=["--extra-model-paths-config", str(paths)]) as server:
+        client = ComfyClient(server.url)
+        object_info = client.object_info()
+        swapped, _ = toy_swap(json.loads((WORKFLOWS / D.WORKFLOW).read_text()), object_info, model_file=model.name)
+        graph = D.sweep_graph(to_api(swapped, object_info))
+        for setting, (strength, window) in D.SETTINGS.items():
+            for count in (1, 3):
+                images[setting, count] = torch.cat([D.run_image(client, D.set_concept(
+                    graph, D.concept_name(i, count), case.prompt, case.identity.shape, strength, window,
+                    C.EVAL_SEED + i, s.sample_steps, st.scale.guidance)) for i, case in enumerate(cases)])
+        D.check_embeddings_found(server.log())
+    results = {key: {k: round(v, 4) for k, v in C.score(batch, cases).items()} for key, batch in images.items()}
+    for (setting, count), r in results.items():
+        print(f"[dci] {setting}, {count} reference(s): {r}", flush=True)
+    refs = torch.stack([c.references.image[0] for c in cases[:8]])
+    for count in (1, 3):
+        rows = [refs] + [images[setting, count][:8] for setting in D.SETTINGS]
+        S.contact_sheet(torch.cat(rows), columns=len(refs)).save(folder / f"grid_{count}ref.png")
+    table = ["| method | refs | identity (shape+colour+texture) | colour | texture | shape | background | placement | "
+             "saturation | value |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (setting, count), r in results.items():
+        table.append(f"| {setting} | {count} | {100 * r['identity']:.1f}% | {100 * r['colour']:.1f}% | "
+                     f"{100 * r['texture']:.1f}% | {100 * r['shape']:.1f}% | {100 * r['background']:.1f}% | "
+                     f"{100 * r['placement']:.1f}% | {r['saturation']:.3f} | {r['value']:.3f} |")
+    tables = st.out / "tables"
+    tables.mkdir(exist_ok=True)
+    (tables / "dci.md").write_text(
+        f"ICO + DCI on the first {len(cases)} held-out toy objects of the customization evaluation (one ICO concept "
+        f"per object and reference count, {st.scale.ico_steps} steps; the shipped {D.WORKFLOW} toy-swapped, DDIM η=1, "
+        f"{s.sample_steps} steps, cfg {st.scale.guidance}; grids: dci/grid_1ref.png, grid_3ref.png — first row the "
+        f"references, then one row per setting).\n\n" + "\n".join(table) + "\n")
+    figures = {f"{setting} | {count}": r for (setting, count), r in results.items()}
+    figures["ico"] = training
+    return figures
+
+
 def reproduce(out, quick: bool = False, progress: bool = True, until: str | None = None) -> dict:
     """Run the stages in order (``until``: stop after that stage); returns every stage's figures."""
     st = Stages(out, QUICK if quick else FULL, progress)
@@ -376,7 +487,9 @@ def reproduce(out, quick: bool = False, progress: bool = True, until: str | None
              "vae": lambda: stage_vae(st), "base_init": lambda: stage_base_init(st),
              "text_to_image": lambda: stage_text_to_image(st), "export": lambda: stage_export(st),
              "base_eval": lambda: stage_base_eval(st), "sets": lambda: stage_sets(st),
-             "customize": lambda: stage_customize(st), "customize_eval": lambda: stage_customize_eval(st)}
+             "attention_probe": lambda: stage_attention_probe(st),
+             "customize": lambda: stage_customize(st), "customize_eval": lambda: stage_customize_eval(st),
+             "dci": lambda: stage_dci(st)}
     figures = {}
     for stage in STAGES:
         figures[stage] = st.run(stage, steps[stage])

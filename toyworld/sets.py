@@ -159,3 +159,39 @@ def dataset_consistency(root) -> dict:
     out["sets_kept_by_filter"] = len(kept) / len(records)
     out["sets"] = len(records)
     return out
+
+
+# --- how much the toy model's images depend on self-attention ------------------------------------------------
+
+PROBES = {
+    "plain": "the base model as trained",
+    "shared": "every self-attention layer shares all tokens across the set (JeDi coupled attention, MSA without "
+              "masks), uncond and cond rows each in their own sets",
+    "no_self_attention": "every self-attention output zeroed (the residual stream skips self-attention)",
+}
+
+
+class SelfAttentionProbe:
+    """Switches the attn1 layers of a diffusers UNet between :data:`PROBES` (the training scripts' coupled
+    processors from :mod:`comfyui_syncd.training.jedi`, and a forward hook scaling attn1's output)."""
+
+    def __init__(self, unet):
+        from ..training.jedi import CoupledState, install_coupled_attention
+
+        self.state, self.gain = CoupledState(), 1.0
+        install_coupled_attention(unet, self.state)
+        self.hooks = [m.register_forward_hook(lambda module, args, out: out * self.gain)
+                      for name, m in unet.named_modules() if name.endswith("attn1")]
+
+    def set(self, probe: str, rows: int) -> None:
+        """``probe`` for batches of ``rows`` rows made of whole sets of :data:`SET_SIZE`."""
+        if probe not in PROBES:
+            raise ValueError(f"probe {probe!r}: expected one of {', '.join(PROBES)}")
+        if rows % SET_SIZE:
+            raise ValueError(f"{rows} rows are not whole sets of {SET_SIZE}")
+        self.state.set_sizes = [SET_SIZE] * (rows // SET_SIZE) if probe == "shared" else None
+        self.gain = 0.0 if probe == "no_self_attention" else 1.0
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()

@@ -37,6 +37,10 @@ def test_quick_reproduce_runs_every_stage_and_resumes(tmp_path, capsys, comfy_im
         assert records[0].prompts[0] == sets.draw_objects(1, R.SETS_SEED)[0]["prompts"][0]
         assert 0 <= consistency[condition]["all"] <= 1
     assert "msa_masks" in (out / "tables" / "set_consistency.md").read_text()
+    # how much the base model's images depend on self-attention: as trained (the reference), shared, zeroed
+    probe = json.loads((out / "attention_probe" / "done.json").read_text())
+    assert set(sets.PROBES) <= set(probe) and probe["plain"]["mean_abs_change_levels"] == 0
+    assert probe["no_self_attention"]["mean_abs_change_levels"] > 0 and probe["shared"]["mean_abs_change_levels"] > 0
     # customization: three models trained by the pack's scripts on the sets, evaluated per method and reference count
     from comfyui_syncd.toyworld import customization
 
@@ -49,6 +53,18 @@ def test_quick_reproduce_runs_every_stage_and_resumes(tmp_path, capsys, comfy_im
     table = (out / "tables" / "customization.md").read_text()
     assert all(m in table for m in customization.METHODS)
     assert (out / "customize_eval" / "grid_3ref.png").is_file()
+    # DCI/ICO: an ICO concept per object and reference count, sampled through the shipped λ-sweep workflow
+    from comfyui_syncd.toyworld import concepts
+
+    dci = json.loads((out / "dci" / "done.json").read_text())
+    assert {f"{name} | {c}" for name in concepts.SETTINGS for c in (1, 3)} <= set(dci)
+    for count in (1, 3):
+        name = concepts.concept_name(0, count)
+        assert dci["ico"][name]["steps"] == R.QUICK.ico_steps
+        assert (out / "dci" / "embeddings" / f"{name}.safetensors").is_file()
+        assert (out / "dci" / "loras" / f"{name}.safetensors").is_file()
+    assert all(name in (out / "tables" / "dci.md").read_text() for name in concepts.SETTINGS)
+    assert (out / "dci" / "grid_1ref.png").is_file()
     stamps = {s: (out / s / "done.json").stat().st_mtime_ns for s in R.STAGES}
     capsys.readouterr()
     assert R.main(["reproduce", "--out", str(out), "--quick", "--no-progress"]) == 0

@@ -120,3 +120,53 @@ def test_condition_workflows_set_the_shared_attention():
     assert widget_values(shared, spec)["images_per_subject"] == 3  # the input workflow is untouched
     with pytest.raises(ValueError, match="condition"):
         sets.condition_workflow(workflow, "msa_sometimes", object_info)
+
+
+def test_self_attention_probe_shares_and_removes_attn1():
+    """The attention_probe stage's switch: 'plain' is diffusers' own self-attention, 'shared' makes an image's output
+    depend on the other images of its set only, 'no_self_attention' equals a UNet whose attn1 outputs are zero."""
+    import copy
+
+    import torch
+
+    from comfyui_syncd.toyworld import base_model as B
+
+    torch.manual_seed(0)
+    unet = B.build_unet(seed=0).eval()
+    with torch.no_grad():  # weights that carry signal through attn1
+        for name, p in unet.named_parameters():
+            if "attn1" in name and p.ndim == 2:
+                p.normal_(0, 0.3)
+    reference = copy.deepcopy(unet)
+    x = torch.randn(6, 4, 8, 8)
+    ctx = torch.randn(6, 77, B.CONTEXT_DIM)
+    t = torch.tensor(500)
+    with torch.no_grad():
+        expected_plain = reference(x, t, encoder_hidden_states=ctx).sample
+        probe = sets.SelfAttentionProbe(unet)
+        probe.set("plain", 6)
+        plain = unet(x, t, encoder_hidden_states=ctx).sample
+        probe.set("shared", 6)
+        shared = unet(x, t, encoder_hidden_states=ctx).sample
+        x2 = x.clone()
+        x2[4] += 1.0                                   # another image of the second set
+        shared2 = unet(x2, t, encoder_hidden_states=ctx).sample
+        probe.set("no_self_attention", 6)
+        removed = unet(x, t, encoder_hidden_states=ctx).sample
+        for name, module in reference.named_modules():
+            if name.endswith("attn1"):
+                module.to_out[0].weight.zero_()
+                module.to_out[0].bias.zero_()
+        expected_removed = reference(x, t, encoder_hidden_states=ctx).sample
+    torch.testing.assert_close(plain, expected_plain, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(removed, expected_removed, atol=1e-4, rtol=1e-4)
+    assert (shared - plain).abs().max() > 1e-2
+    assert torch.equal(shared2[:3], shared[:3])        # the first set does not see the second
+    assert (shared2[3] - shared[3]).abs().max() > 1e-3  # image 3 sees image 4 of its set
+    with pytest.raises(ValueError, match="whole sets"):
+        probe.set("shared", 4)
+    probe.remove()
+    probe.gain = 0.0
+    with torch.no_grad():
+        probe.state.set_sizes = None
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=ctx).sample, expected_plain, atol=1e-4, rtol=1e-4)
