@@ -9,11 +9,13 @@ rewrites an editor (UI) graph the way :func:`~.tiny_swap.tiny_swap` does, keepin
   Text encoders (``CLIPTextEncode``, ``SynCDPromptBatch``) stay: they encode with the toy model's own CLIP;
 - ``ConditioningZeroOut`` (a negative unused at cfg 1) -> ``CLIPTextEncode`` of the empty prompt: the toy model
   learned the unconditional prediction from empty captions and samples with true classifier-free guidance;
+- ``LoadImage`` / ``LoadImageMask`` -> ``SynCDToyWorldReferences``: the k-th image (mask) loader gives view k of
+  one rendered toy object's multi-view set, with its exact mask, so an image and its mask file still match;
 - empty latents and image resizes to 64 px a side (the toy model's size; any latent channel count is fixed by
   ComfyUI's sampler for an empty latent), every sampler's ``steps`` and ``cfg`` to the toy model's.
 
-Nodes that need what the toy model does not have (depth conditioning, IP-Adapters, SynCD/JeDi checkpoints, input
-images) are refused with the reason. Pure: no ComfyUI import.
+Nodes that need what the toy model does not have (depth conditioning, IP-Adapters, SynCD/JeDi checkpoints) are
+refused with the reason. Pure: no ComfyUI import.
 """
 
 from __future__ import annotations
@@ -34,14 +36,17 @@ CLIP_LOADERS = ("DualCLIPLoader", "CLIPLoader")
 SAMPLERS = ("KSampler", "KSamplerAdvanced")
 REFUSED = {
     "InstructPixToPixConditioning": "depth conditioning (the toy model is text-to-image only)",
-    "ModelSamplingFlux": "Flux's sampling schedule (the toy model is an SD1.5 architecture)",
     "SynCDIPAdapterLoader": "an IP-Adapter (the toy world's customization model is not an IP-Adapter)",
     "CLIPVisionLoader": "a CLIP vision model",
     "SynCDCheckpointLoader": "a SynCD checkpoint for a real base model",
     "JeDiCheckpointLoader": "a JeDi checkpoint for a real base model",
-    "LoadImage": "input images",
-    "LoadImageMask": "input masks",
+    "ModelSamplingFlux": "Flux's sampling schedule (the toy model is an SD1.5 architecture)",
+    "ModelSamplingAuraFlow": "Qwen-Image's flow schedule (the toy model is an ε-prediction SD1.5 architecture)",
+    "ModelSamplingSD3": "a flow schedule (the toy model is an ε-prediction SD1.5 architecture)",
+    "ModelSamplingDiscrete": "another prediction type or schedule (the toy model keeps its own ε-prediction)",
 }
+TOY_REFERENCES = "SynCDToyWorldReferences"
+IMAGE_LOADERS = {"LoadImage": {0: 0, 1: 1}, "LoadImageMask": {0: 1}}  # old output slot -> toy references slot
 
 
 def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE, steps: int = STEPS,
@@ -80,6 +85,12 @@ def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE
         g.replace(node, "CLIPTextEncode", {0: 0}, text="")
         g.add_link(primary, 1, node, "clip")
         report.append(f"{g.describe(node)}: was ConditioningZeroOut (now the empty prompt, for true guidance)")
+
+    for kind in IMAGE_LOADERS:  # the k-th image (mask) file -> view k of one toy object's set
+        loaders = sorted(g.of_type(kind), key=lambda n: n["id"])
+        for k, node in enumerate(loaders):
+            g.replace(node, TOY_REFERENCES, IMAGE_LOADERS[kind], views=max(1, len(loaders)), index=k, size=size)
+            report.append(f"{g.describe(node)}: was {kind} (view {k} of a rendered toy object, {size} px)")
 
     for node in sorted(g.nodes.values(), key=lambda n: n["id"]):
         node_def = g.object_info.get(node["type"])

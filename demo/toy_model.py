@@ -144,3 +144,60 @@ class SynCDToyWorldModel(io.ComfyNode):
     def execute(cls, model_file: str = SHIPPED_CHOICE) -> io.NodeOutput:
         path = SHIPPED if model_file == SHIPPED_CHOICE else folder_paths.get_full_path_or_raise(FOLDER, model_file)
         return io.NodeOutput(*load(path))
+
+
+REFERENCES_NAME = "SynCD Toy-World References"
+
+
+def reference_views(shape: str, colour: str, texture: str, views: int, index: int, size: int, seed: int):
+    """(IMAGE, MASK) of a toy object's multi-view set (``toyworld.views``): every view (``index`` −1) or view
+    ``index``; the mask is 1 on the object's pixels."""
+    from ..toyworld import views as V
+
+    if index >= views:
+        raise ValueError(f"{REFERENCES_NAME}: view index {index} does not exist in a set of {views} views; use "
+                         f"-1 (all) or 0..{views - 1}")
+    render = V.multi_view_set(V.Identity(shape, colour, texture), views=views, seed=seed, size=size)
+    picked = slice(None) if index < 0 else slice(index, index + 1)
+    return render.image[picked].contiguous(), render.mask[picked].float().contiguous()
+
+
+class SynCDToyWorldReferences(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from ..toyworld import scene as S
+
+        return io.Schema(
+            node_id="SynCDToyWorldReferences",
+            display_name=REFERENCES_NAME,
+            category="SynCD/testing",
+            description="Rendered reference views of one toy-world object (shape, colour, texture) in different "
+                        "poses over random backgrounds, with exact foreground masks: references the toy-world model "
+                        "knows, so customization workflows run without input files. Replace with Load Image + "
+                        "masks for your own subject.",
+            inputs=[
+                io.Combo.Input("shape", options=list(S.SHAPES), default="cube", tooltip="The object's shape."),
+                io.Combo.Input("colour", options=list(S.COLOURS), default="red", tooltip="The object's colour."),
+                io.Combo.Input("texture", options=list(S.TEXTURES), default="striped",
+                               tooltip="The object's surface pattern."),
+                io.Int.Input("views", default=3, min=1, max=8,
+                             tooltip="Views in the set (azimuths spread around the object)."),
+                io.Int.Input("index", default=-1, min=-1, max=7,
+                             tooltip="-1: every view as a batch; 0..views-1: that view only (one per Load Image "
+                                     "it stands for)."),
+                io.Int.Input("size", default=64, min=16, max=1024, step=8,
+                             tooltip="Width and height in pixels (the toy-world model draws 64)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of the poses and backgrounds."),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE"), io.Mask.Output(display_name="MASK")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, shape=None, colour=None, texture=None):
+        return choices.check(cls, shape=shape, colour=colour, texture=texture)
+
+    @classmethod
+    def execute(cls, shape: str, colour: str, texture: str, views: int, index: int, size: int,
+                seed: int) -> io.NodeOutput:
+        return io.NodeOutput(*reference_views(shape, colour, texture, views, index, size, seed))

@@ -99,3 +99,24 @@ def test_node_loads_a_model_from_the_models_folder(toy_file, tmp_path, monkeypat
                                  disable_pbar=True)
     image = vae.decode(latent)
     assert image.shape == (1, 64, 64, 3) and torch.isfinite(image).all()
+
+
+def test_toy_world_references_node_renders_one_object_in_several_views():
+    """SynCD Toy-World References: view k of the set is what the whole set holds at k, the mask is the object's
+    pixels, the reader reads the object asked for, and an index outside the set is an error naming the fix."""
+    from comfyui_syncd.demo.toy_model import SynCDToyWorldReferences
+    from comfyui_syncd.toyworld import reader as R
+
+    images, masks = SynCDToyWorldReferences.execute("cone", "blue", "dotted", 3, -1, 64, 5).result
+    assert images.shape == (3, 64, 64, 3) and masks.shape == (3, 64, 64) and masks.dtype == torch.float32
+    one, one_mask = SynCDToyWorldReferences.execute("cone", "blue", "dotted", 3, 1, 64, 5).result
+    assert torch.equal(one[0], images[1]) and torch.equal(one_mask[0], masks[1])
+    assert not torch.equal(images[0], images[1])                      # different poses and backgrounds
+    assert 0.01 < float(masks.mean()) < 0.5 and set(masks.unique().tolist()) == {0.0, 1.0}
+    reading = R.read(images)
+    assert all(reading.identity(i) == ("cone", "blue", "dotted") for i in range(3))
+    big, _ = SynCDToyWorldReferences.execute("cube", "red", "plain", 1, 0, 128, 0).result
+    assert big.shape == (1, 128, 128, 3)
+    with pytest.raises(ValueError, match="view index 3 does not exist"):
+        SynCDToyWorldReferences.execute("cone", "blue", "dotted", 3, 3, 64, 5)
+    assert SynCDToyWorldReferences.validate_inputs(shape="pyramid", colour="blue", texture="plain") is not True

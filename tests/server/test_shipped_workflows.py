@@ -52,8 +52,8 @@ LOADER_FILES = {"CheckpointLoaderSimple": {0: "checkpoints"}, "UNETLoader": {0: 
                 "CLIPVisionLoader": {0: "clip_vision"}, "SynCDIPAdapterLoader": {0: "ipadapter"},
                 "SynCDCheckpointLoader": {0: "syncd"}, "SynCDIdentityModelLoader": {0: "syncd_identity"}}
 # text-to-image workflows: --tiny runs them on the shipped toy-world model (client/toy_swap.py)
-ON_TOY_MODEL = {"syncd_datagen_deformable_flux", "jedi_coupled_attention_sd15", "dci_lambda_sweep_sd15",
-                "dci_lambda_sweep_sdxl"}
+ON_TOY_MODEL = {"syncd_datagen_deformable_flux", "jedi_coupled_attention_sd15", "jedi_inpainting_sd15",
+                "dci_lambda_sweep_sd15", "dci_lambda_sweep_sdxl"}
 TINY_TYPES = {"SynCDTinyDemoModel", "SynCDTinyDemoTextEncode", "SynCDTinyDemoReferences", "SynCDTinyDemoIPAdapter",
               "SynCDTinyDemoPromptBatch"}
 SWAPPED_BY_TINY = {"SynCDCheckpointLoader": None, "SynCDIPAdapterLoader": "SynCDTinyDemoIPAdapter",

@@ -44,6 +44,15 @@ OBJECT_INFO = {
                                               "vae": ["VAE"], "pixels": ["IMAGE"]},
                                              ["CONDITIONING", "CONDITIONING", "LATENT"]),
     "SynCDToyWorldModel": node_def({"model_file": [[SHIPPED_CHOICE, "mine.safetensors"]]}, ["MODEL", "CLIP", "VAE"]),
+    "LoadImage": node_def({"image": [["ref_1.png", "ref_2.png"]]}, ["IMAGE", "MASK"]),
+    "LoadImageMask": node_def({"image": [["ref_1.png", "ref_2.png"]], "channel": [["alpha", "red"]]}, ["MASK"]),
+    "ImageBatch": node_def({"image1": ["IMAGE"], "image2": ["IMAGE"]}, ["IMAGE"]),
+    "MaskComposite": node_def({"destination": ["MASK"], "source": ["MASK"]}, ["MASK"]),
+    "ModelSamplingAuraFlow": node_def({"model": ["MODEL"], "shift": ["FLOAT", {"default": 3.1}]}, ["MODEL"]),
+    "SynCDToyWorldReferences": node_def({
+        "shape": [["cube", "cone"]], "colour": [["red", "blue"]], "texture": [["plain", "striped"]],
+        "views": ["INT", {"default": 3}], "index": ["INT", {"default": -1}], "size": ["INT", {"default": 64}],
+        "seed": ["INT", {"default": 0, "control_after_generate": False}]}, ["IMAGE", "MASK"]),
 }
 
 
@@ -126,3 +135,37 @@ def test_demo_swap_prefers_the_toy_model_and_falls_back_to_the_random_tiny_model
     not_shipped = {**info, "SynCDToyWorldModel": node_def({"model_file": [["mine.safetensors"]]},
                                                            ["MODEL", "CLIP", "VAE"])}
     assert demo_swap(flux_datagen(), not_shipped)[2] == "the tiny demo models"
+
+
+def test_image_loaders_become_views_of_one_rendered_toy_object():
+    g = UIGraph(OBJECT_INFO)
+    g.add("UNETLoader", unet_name="flux1-dev.safetensors")                             # 1
+    first = g.add("LoadImage", image="ref_1.png")                                       # 2
+    second = g.add("LoadImage", image="ref_2.png")                                      # 3
+    mask = g.add("LoadImageMask", image="ref_1.png", channel="alpha")                   # 4
+    batch = g.add("ImageBatch")                                                         # 5
+    masks = g.add("MaskComposite")                                                      # 6
+    g.connect(first, 0, batch, "image1")
+    g.connect(second, 0, batch, "image2")
+    g.connect(second, 1, masks, "destination")
+    g.connect(mask, 0, masks, "source")
+    g.group("all", g.nodes)
+    swapped, report = toy_swap(g.to_json(), OBJECT_INFO)
+    api = to_api(swapped, OBJECT_INFO)
+    assert {api[k]["class_type"] for k in ("2", "3", "4")} == {"SynCDToyWorldReferences"}
+    views = {k: (api[k]["inputs"]["views"], api[k]["inputs"]["index"]) for k in ("2", "3", "4")}
+    assert views == {"2": (2, 0), "3": (2, 1), "4": (1, 0)}  # the k-th image file -> view k of the same object
+    assert all(api[k]["inputs"]["size"] == 64 and api[k]["inputs"]["seed"] == 0 for k in ("2", "3", "4"))
+    assert api["5"]["inputs"] == {"image1": ["2", 0], "image2": ["3", 0]}
+    assert api["6"]["inputs"] == {"destination": ["3", 1], "source": ["4", 1]}  # LoadImageMask's MASK is slot 1
+    assert sum("rendered toy object" in line for line in report) == 3
+
+
+def test_flow_schedules_are_refused():
+    g = UIGraph(OBJECT_INFO)
+    unet = g.add("UNETLoader", unet_name="qwen_image.safetensors")
+    shift = g.add("ModelSamplingAuraFlow")
+    g.connect(unet, 0, shift, "model")
+    g.group("all", g.nodes)
+    with pytest.raises(TinySwapError, match="flow schedule"):
+        toy_swap(g.to_json(), OBJECT_INFO)
