@@ -100,6 +100,12 @@ class Stages:
         (self.dir(stage) / "done.json").write_text(json.dumps(figures, indent=1))
         return figures
 
+    def write_table(self, name: str, caption: str, table: list[str]) -> None:
+        """``tables/<name>.md``: the caption, then the markdown table."""
+        tables = self.out / "tables"
+        tables.mkdir(exist_ok=True)
+        (tables / f"{name}.md").write_text(caption + "\n\n" + "\n".join(table) + "\n")
+
     def run(self, stage: str, fn) -> dict:
         figures = self.done(stage)
         if figures is not None:
@@ -221,11 +227,9 @@ def stage_base_eval(st: Stages) -> dict:
     (folder / "prompts.txt").write_text("\n".join(S.caption(s) for s in scenes[:48]) + "\n")
     table = ["| attribute | generated from the caption | toy renders of the same captions |", "|---|---|---|"]
     table += [f"| {k} | {100 * generated[k]:.1f}% | {100 * rendered[k]:.1f}% |" for k in generated]
-    tables = st.out / "tables"
-    tables.mkdir(exist_ok=True)
-    (tables / "base_model.md").write_text(
+    st.write_table("base_model", (
         f"Base toy text-to-image model: prompt following on {len(scenes)} held-out captions (attribute reader; "
-        f"DDIM {st.scale.sample_steps} steps, guidance {st.scale.guidance}).\n\n" + "\n".join(table) + "\n")
+        f"DDIM {st.scale.sample_steps} steps, guidance {st.scale.guidance})."), table)
     return {"generated": {k: round(v, 4) for k, v in generated.items()},
             "rendered": {k: round(v, 4) for k, v in rendered.items()}}
 
@@ -273,12 +277,10 @@ def stage_sets(st: Stages) -> dict:
                      f"{100 * f['shape']:.1f}% | {100 * f['colour']:.1f}% | {100 * f['texture']:.1f}% | "
                      f"{100 * f['shape_follows_prompt']:.1f}% | {100 * f['background_follows_prompt']:.1f}% | "
                      f"{100 * f['sets_kept_by_filter']:.1f}% |")
-    tables = st.out / "tables"
-    tables.mkdir(exist_ok=True)
-    (tables / "set_consistency.md").write_text(
+    st.write_table("set_consistency", (
         f"Set consistency of toy-world data generation ({st.scale.sets} sets of {sets.SET_SIZE} per condition, the "
         f"same seeds; the shipped workflow's euler sampler, {st.scale.sample_steps} steps, cfg {st.scale.guidance}; attribute reader). "
-        "Reference: the reader finds 83% of true multi-view toy sets consistent.\n\n" + "\n".join(table) + "\n")
+        "Reference: the reader finds 83% of true multi-view toy sets consistent."), table)
     return figures
 
 
@@ -332,13 +334,10 @@ def stage_attention_probe(st: Stages) -> dict:
     for name, f in figures.items():
         table.append(f"| {name}: {sets.PROBES[name]} | {f['mean_abs_change_levels']:.1f} | {100 * f['all']:.1f}% | "
                      f"{100 * f['shape']:.1f}% | {100 * f['colour']:.1f}% | {100 * f['texture']:.1f}% |")
-    tables = st.out / "tables"
-    tables.mkdir(exist_ok=True)
-    (tables / "attention_probe.md").write_text(
+    st.write_table("attention_probe", (
         f"How much the base model's images depend on self-attention ({st.scale.sets} sets of {sets.SET_SIZE}, the "
         f"sets stage's prompts; DDIM {st.scale.sample_steps} steps, guidance {st.scale.guidance}, the same noise in "
-        f"every row; attribute reader; grid: attention_probe/grid.png, one set per row, the probes side by side).\n\n"
-        + "\n".join(table) + "\n")
+        f"every row; attribute reader; grid: attention_probe/grid.png, one set per row, the probes side by side)."), table)
     return figures
 
 
@@ -371,6 +370,17 @@ def stage_customize(st: Stages) -> dict:
         print(f"[customize] {name} ...", flush=True)
         figures[name] = C.train(kind, cfg, progress=st.progress)
     return figures
+
+
+def customization_table(results: dict) -> list[str]:
+    """Markdown rows of {(method, reference count): customization.score figures} (SynCD Tables 4–5's layout)."""
+    table = ["| method | refs | identity (shape+colour+texture) | colour | texture | shape | background | placement | "
+             "saturation | value |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (method, count), r in results.items():
+        table.append(f"| {method} | {count} | {100 * r['identity']:.1f}% | {100 * r['colour']:.1f}% | "
+                     f"{100 * r['texture']:.1f}% | {100 * r['shape']:.1f}% | {100 * r['background']:.1f}% | "
+                     f"{100 * r['placement']:.1f}% | {r['saturation']:.3f} | {r['value']:.3f} |")
+    return table
 
 
 def stage_customize_eval(st: Stages) -> dict:
@@ -407,20 +417,12 @@ def stage_customize_eval(st: Stages) -> dict:
         rows = [refs] + [grids[m, count] for m in C.METHODS]
         S.contact_sheet(torch.cat(rows), columns=len(refs)).save(folder / f"grid_{count}ref.png")
     rendered = C.saturation_value(torch.cat([c.references.image for c in cases]))
-    head = ("| method | refs | identity (shape+colour+texture) | colour | texture | shape | background | placement | "
-            "saturation | value |")
-    table = [head, "|---|---|---|---|---|---|---|---|---|---|"]
-    for (method, count), r in results.items():
-        table.append(f"| {method} | {count} | {100 * r['identity']:.1f}% | {100 * r['colour']:.1f}% | "
-                     f"{100 * r['texture']:.1f}% | {100 * r['shape']:.1f}% | {100 * r['background']:.1f}% | "
-                     f"{100 * r['placement']:.1f}% | {r['saturation']:.3f} | {r['value']:.3f} |")
+    table = customization_table(results)
     table.append(f"| (the references: toy renders) | – | – | – | – | – | – | – | {rendered[0]:.3f} | {rendered[1]:.3f} |")
-    tables = st.out / "tables"
-    tables.mkdir(exist_ok=True)
-    (tables / "customization.md").write_text(
+    st.write_table("customization", (
         f"Customization on {len(cases)} held-out toy objects (attribute reader; {s.sample_steps} sampling steps; "
         f"grids: customize_eval/grid_1ref.png, grid_3ref.png — first row the references, then one row per "
-        f"method).\n\n" + "\n".join(table) + "\n")
+        f"method)."), table)
     return {f"{method} | {count}": r for (method, count), r in results.items()}
 
 
@@ -462,19 +464,11 @@ def stage_dci(st: Stages) -> dict:
     for count in (1, 3):
         rows = [refs] + [images[setting, count][:8] for setting in D.SETTINGS]
         S.contact_sheet(torch.cat(rows), columns=len(refs)).save(folder / f"grid_{count}ref.png")
-    table = ["| method | refs | identity (shape+colour+texture) | colour | texture | shape | background | placement | "
-             "saturation | value |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for (setting, count), r in results.items():
-        table.append(f"| {setting} | {count} | {100 * r['identity']:.1f}% | {100 * r['colour']:.1f}% | "
-                     f"{100 * r['texture']:.1f}% | {100 * r['shape']:.1f}% | {100 * r['background']:.1f}% | "
-                     f"{100 * r['placement']:.1f}% | {r['saturation']:.3f} | {r['value']:.3f} |")
-    tables = st.out / "tables"
-    tables.mkdir(exist_ok=True)
-    (tables / "dci.md").write_text(
+    st.write_table("dci", (
         f"ICO + DCI on the first {len(cases)} held-out toy objects of the customization evaluation (one ICO concept "
         f"per object and reference count, {st.scale.ico_steps} steps; the shipped {D.WORKFLOW} toy-swapped, DDIM η=1, "
         f"{s.sample_steps} steps, cfg {st.scale.guidance}; grids: dci/grid_1ref.png, grid_3ref.png — first row the "
-        f"references, then one row per setting).\n\n" + "\n".join(table) + "\n")
+        f"references, then one row per setting)."), customization_table(results))
     figures = {f"{setting} | {count}": r for (setting, count), r in results.items()}
     figures["ico"] = training
     return figures
