@@ -68,6 +68,22 @@ def _default_sigint() -> None:
             pass
 
 
+def extra_model_paths(path, name: str, base_path, folders: dict[str, str]) -> pathlib.Path:
+    """Write ComfyUI's ``extra_model_paths.yaml`` for ``EmbeddedServer(extra_args=["--extra-model-paths-config",
+    path])``: one section ``name`` with ``base_path`` and model folder kind -> directory (relative to ``base_path``,
+    or absolute)."""
+    import json
+
+    def value(p) -> str:
+        return json.dumps(str(p)) if pathlib.Path(p).is_absolute() else str(p)
+
+    path = pathlib.Path(path)
+    lines = [f"{name}:", f"  base_path: {value(pathlib.Path(base_path).resolve())}"]
+    lines += [f"  {kind}: {value(d)}" for kind, d in folders.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 class EmbeddedServer:
     """``with EmbeddedServer() as server: ComfyClient(server.url)``; stops the server and deletes its files on exit."""
 

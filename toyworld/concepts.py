@@ -91,27 +91,22 @@ def train_concept(base, references: torch.Tensor, name: str, noun: str, folder, 
 
 def model_paths_yaml(folder, model_file) -> pathlib.Path:
     """``extra_model_paths.yaml`` for the stage's server: the run's toy model, the concepts' embeddings and loras."""
-    folder, model_file = pathlib.Path(folder).resolve(), pathlib.Path(model_file).resolve()
-    path = folder / "extra_model_paths.yaml"
-    path.write_text(f"toyworld_dci:\n  base_path: {json.dumps(str(folder))}\n  embeddings: embeddings\n"
-                    f"  loras: loras\n  syncd_toyworld: {json.dumps(str(model_file.parent))}\n")
-    return path
+    from ..client.embedded import extra_model_paths
+
+    folder = pathlib.Path(folder)
+    return extra_model_paths(folder / "extra_model_paths.yaml", "toyworld_dci", folder,
+                             {"embeddings": "embeddings", "loras": "loras",
+                              "syncd_toyworld": pathlib.Path(model_file).parent.resolve()})
 
 
 def sweep_graph(api: dict) -> dict:
     """One λ branch of the toy-swapped shipped sweep (API format): its first DCIDualBranch and what it feeds,
     with ``LoraLoaderModelOnly`` (node ``lora``) between the toy model and every model input."""
-    branch = next(k for k, n in sorted(api.items(), key=lambda kv: int(kv[0])) if n["class_type"] == "DCIDualBranch")
-    needed, todo = set(), [k for k, n in api.items() if n["class_type"] == "SaveImage"]
     feeds = {k: {v[0] for v in n["inputs"].values() if isinstance(v, list)} for k, n in api.items()}
-    other_branches = {k for k, n in api.items() if n["class_type"] == "DCIDualBranch" and k != branch}
-    todo = [k for k in todo if not _reaches(k, other_branches, feeds) and _reaches(k, {branch}, feeds)]
-    while todo:
-        k = todo.pop()
-        if k not in needed:
-            needed.add(k)
-            todo.extend(feeds[k])
-    graph = {k: json.loads(json.dumps(api[k])) for k in needed}
+    branches = sorted((k for k, n in api.items() if n["class_type"] == "DCIDualBranch"), key=int)
+    saves = [k for k, n in api.items() if n["class_type"] == "SaveImage"
+             and branches[0] in _upstream(k, feeds) and not set(branches[1:]) & _upstream(k, feeds)]
+    graph = {k: json.loads(json.dumps(api[k])) for save in saves for k in _upstream(save, feeds)}
     unknown = {n["class_type"] for n in graph.values()} - set(KEEP) - {"PrimitiveStringMultiline"}
     if unknown:
         raise ValueError(f"{WORKFLOW}: unexpected nodes {sorted(unknown)} in the λ branch")
@@ -125,16 +120,15 @@ def sweep_graph(api: dict) -> dict:
     return graph
 
 
-def _reaches(start: str, targets: set, feeds: dict) -> bool:
+def _upstream(start: str, feeds: dict) -> set:
+    """``start`` and every node it is fed from (API format)."""
     seen, todo = set(), [start]
     while todo:
         k = todo.pop()
-        if k in targets:
-            return True
         if k not in seen:
             seen.add(k)
             todo.extend(feeds[k])
-    return False
+    return seen
 
 
 def set_concept(graph: dict, name: str, prompt: str, shape: str, strength: float, window: float, seed: int,
@@ -172,13 +166,10 @@ def check_embeddings_found(log: str) -> None:
 
 def run_image(client, graph: dict) -> torch.Tensor:
     """Queue ``graph`` and return its one saved image as (1, H, W, 3) in [0, 1]."""
-    import numpy as np
-    from PIL import Image
+    from ..evaluation.scoring import load_image
 
     files = [f for f in client.run(graph).files() if f.type == "output"]
     if len(files) != 1:
         raise RuntimeError(f"expected one saved image, got {len(files)}")
-    data = client.view(files[0].filename, files[0].subfolder, files[0].type)
-    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(image)[None]
+    return load_image(io.BytesIO(client.view(files[0].filename, files[0].subfolder, files[0].type)))[None]
 

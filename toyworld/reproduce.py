@@ -236,7 +236,7 @@ def stage_base_eval(st: Stages) -> dict:
 
 def stage_sets(st: Stages) -> dict:
     from ..client.api import ComfyClient
-    from ..client.embedded import EmbeddedServer
+    from ..client.embedded import EmbeddedServer, extra_model_paths
     from ..client.toy_swap import toy_swap
     from ..datagen import driver
     from . import sets
@@ -244,8 +244,8 @@ def stage_sets(st: Stages) -> dict:
     folder = st.dir("sets")
     folder.mkdir(parents=True, exist_ok=True)
     model = st.dir("export") / "toy_sd15.safetensors"
-    paths = folder / "extra_model_paths.yaml"  # the run's model for the server's SynCD Toy-World Model node
-    paths.write_text(f"toyworld_run:\n  base_path: {json.dumps(str(model.parent.resolve()))}\n  syncd_toyworld: .\n")
+    paths = extra_model_paths(folder / "extra_model_paths.yaml", "toyworld_run", model.parent,
+                              {"syncd_toyworld": "."})  # the run's model for SynCD Toy-World Model
     objects = driver.read_prompts(sets.prompts_file(folder / "prompts.jsonl", st.scale.sets, SETS_SEED))
     base = json.loads(driver.DEFAULT_WORKFLOWS["deformable"].read_text())
     figures = {}

@@ -314,3 +314,33 @@ def test_runs_with_tiny(path, comfy_server, tmp_path):
             assert "SynCDTinyDemoModel" in ran
             assert embedded["extra"]["syncd"] == {"family": family, "tiny": True}
         assert not ran & (set(LOADER_FILES) | {"LoadImage", "LoadImageMask"}), "a real loader was left"
+
+
+def test_toy_world_dci_branch_of_the_shipped_sweep_runs_with_a_concept_lora(comfy_server, comfy_client):
+    """The toy world's ``dci`` stage graph (toyworld/concepts.py), made from the shipped λ sweep by the real
+    toy swap and UI -> API conversion, runs on ComfyUI, and its LoraLoaderModelOnly feeds the DCI branch: a k/v
+    difference file changes the image at strength 1 and not at strength 0."""
+    import torch
+
+    from comfyui_syncd.client.toy_swap import toy_swap
+    from comfyui_syncd.toyworld import concepts
+    from comfyui_syncd.training import checkpoints
+
+    object_info = comfy_client.object_info()
+    swapped, _ = toy_swap(load(concepts.WORKFLOW), object_info)
+    graph = concepts.sweep_graph(to_api(swapped, object_info))
+    gen = torch.Generator().manual_seed(0)
+    diffs = {checkpoints.comfy_unet_key(f"{block}.transformer_blocks.0.attn2.to_{kv}.weight", 1):
+             torch.randn(width, 64, generator=gen) * 0.5
+             for block, width in (("down_blocks.0.attentions.0", 64), ("mid_block.attentions.0", 128))
+             for kv in "kv"}
+    checkpoints.save_weight_diffs(comfy_server.base_dir / "models" / "loras" / "toy_case00_1ref.safetensors", diffs)
+    images = []
+    for strength in (1.0, 0.0, 1.0):
+        g = concepts.set_concept(graph, "toy_case00_1ref", "a cone on grass, on the left", "cone", strength=2.0,
+                                 window=0.3, seed=3, steps=4, cfg=5.0)
+        g[concepts.LORA_NODE]["inputs"]["strength_model"] = strength
+        images.append(concepts.run_image(comfy_client, g))
+    assert images[0].shape == (1, 64, 64, 3)
+    assert torch.equal(images[0], images[2])                    # deterministic
+    assert (images[0] - images[1]).abs().mean() > 2 / 255      # the concept's k/v reach the sampled branch
