@@ -59,18 +59,18 @@ CAPTIONS_PER_IMAGE = "one phrasing per line; the text-to-image script draws one 
 
 # --- the parts --------------------------------------------------------------------------------------------------
 
-def build_vae(seed: int = 0):
+def build_vae(seed: int = 0, size: int = S.SIZE):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(**VAE_CONFIG)
+    return AutoencoderKL(**{**VAE_CONFIG, "sample_size": size})
 
 
-def build_unet(seed: int = 0):
+def build_unet(seed: int = 0, size: int = S.SIZE):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**UNET_CONFIG)
+    return UNet2DConditionModel(**{**UNET_CONFIG, "sample_size": size // 8})
 
 
 def build_text_encoder(seed: int = 0):
@@ -102,38 +102,52 @@ def phrasings(scene: S.Scene) -> list[str]:
     return lines[:1] + lines
 
 
-def corpus(folder, count: int, seed: int = CORPUS_SEED, p_empty: float = CORPUS_P_EMPTY, chunk: int = 512) -> pathlib.Path:
-    """Write ``count`` toy renders as ``NNNNNN.png`` with ``NNNNNN.txt`` phrasings (one per line) into ``folder``;
-    an existing complete corpus (``corpus.json`` with the same count and seed) is kept."""
-    from PIL import Image
+def corpus(folder, count: int, seed: int = CORPUS_SEED, p_empty: float = CORPUS_P_EMPTY, chunk: int = 512,
+           size: int = S.SIZE, workers: int = 1) -> pathlib.Path:
+    """Write ``count`` toy renders (``size`` px) as ``NNNNNN.png`` with ``NNNNNN.txt`` phrasings (one per line) into
+    ``folder``, ``workers`` processes rendering chunks side by side; an existing complete corpus (``corpus.json``
+    with the same settings) is kept."""
+    from concurrent.futures import ProcessPoolExecutor
 
     folder = pathlib.Path(folder)
     stamp = folder / "corpus.json"
     wanted = {"count": count, "seed": seed, "p_empty": p_empty, "phrases": [S.BACKGROUND_PHRASES, S.PLACEMENT_PHRASES]}
+    if size != S.SIZE:
+        wanted["size"] = size
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     scenes = S.sample_scenes(count, seed, p_empty=p_empty)
-    for start in range(0, count, chunk):
-        part = scenes[start:start + chunk]
-        images = S.render(part).image
-        for i, (scn, image) in enumerate(zip(part, images)):
-            name = f"{start + i:06d}"
-            Image.fromarray((image.numpy() * 255).round().astype(np.uint8)).save(folder / f"{name}.png")
-            (folder / f"{name}.txt").write_text("\n".join(phrasings(scn)) + "\n")
+    jobs = [(folder, scenes[start:start + chunk], start, size) for start in range(0, count, chunk)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_chunk, *zip(*jobs)))
+    else:
+        for job in jobs:
+            _write_chunk(*job)
     stamp.write_text(json.dumps(wanted))
     return folder
 
 
-def corpus_masks(count: int, seed: int = CORPUS_SEED, p_empty: float = CORPUS_P_EMPTY, limit: int | None = None) -> torch.Tensor:
-    """(N, 1, 64, 64) object masks of the first ``limit`` images of :func:`corpus` ``(count, seed, p_empty)``,
+def _write_chunk(folder: pathlib.Path, scenes, start: int, size: int) -> None:
+    from PIL import Image
+
+    for i, (scn, image) in enumerate(zip(scenes, S.render(scenes, size).image)):
+        name = f"{start + i:06d}"
+        Image.fromarray((image.numpy() * 255).round().astype(np.uint8)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text("\n".join(phrasings(scn)) + "\n")
+
+
+def corpus_masks(count: int, seed: int = CORPUS_SEED, p_empty: float = CORPUS_P_EMPTY, limit: int | None = None,
+                 size: int = S.SIZE) -> torch.Tensor:
+    """(N, 1, size, size) object masks of the first ``limit`` images of :func:`corpus` ``(count, seed, p_empty)``,
     rendered again (the renderer is deterministic)."""
     scenes = S.sample_scenes(count, seed, p_empty=p_empty)[:limit]
-    return torch.cat([S.render(scenes[i:i + 512]).mask for i in range(0, len(scenes), 512)]).float()[:, None]
+    return torch.cat([S.render(scenes[i:i + 512], size).mask for i in range(0, len(scenes), 512)]).float()[:, None]
 
 
 def read_corpus_images(folder, limit: int | None = None) -> torch.Tensor:
-    """(N, 3, 64, 64) images in [-1, 1] of a corpus folder, in name order."""
+    """(N, 3, H, W) images in [-1, 1] of a corpus folder, in name order."""
     from PIL import Image
 
     paths = sorted(pathlib.Path(folder).glob("*.png"))[:limit]
@@ -158,16 +172,17 @@ def vae_loss(vae, pixels: torch.Tensor, gen: torch.Generator, masks: torch.Tenso
 
 
 def train_vae(images: torch.Tensor, out_dir, steps: int = 800, batch: int = 16, lr: float = 1e-3, seed: int = 0,
-              checkpoint_every: int = 100, progress: bool = True, masks: torch.Tensor | None = None):
+              checkpoint_every: int = 100, progress: bool = True, masks: torch.Tensor | None = None,
+              device: str | torch.device = "cpu"):
     """Train the toy VAE on ``images`` ((N, 3, H, W) in [-1, 1]; ``masks`` (N, 1, H, W) weight the object pixels,
     :func:`vae_loss`); resumable from ``out_dir/vae_state.pt`` (written every ``checkpoint_every`` steps). Returns
-    the trained ``AutoencoderKL`` (latent scale not folded)."""
+    the trained ``AutoencoderKL`` (latent scale not folded), on ``device`` (the images stay where they are)."""
     from tqdm.auto import tqdm
 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "vae_state.pt"
-    vae = build_vae(seed)
+    vae = build_vae(seed, images.shape[-1]).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     step = 0
     if state_path.is_file():
@@ -182,7 +197,7 @@ def train_vae(images: torch.Tensor, out_dir, steps: int = 800, batch: int = 16, 
         index = torch.randint(0, images.shape[0], (batch,), generator=gen)
         for group in optimizer.param_groups:  # cosine decay to a tenth
             group["lr"] = lr * (0.55 + 0.45 * float(np.cos(np.pi * step / steps)))
-        loss = vae_loss(vae, images[index], gen, None if masks is None else masks[index])
+        loss = vae_loss(vae, images[index].to(device), gen, None if masks is None else masks[index].to(device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -53,13 +53,13 @@ def concept_prompt(prompt: str, shape: str, name: str) -> tuple[str, str]:
     return " ".join(words), concept
 
 
-def ico_config(base, images, name: str, noun: str, out, steps: int, seed: int = 0):
+def ico_config(base, images, name: str, noun: str, out, steps: int, seed: int = 0, size: int = S.SIZE):
     """The ICO run of one concept on the toy base model (no validation images, one export at the end)."""
     from ..training import config, ico
 
     return config.from_dict(ico.IcoConfig, {
         "model": {"path": str(base), "family": "sd15"},
-        "data": {"images": str(images), "resolution": S.SIZE, "num_workers": 0},
+        "data": {"images": str(images), "resolution": size, "num_workers": 0},
         "concept": {"name": name, "noun": noun},
         "train": {"output_dir": str(out), "max_steps": steps, "learning_rate": LEARNING_RATE, "seed": seed,
                   "checkpoint_every": steps, "keep_checkpoints": 1, "export_every_checkpoint": False},
@@ -78,7 +78,7 @@ def train_concept(base, references: torch.Tensor, name: str, noun: str, folder, 
     images.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(references):
         S.to_pil(image).save(images / f"{i:02d}.png")
-    cfg = ico_config(base, images, name, noun, run_dir, steps)
+    cfg = ico_config(base, images, name, noun, run_dir, steps, size=references.shape[1])
     run = ico.prepare(cfg, resume="auto")
     if run.step < steps:
         ico.train(run, progress=progress)

@@ -49,6 +49,7 @@ class Settings:
     lora_rank: int = 32
     eval_objects: int = 18
     sample_steps: int = 25
+    size: int = S.SIZE
 
 
 def image_encoder(folder) -> pathlib.Path:
@@ -69,7 +70,7 @@ def syncd_config(base, dataset, encoder, out, s: Settings):
         "model": {"path": str(base)},
         "ip_adapter": {"image_encoder": str(encoder), "resampler_dim": 64, "resampler_heads": 4,
                        "resampler_depth": 2, "num_queries": 8},
-        "data": {"dirs": [str(dataset)], "resolution": S.SIZE, "crop_padding": 12, "mask_dilation": 1,
+        "data": {"dirs": [str(dataset)], "resolution": s.size, "crop_padding": 12 * s.size // S.SIZE, "mask_dilation": 1,
                  "min_aesthetics": MIN_AESTHETICS, "min_dino": MIN_DINO, "num_workers": 0},
         "lora": {"rank": s.lora_rank, "alpha": float(s.lora_rank)},
         "train": {"output_dir": str(out), "max_steps": s.steps, "batch_size": s.batch, "gradient_accumulation_steps": 1,
@@ -83,7 +84,7 @@ def jedi_config(base, dataset, out, s: Settings):
 
     return config.from_dict(jedi.JediConfig, {
         "model": {"path": str(base)},
-        "data": {"dirs": [str(dataset)], "resolution": S.SIZE, "min_images": 2, "max_images": 3,
+        "data": {"dirs": [str(dataset)], "resolution": s.size, "min_images": 2, "max_images": 3,
                  "min_aesthetics": MIN_AESTHETICS, "min_dino": MIN_DINO, "num_workers": 0},
         "train": {"output_dir": str(out), "max_steps": s.steps, "batch_size": s.batch,
                   "learning_rate": s.jedi_learning_rate, "checkpoint_every": max(1, min(250, s.steps)),
@@ -118,14 +119,15 @@ class EvalCase:
     placement: str
 
 
-def eval_cases(count: int, seed: int = EVAL_SEED) -> list[EvalCase]:
-    """``count`` held-out identities (cycled), 3 rendered views each, and a prompt with another background."""
+def eval_cases(count: int, seed: int = EVAL_SEED, size: int = S.SIZE) -> list[EvalCase]:
+    """``count`` held-out identities (cycled), 3 rendered views each (``size`` px), and a prompt with another
+    background."""
     _, held_out = V.split_identities()
     rng = np.random.default_rng(seed)
     cases = []
     for i in range(count):
         identity = held_out[i % len(held_out)]
-        refs = V.multi_view_set(identity, views=3, seed=seed + i)
+        refs = V.multi_view_set(identity, views=3, seed=seed + i, size=size)
         background = S.BACKGROUNDS[rng.integers(len(S.BACKGROUNDS))]
         placement = S.PLACEMENTS[rng.integers(len(S.PLACEMENTS))]
         prompt = (f"{'an' if identity.shape[0] in 'aeiou' else 'a'} {identity.shape} "
@@ -173,17 +175,19 @@ METHODS = {  # name -> (model, guidance): what SynCD Table 5 / JeDi Table 4 comp
 }
 
 
-def sample_method(run, kind: str, guidance: str, case: EvalCase, count: int, steps: int, seed: int) -> torch.Tensor:
-    """One (1, H, W, 3) image in [0, 1] of ``case`` with ``count`` references, by the training scripts' own samplers
-    (upstream's inference: :func:`~comfyui_syncd.training.validation.sample_syncd` / ``sample_jedi``)."""
+def sample_method(run, kind: str, guidance: str, case: EvalCase, count: int, s: Settings, seed: int) -> torch.Tensor:
+    """One (1, H, W, 3) image in [0, 1] (on the CPU) of ``case`` with ``count`` references, by the training scripts'
+    own samplers (upstream's inference: :func:`~comfyui_syncd.training.validation.sample_syncd` / ``sample_jedi``),
+    on the device the run's UNet is on."""
     from ..training import validation
 
     gen = torch.Generator().manual_seed(seed)
     refs = references(case, count)
+    device = run.parts.unet.device
     if kind == "syncd":
-        v = validation.SyncdValidationConfig(steps=steps, guidance=guidance)
-        image = validation.sample_syncd(run.core, run.parts, refs, case.prompt, v, S.SIZE, torch.device("cpu"), gen)
+        v = validation.SyncdValidationConfig(steps=s.sample_steps, guidance=guidance)
+        image = validation.sample_syncd(run.core, run.parts, refs, case.prompt, v, s.size, device, gen)
     else:
-        v = validation.JediValidationConfig(steps=steps)
-        image = validation.sample_jedi(run.core, run.parts, refs, case.prompt, v, S.SIZE, torch.device("cpu"), gen)
-    return ((image.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+        v = validation.JediValidationConfig(steps=s.sample_steps)
+        image = validation.sample_jedi(run.core, run.parts, refs, case.prompt, v, s.size, device, gen)
+    return ((image.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import time
@@ -65,12 +66,17 @@ class Scale:
     custom_eval: int = 18
     dci_objects: int = 18
     ico_steps: int = 300
+    size: int = S.SIZE
 
 
 FULL = Scale()
 QUICK = Scale(corpus=64, vae_images=64, vae_steps=10, vae_batch=4, t2i_steps=10, t2i_batch=4, eval_images=6,
               sample_steps=3, sets=2, custom_steps=3, custom_batch=2, custom_eval=2, dci_objects=1,
               ico_steps=2)
+LARGE = Scale(size=128, vae_steps=3000, t2i_steps=8000, t2i_batch=64, custom_steps=1200, custom_batch=8,
+              dci_objects=9)  # for a GPU: about 20 minutes on one H100
+SCALES = {"full": FULL, "quick": QUICK, "large": LARGE}
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EVAL_SEED = 2_000_003
 SETS_SEED = 3_000_017
 
@@ -128,9 +134,9 @@ def tokenizer_dir() -> pathlib.Path:
 
 def stage_vae(st: Stages) -> dict:
     images = B.read_corpus_images(st.dir("corpus"), st.scale.vae_images)
-    masks = B.corpus_masks(st.scale.corpus, limit=st.scale.vae_images)
+    masks = B.corpus_masks(st.scale.corpus, limit=st.scale.vae_images, size=st.scale.size)
     vae = B.train_vae(images, st.dir("vae"), steps=st.scale.vae_steps, batch=st.scale.vae_batch,
-                      progress=st.progress, masks=masks)
+                      progress=st.progress, masks=masks, device=DEVICE).cpu()
     with torch.no_grad():
         probe = images[:256]
         l1 = float((vae.decode(vae.encode(probe).latent_dist.mean).sample - probe).abs().mean())
@@ -144,7 +150,7 @@ def stage_base_init(st: Stages) -> dict:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(st.dir("vae") / "model")
-    B.write_pipeline(st.dir("base_init"), vae, B.build_unet(0), B.build_text_encoder(0), tokenizer_dir())
+    B.write_pipeline(st.dir("base_init"), vae, B.build_unet(0, st.scale.size), B.build_text_encoder(0), tokenizer_dir())
     return {}
 
 
@@ -153,7 +159,7 @@ def t2i_config(st: Stages):
 
     return T.TextToImageConfig(
         model=T.ModelConfig(path=str(st.dir("base_init"))),
-        data=T.DataConfig(dir=str(st.dir("corpus")), resolution=S.SIZE),
+        data=T.DataConfig(dir=str(st.dir("corpus")), resolution=st.scale.size),
         train=T.TrainConfig(output_dir=str(st.dir("text_to_image")), max_steps=st.scale.t2i_steps,
                             batch_size=st.scale.t2i_batch, learning_rate=5e-4, text_encoder_learning_rate=5e-4,
                             lr_warmup_steps=min(200, st.scale.t2i_steps // 5),
@@ -180,9 +186,21 @@ def stage_export(st: Stages) -> dict:
     return {"file": str(path), "megabytes": round(path.stat().st_size / 2 ** 20, 2)}
 
 
+def load_base(st: Stages):
+    """The trained text-to-image model's parts, on :data:`DEVICE`."""
+    from ..training import models
+
+    parts = models.load(st.dir("text_to_image") / "pipeline")
+    for module in (parts.unet, parts.vae, *parts.text_encoders):
+        module.to(DEVICE)
+    return parts
+
+
 @torch.no_grad()
-def sample(parts, prompts: list[str], seed: int, steps: int, guidance: float, batch: int = 64) -> torch.Tensor:
-    """(N, H, W, 3) images in [0, 1] for ``prompts``: DDIM (η = 0) with classifier-free guidance, batched."""
+def sample(parts, prompts: list[str], seed: int, steps: int, guidance: float, batch: int = 64,
+           size: int = S.SIZE) -> torch.Tensor:
+    """(N, size, size, 3) images in [0, 1] (on the CPU) for ``prompts``: DDIM (η = 0) with classifier-free guidance,
+    batched, on the device the parts are on."""
     from diffusers import DDIMScheduler
 
     from ..training import models
@@ -193,8 +211,8 @@ def sample(parts, prompts: list[str], seed: int, steps: int, guidance: float, ba
         scheduler = DDIMScheduler.from_config(parts.noise_scheduler.config)
         scheduler.set_timesteps(steps)
         gen = torch.Generator().manual_seed(seed + start)
-        size = S.SIZE // 8
-        latents = torch.randn((len(chunk), 4, size, size), generator=gen)
+        device = parts.unet.device
+        latents = torch.randn((len(chunk), 4, size // 8, size // 8), generator=gen).to(device)
         cond, _ = models.encode_text(parts, chunk)
         uncond, _ = models.encode_text(parts, [""] * len(chunk))
         context = torch.cat([uncond, cond])
@@ -202,7 +220,7 @@ def sample(parts, prompts: list[str], seed: int, steps: int, guidance: float, ba
             eps_u, eps_c = parts.unet(torch.cat([latents] * 2), t, encoder_hidden_states=context).sample.chunk(2)
             latents = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
         images = parts.vae.decode(latents / parts.vae.config.scaling_factor).sample
-        out.append(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1))
+        out.append(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu())
     return torch.cat(out)
 
 
@@ -214,13 +232,13 @@ def read_accuracy(images: torch.Tensor, scenes, attributes=R.ATTRIBUTES) -> dict
 
 
 def stage_base_eval(st: Stages) -> dict:
-    from ..training import models
 
-    parts = models.load(st.dir("text_to_image") / "pipeline")
+    parts = load_base(st)
     scenes = S.sample_scenes(st.scale.eval_images, EVAL_SEED)
-    images = sample(parts, [S.caption(s) for s in scenes], EVAL_SEED, st.scale.sample_steps, st.scale.guidance)
+    images = sample(parts, [S.caption(s) for s in scenes], EVAL_SEED, st.scale.sample_steps, st.scale.guidance,
+                    size=st.scale.size)
     generated = read_accuracy(images, scenes)
-    rendered = read_accuracy(S.render(scenes).image, scenes)
+    rendered = read_accuracy(S.render(scenes, st.scale.size).image, scenes)
     folder = st.dir("base_eval")
     folder.mkdir(parents=True, exist_ok=True)
     S.contact_sheet(images[:48], columns=8).save(folder / "samples.png")
@@ -252,7 +270,7 @@ def stage_sets(st: Stages) -> dict:
     with EmbeddedServer(extra_args=["--extra-model-paths-config", str(paths)]) as server:
         object_info = ComfyClient(server.url).object_info()
         swapped, _ = toy_swap(base, object_info, model_file=model.name, steps=st.scale.sample_steps,
-                              cfg=st.scale.guidance)
+                              cfg=st.scale.guidance, size=st.scale.size)
         for condition in sets.CONDITIONS:
             workflow = sets.condition_workflow(swapped, condition, object_info)
             writer = driver.Writer(folder / condition, sets.reader_scores, full_prompts=True)
@@ -301,11 +319,10 @@ def sets_grid(root, path, rows: int = 8) -> None:
 def stage_attention_probe(st: Stages) -> dict:
     """The sets stage's prompts sampled by the diffusers base model with self-attention as trained, shared across
     each set, and removed: how far each moves the images, and the set consistency the reader finds."""
-    from ..training import models
     from . import sets
 
     prompts = [p for o in sets.draw_objects(st.scale.sets, SETS_SEED) for p in o["prompts"]]
-    parts = models.load(st.dir("text_to_image") / "pipeline")
+    parts = load_base(st)
     probe = sets.SelfAttentionProbe(parts.unet)
     chunk = 16 * sets.SET_SIZE
     images = {}
@@ -315,7 +332,7 @@ def stage_attention_probe(st: Stages) -> dict:
             part = prompts[start:start + chunk]
             probe.set(name, 2 * len(part))  # sample() runs the uncond rows, then the cond rows, in one batch
             out.append(sample(parts, part, SETS_SEED + start, st.scale.sample_steps, st.scale.guidance,
-                              batch=len(part)))
+                              batch=len(part), size=st.scale.size))
         images[name] = torch.cat(out)
     probe.remove()
     figures = {}
@@ -345,7 +362,7 @@ def custom_settings(st: Stages):
     from . import customization as C
 
     return C.Settings(steps=st.scale.custom_steps, batch=st.scale.custom_batch, eval_objects=st.scale.custom_eval,
-                      sample_steps=st.scale.sample_steps)
+                      sample_steps=st.scale.sample_steps, size=st.scale.size)
 
 
 def custom_configs(st: Stages) -> dict:
@@ -384,14 +401,13 @@ def customization_table(results: dict) -> list[str]:
 
 
 def stage_customize_eval(st: Stages) -> dict:
-    from ..training import models
     from . import customization as C
 
     s = custom_settings(st)
-    cases = C.eval_cases(s.eval_objects)
+    cases = C.eval_cases(s.eval_objects, size=s.size)
     configs = custom_configs(st)
     runs = {}
-    base = models.load(st.dir("text_to_image") / "pipeline")
+    base = load_base(st)
     results, grids = {}, {}
     for method, (model, guidance) in C.METHODS.items():
         for count in (1, 3):
@@ -399,13 +415,14 @@ def stage_customize_eval(st: Stages) -> dict:
                 if count == 3:
                     results[method, 3], grids[method, 3] = results[method, 1], grids[method, 1]
                     continue
-                images = sample(base, [c.prompt for c in cases], C.EVAL_SEED, s.sample_steps, st.scale.guidance)
+                images = sample(base, [c.prompt for c in cases], C.EVAL_SEED, s.sample_steps, st.scale.guidance,
+                                size=s.size)
             else:
                 if model not in runs:
                     kind, cfg = configs[model]
                     runs[model] = (kind, C.prepare(kind, cfg))
                 kind, run = runs[model]
-                images = torch.cat([C.sample_method(run, kind, guidance, case, count, s.sample_steps, C.EVAL_SEED + i)
+                images = torch.cat([C.sample_method(run, kind, guidance, case, count, s, C.EVAL_SEED + i)
                                     for i, case in enumerate(cases)])
             results[method, count] = {k: round(v, 4) for k, v in C.score(images, cases).items()}
             grids[method, count] = images[:8]
@@ -435,7 +452,7 @@ def stage_dci(st: Stages) -> dict:
     from . import concepts as D, customization as C
 
     s = custom_settings(st)
-    cases = C.eval_cases(s.eval_objects)[:st.scale.dci_objects]
+    cases = C.eval_cases(s.eval_objects, size=s.size)[:st.scale.dci_objects]
     folder, base, model = st.dir("dci"), st.dir("text_to_image") / "pipeline", st.dir("export") / "toy_sd15.safetensors"
     training = {}
     for i, case in enumerate(cases):
@@ -449,7 +466,8 @@ def stage_dci(st: Stages) -> dict:
     with EmbeddedServer(extra_args=["--extra-model-paths-config", str(paths)]) as server:
         client = ComfyClient(server.url)
         object_info = client.object_info()
-        swapped, _ = toy_swap(json.loads((WORKFLOWS / D.WORKFLOW).read_text()), object_info, model_file=model.name)
+        swapped, _ = toy_swap(json.loads((WORKFLOWS / D.WORKFLOW).read_text()), object_info, model_file=model.name,
+                              size=s.size)
         graph = D.sweep_graph(to_api(swapped, object_info))
         for setting, (strength, window) in D.SETTINGS.items():
             for count in (1, 3):
@@ -474,10 +492,13 @@ def stage_dci(st: Stages) -> dict:
     return figures
 
 
-def reproduce(out, quick: bool = False, progress: bool = True, until: str | None = None) -> dict:
-    """Run the stages in order (``until``: stop after that stage); returns every stage's figures."""
-    st = Stages(out, QUICK if quick else FULL, progress)
-    steps = {"corpus": lambda: {"images": st.scale.corpus, "folder": str(B.corpus(st.dir("corpus"), st.scale.corpus))},
+def reproduce(out, quick: bool = False, progress: bool = True, until: str | None = None, scale: Scale | None = None) -> dict:
+    """Run the stages in order (``until``: stop after that stage) at ``scale`` (default :data:`FULL`, or
+    :data:`QUICK` with ``quick``); returns every stage's figures."""
+    st = Stages(out, scale or (QUICK if quick else FULL), progress)
+    workers = min(8, os.cpu_count() or 1)
+    steps = {"corpus": lambda: {"images": st.scale.corpus, "folder": str(B.corpus(
+                 st.dir("corpus"), st.scale.corpus, size=st.scale.size, workers=workers))},
              "vae": lambda: stage_vae(st), "base_init": lambda: stage_base_init(st),
              "text_to_image": lambda: stage_text_to_image(st), "export": lambda: stage_export(st),
              "base_eval": lambda: stage_base_eval(st), "sets": lambda: stage_sets(st),
@@ -501,11 +522,15 @@ def main(argv=None) -> int:
     rep.add_argument("--out", type=pathlib.Path, default=pathlib.Path("toyworld_run"),
                      help="run folder (default ./toyworld_run); rerunning resumes it")
     rep.add_argument("--quick", action="store_true", help="a minutes-long version (CI): shows the loop works")
+    rep.add_argument("--large", action="store_true",
+                     help="128 px images and longer training, for a GPU (about 20 minutes on one H100)")
     rep.add_argument("--until", choices=STAGES, help="stop after this stage")
     rep.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
-        reproduce(args.out, args.quick, not args.no_progress, args.until)
+        if args.quick and args.large:
+            raise ValueError("--quick and --large are two scales; pick one")
+        reproduce(args.out, args.quick, not args.no_progress, args.until, LARGE if args.large else None)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -77,3 +77,22 @@ def test_quick_reproduce_runs_every_stage_and_resumes(tmp_path, capsys, comfy_im
     model, clip, vae = toy_model.load(out / "export" / "toy_sd15.safetensors")
     assert clip.encode_from_tokens(clip.tokenize("a red cube on grass")).shape == (1, 77, 64)
     assert vae.decode(vae.encode(__import__("torch").rand(1, 64, 64, 3))).shape == (1, 64, 64, 3)
+
+
+def test_the_loop_runs_at_128_px_through_the_base_model_evaluation(tmp_path, comfy_imports):
+    """``--large`` renders, trains and samples at 128 px (here at the quick scale's sizes, up to base_eval)."""
+    import dataclasses
+
+    from PIL import Image
+
+    from comfyui_syncd.toyworld import base_model as B, reproduce as R
+
+    assert R.LARGE.size == 128
+    out = tmp_path / "run"
+    R.reproduce(out, progress=False, until="base_eval", scale=dataclasses.replace(R.QUICK, size=128))
+    assert Image.open(out / "corpus" / "000000.png").size == (128, 128)
+    _, configs, _ = B.read_file(out / "export" / "toy_sd15.safetensors")
+    assert configs["unet"]["sample_size"] == 16 and configs["vae"]["sample_size"] == 128
+    assert Image.open(out / "base_eval" / "samples.png").size == (8 * 128, 128)  # 6 samples on one row of 8
+    with pytest.raises(ValueError, match="another scale"):
+        R.reproduce(out, quick=True, progress=False, until="corpus")

@@ -39,6 +39,21 @@ def test_corpus_writes_images_and_phrasings(tmp_path):
     assert (folder / "corpus.json").stat().st_mtime_ns == stamp  # a finished corpus is kept
 
 
+def test_a_128_px_corpus_rendered_by_two_workers_is_the_serial_one(tmp_path):
+    serial = B.corpus(tmp_path / "serial", count=5, seed=5, chunk=2, size=128)
+    parallel = B.corpus(tmp_path / "parallel", count=5, seed=5, chunk=2, size=128, workers=2)
+    images = B.read_corpus_images(parallel)
+    assert images.shape == (5, 3, 128, 128)
+    assert torch.equal(images, B.read_corpus_images(serial))
+    assert [(parallel / f"{i:06d}.txt").read_text() for i in range(5)] == \
+        [(serial / f"{i:06d}.txt").read_text() for i in range(5)]
+    rendered = S.render(S.sample_scenes(5, 5, p_empty=0.05), 128).image.permute(0, 3, 1, 2) * 2 - 1
+    assert (images - rendered).abs().max() <= 1 / 127.5 + 1e-6
+    assert B.corpus_masks(5, seed=5, limit=3, size=128).shape == (3, 1, 128, 128)
+    B.corpus(tmp_path / "serial", count=5, seed=5, size=64)  # another size is another corpus: rendered again
+    assert B.read_corpus_images(serial).shape[-1] == 64
+
+
 @torch.no_grad()
 def test_folding_the_latent_scale_keeps_the_round_trip():
     vae = B.build_vae(0).eval()
