@@ -80,8 +80,8 @@ def check(cfg: TextToImageConfig) -> None:
 def pick_caption(caption: str, mode: str, drop_text: float, gen: torch.Generator) -> str:
     """One phrasing of a caption file's text (a random line, or the first), or "" with probability ``drop_text``."""
     lines = [line.strip() for line in caption.splitlines() if line.strip()] or [""]
-    index = int(torch.randint(len(lines), (1,), generator=gen)) if mode == "random_line" else 0
-    return "" if float(torch.rand((), generator=gen)) < drop_text else lines[index]
+    index = int(torch.randint(len(lines), (1,), generator=gen, device=gen.device)) if mode == "random_line" else 0
+    return "" if float(torch.rand((), generator=gen, device=gen.device)) < drop_text else lines[index]
 
 
 class TextToImageModel(torch.nn.Module):
