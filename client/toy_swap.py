@@ -11,8 +11,9 @@ rewrites an editor (UI) graph the way :func:`~.tiny_swap.tiny_swap` does, keepin
   learned the unconditional prediction from empty captions and samples with true classifier-free guidance;
 - ``LoadImage`` / ``LoadImageMask`` -> ``SynCDToyWorldReferences``: the k-th image (mask) loader gives view k of
   one rendered toy object's multi-view set, with its exact mask, so an image and its mask file still match;
-- empty latents and image resizes to 64 px a side (the toy model's size; any latent channel count is fixed by
-  ComfyUI's sampler for an empty latent), every sampler's ``steps`` and ``cfg`` to the toy model's.
+- empty latents and image resizes to 128 px a side (the shipped toy model's size; any latent channel count is fixed by
+  ComfyUI's sampler for an empty latent), every sampler's ``steps`` and ``cfg`` and ``BasicScheduler``'s ``steps`` to
+  the toy model's.
 
 Nodes that need what the toy model does not have (depth conditioning, IP-Adapters, SynCD/JeDi checkpoints) are
 refused with the reason. Pure: no ComfyUI import.
@@ -28,12 +29,13 @@ from .workflow_format import input_defs, is_api_format, is_ui_format, widget_val
 
 TOY_MODEL = "SynCDToyWorldModel"
 SHIPPED_CHOICE = "toy_sd15 (shipped)"  # demo/toy_model.py SHIPPED_CHOICE (that module imports ComfyUI)
-SIZE = 64
+SIZE = 128  # the shipped toy-world model's resolution (toyworld reproduce --large)
 STEPS = 25
 CFG = 5.0
 MODEL_LOADERS = {"CheckpointLoaderSimple": {0: 0, 1: 1, 2: 2}, "UNETLoader": {0: 0}}  # old slot -> toy slot
 CLIP_LOADERS = ("DualCLIPLoader", "CLIPLoader")
 SAMPLERS = ("KSampler", "KSamplerAdvanced")
+SCHEDULERS = ("BasicScheduler",)  # SamplerCustomAdvanced's sigmas: steps only (cfg lives in the guider)
 REFUSED = {
     "InstructPixToPixConditioning": "depth conditioning (the toy model is text-to-image only)",
     "SynCDIPAdapterLoader": "an IP-Adapter (the toy world's customization model is not an IP-Adapter)",
@@ -109,6 +111,9 @@ def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE
             set_widget(node, node_def, "steps", steps)
             set_widget(node, node_def, "cfg", cfg)
             report.append(f"{g.describe(node)}: steps {values.get('steps')} -> {steps}, cfg {values.get('cfg')} -> {cfg}")
+        if kind in SCHEDULERS and values.get("steps") != steps:
+            set_widget(node, node_def, "steps", steps)
+            report.append(f"{g.describe(node)}: steps {values.get('steps')} -> {steps}")
 
     swapped = g.finish()
     swapped.setdefault("extra", {}).setdefault("syncd", {}).update(family="sd15", toy=model_file)

@@ -123,10 +123,10 @@ class SynCDToyWorldModel(io.ComfyNode):
             display_name="SynCD Toy-World Model",
             category="SynCD/testing",
             description="The pack's trained toy text-to-image model (a tiny SD1.5 architecture trained from scratch "
-                        "on the toy world's 64 px objects: 6 shapes, 6 colours, 3 textures, 6 backgrounds) as "
-                        "MODEL, CLIP and VAE, like Load Checkpoint. Any CPU samples it in seconds; prompts read like "
-                        "'a red striped cube on green grass, on the left'. Use 64x64 latents (Empty Latent Image "
-                        "64x64).",
+                        "on the toy world's objects: 6 shapes, 6 colours, 3 textures, 6 backgrounds) as MODEL, CLIP "
+                        "and VAE, like Load Checkpoint. Any CPU samples it in seconds; prompts read like 'a red "
+                        "striped cube on green grass, on the left'. Sample at the size it was trained at: the "
+                        "shipped model 128x128 (Empty Latent Image 128x128), a default-scale reproduce run's 64x64.",
             inputs=[
                 io.Combo.Input("model_file", options=model_choices(),
                                tooltip="The shipped model, or a toy_sd15.safetensors of your own run of 'python -m "
@@ -185,8 +185,8 @@ class SynCDToyWorldReferences(io.ComfyNode):
                 io.Int.Input("index", default=-1, min=-1, max=7,
                              tooltip="-1: every view as a batch; 0..views-1: that view only (one per Load Image "
                                      "it stands for)."),
-                io.Int.Input("size", default=64, min=16, max=1024, step=8,
-                             tooltip="Width and height in pixels (the toy-world model draws 64)."),
+                io.Int.Input("size", default=128, min=16, max=1024, step=8,
+                             tooltip="Width and height in pixels (the shipped toy-world model draws 128)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the poses and backgrounds."),
             ],

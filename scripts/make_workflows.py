@@ -69,7 +69,7 @@ COLORS = {"Models": "#3f789e", "References": "#8a6d3b", "Mesh": "#8a6d3b", "Prom
 
 TINY_HINT = ("Try it without any download (tiny random models, noise-like images):\n"
              "  python -m comfyui_syncd run workflows/{name} --tiny")
-TOY_HINT = ("Try it without any download, on the pack's toy-world model (a small SD1.5 trained from scratch on 64 px "
+TOY_HINT = ("Try it without any download, on the pack's toy-world model (a small SD1.5 trained from scratch on 128 px "
             "toy objects: cubes, spheres, cones... on grass, sand, snow; any CPU, seconds):\n"
             "  python -m comfyui_syncd run workflows/{name} --tiny")
 

@@ -42,7 +42,7 @@ def test_runs_a_ui_workflow_with_overrides(comfy_server, tmp_path):
     for path in saved:
         assert path.parent == out
         with Image.open(path) as image:
-            assert image.size == (64, 64)
+            assert image.size == (128, 128)  # the shipped toy-world model's size
             prompt = json.loads(image.info["prompt"])  # SaveImage embeds the API graph
         assert prompt["6"]["inputs"]["steps"] == 2 and prompt["2"]["inputs"]["text"] == "a corgi"
         assert prompt["4"]["inputs"]["images_per_subject"] == 2
@@ -50,8 +50,8 @@ def test_runs_a_ui_workflow_with_overrides(comfy_server, tmp_path):
 
 
 def test_tiny_runs_text_to_image_workflows_on_the_toy_model(comfy_server, tmp_path):
-    """The toy-world model replaces the checkpoint (MODEL, CLIP, VAE), the real text encoders stay, sizes go to 64
-    px and the sampler to the toy model's steps and cfg; --random-tiny keeps the random tiny models."""
+    """The toy-world model replaces the checkpoint (MODEL, CLIP, VAE), the real text encoders stay, sizes go to 128
+    px (the shipped model's) and the sampler to the toy model's steps and cfg; --random-tiny keeps the random tiny models."""
     from comfyui_syncd.client import toy_swap
 
     assert (REPO / "toyworld" / "weights" / "toy_sd15.safetensors").is_file(), "the toy-world model is shipped"
@@ -60,7 +60,7 @@ def test_tiny_runs_text_to_image_workflows_on_the_toy_model(comfy_server, tmp_pa
     lines = done.stdout.splitlines()
     assert lines[0].startswith("--tiny: ") and lines[0].endswith(" change(s) for the toy-world model:")
     assert f"  #1 SynCDToyWorldModel: was CheckpointLoaderSimple (toy-world model {toy_swap.SHIPPED_CHOICE})" in lines
-    assert "  #5 EmptyLatentImage: 512x512 -> 64x64" in lines
+    assert "  #5 EmptyLatentImage: 512x512 -> 128x128" in lines
     assert f"  #6 KSampler: steps 30 -> {toy_swap.STEPS}, cfg 7.5 -> {toy_swap.CFG}" in lines
     saved = sorted(tmp_path.glob("jedi_coupled_*.png"))
     assert len(saved) == 3

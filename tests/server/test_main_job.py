@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from comfyui_syncd.client import toy_swap
 from comfyui_syncd.core.dataset_format import read_dataset
 from comfyui_syncd.toyworld import reader as R, sets
 
@@ -30,7 +31,7 @@ def test_main_job_generates_toy_sets_on_the_toy_model(comfy_server, tmp_path):
     records = read_dataset(out)
     assert [r.category for r in records] == ["cube", "sphere"]
     images = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255 for r in records for p in r.images]
-    assert all(i.shape == (64, 64, 3) for i in images) and all(m is not None for r in records for m in r.masks)
+    assert all(i.shape == (toy_swap.SIZE, toy_swap.SIZE, 3) for i in images) and all(m is not None for r in records for m in r.masks)
     reading = R.read(torch.from_numpy(np.stack(images)))
     asked = [sets.background_of(prompt) for r in records for prompt in r.prompts]
     # recognisable scenes: the reader reads the prompt's background in most images (toy model 11 of 12 in the

@@ -12,6 +12,7 @@ import sys
 import pytest
 from PIL import Image
 
+from comfyui_syncd.client import toy_swap as TS
 from comfyui_syncd.client.workflow_format import FRONTEND_ONLY_NODES, is_ui_format, to_api
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -282,7 +283,8 @@ def test_runs_with_tiny(path, comfy_server, tmp_path):
     family, pack_nodes, count = EXPECTED[path.name]
     out = tmp_path / "out"
     toy = path.stem in ON_TOY_MODEL
-    fewer_steps = [arg for n in json.loads(path.read_text())["nodes"] if toy and n["type"] in ("KSampler", "KSamplerAdvanced")
+    stepped = ("KSampler", "KSamplerAdvanced", "BasicScheduler")
+    fewer_steps = [arg for n in json.loads(path.read_text())["nodes"] if toy and n["type"] in stepped
                    for arg in ("--set", f"{n['id']}.steps=6")]  # the toy model's 25 steps, cut for CI time
     done = subprocess.run([sys.executable, "-m", "comfyui_syncd", "run", str(path), "--tiny", "--server",
                            comfy_server.url, "--out", str(out), *fewer_steps], capture_output=True, text=True,
@@ -300,7 +302,7 @@ def test_runs_with_tiny(path, comfy_server, tmp_path):
     assert len(saved) == count if not (toy and maps) else (len(saved) - len(maps) == count - 1 and len(maps) >= 1)
     for png in saved:
         with Image.open(png) as image:
-            assert image.size == (64, 64)
+            assert image.size == ((TS.SIZE,) * 2 if toy else (64, 64))
             embedded = json.loads(image.info.get("workflow", "null"))  # the graph that ran (none with --set)
             prompt = json.loads(image.info["prompt"])
         ran = {n["class_type"] for n in prompt.values()}
@@ -341,6 +343,6 @@ def test_toy_world_dci_branch_of_the_shipped_sweep_runs_with_a_concept_lora(comf
                                  window=0.3, seed=3, steps=4, cfg=5.0)
         g[concepts.LORA_NODE]["inputs"]["strength_model"] = strength
         images.append(concepts.run_image(comfy_client, g))
-    assert images[0].shape == (1, 64, 64, 3)
+    assert images[0].shape == (1, TS.SIZE, TS.SIZE, 3)
     assert torch.equal(images[0], images[2])                    # deterministic
     assert (images[0] - images[1]).abs().mean() > 2 / 255      # the concept's k/v reach the sampled branch

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from comfyui_syncd.client.tiny_swap import TinySwapError
-from comfyui_syncd.client.toy_swap import CFG, SHIPPED_CHOICE, STEPS, toy_swap
+from comfyui_syncd.client.toy_swap import CFG, SHIPPED_CHOICE, SIZE, STEPS, toy_swap
 from comfyui_syncd.client.ui_graph import UIGraph
 from comfyui_syncd.client.workflow_format import to_api
 
@@ -48,6 +48,9 @@ OBJECT_INFO = {
     "LoadImageMask": node_def({"image": [["ref_1.png", "ref_2.png"]], "channel": [["alpha", "red"]]}, ["MASK"]),
     "ImageBatch": node_def({"image1": ["IMAGE"], "image2": ["IMAGE"]}, ["IMAGE"]),
     "MaskComposite": node_def({"destination": ["MASK"], "source": ["MASK"]}, ["MASK"]),
+    "BasicScheduler": node_def({"model": ["MODEL"], "scheduler": [["normal", "ddim_uniform"]],
+                                "steps": ["INT", {"default": 20}], "denoise": ["FLOAT", {"default": 1.0}]},
+                               ["SIGMAS"]),
     "ModelSamplingAuraFlow": node_def({"model": ["MODEL"], "shift": ["FLOAT", {"default": 3.1}]}, ["MODEL"]),
     "SynCDToyWorldReferences": node_def({
         "shape": [["cube", "cone"]], "colour": [["red", "blue"]], "texture": [["plain", "striped"]],
@@ -97,7 +100,7 @@ def test_flux_datagen_runs_on_the_toy_model():
     assert api["7"]["inputs"]["model"] == ["1", 0] and api["10"]["inputs"]["vae"] == ["1", 2]
     assert api["4"]["inputs"]["text"] == "a cube on grass\na cube in the snow"
     assert api["6"]["class_type"] == "CLIPTextEncode" and api["6"]["inputs"] == {"text": "", "clip": ["1", 1]}
-    assert (api["8"]["inputs"]["width"], api["8"]["inputs"]["height"]) == (64, 64)
+    assert (api["8"]["inputs"]["width"], api["8"]["inputs"]["height"]) == (SIZE, SIZE) == (128, 128)
     assert api["9"]["inputs"]["steps"] == STEPS and api["9"]["inputs"]["cfg"] == CFG
     assert swapped["extra"]["syncd"]["toy"] == SHIPPED_CHOICE
     assert any("ConditioningZeroOut" in line for line in report)
@@ -155,7 +158,7 @@ def test_image_loaders_become_views_of_one_rendered_toy_object():
     assert {api[k]["class_type"] for k in ("2", "3", "4")} == {"SynCDToyWorldReferences"}
     views = {k: (api[k]["inputs"]["views"], api[k]["inputs"]["index"]) for k in ("2", "3", "4")}
     assert views == {"2": (2, 0), "3": (2, 1), "4": (1, 0)}  # the k-th image file -> view k of the same object
-    assert all(api[k]["inputs"]["size"] == 64 and api[k]["inputs"]["seed"] == 0 for k in ("2", "3", "4"))
+    assert all(api[k]["inputs"]["size"] == SIZE and api[k]["inputs"]["seed"] == 0 for k in ("2", "3", "4"))
     assert api["5"]["inputs"] == {"image1": ["2", 0], "image2": ["3", 0]}
     assert api["6"]["inputs"] == {"destination": ["3", 1], "source": ["4", 1]}  # LoadImageMask's MASK is slot 1
     assert sum("rendered toy object" in line for line in report) == 3
@@ -169,3 +172,15 @@ def test_flow_schedules_are_refused():
     g.group("all", g.nodes)
     with pytest.raises(TinySwapError, match="flow schedule"):
         toy_swap(g.to_json(), OBJECT_INFO)
+
+
+def test_custom_sampling_schedules_get_the_toy_models_steps():
+    g = UIGraph(OBJECT_INFO)
+    unet = g.add("UNETLoader", unet_name="sd15.safetensors")
+    schedule = g.add("BasicScheduler", scheduler="ddim_uniform", steps=200)
+    g.connect(unet, 0, schedule, "model")
+    g.group("all", g.nodes)
+    swapped, report = toy_swap(g.to_json(), OBJECT_INFO, steps=12)
+    api = to_api(swapped, OBJECT_INFO)
+    assert api["2"]["inputs"]["steps"] == 12 and api["2"]["inputs"]["scheduler"] == "ddim_uniform"
+    assert "#2 BasicScheduler: steps 200 -> 12" in report
