@@ -491,10 +491,45 @@ def stage_dci(st: Stages) -> dict:
     return figures
 
 
-def reproduce(out, quick: bool = False, progress: bool = True, until: str | None = None, scale: Scale | None = None) -> dict:
+BASE_STAGES = ("corpus", "vae", "base_init", "text_to_image", "export")
+BASE_SETTINGS = ("corpus", "vae_images", "vae_steps", "vae_batch", "t2i_steps", "t2i_batch", "size")
+
+
+def start_from_model(st: Stages, model) -> None:
+    """Mark the base-model stages (:data:`BASE_STAGES`) done from an exported toy model file (e.g. the shipped one):
+    its diffusers folder, its copy as the run's export and the figures it records; refused when it was trained at
+    other base settings (:data:`BASE_SETTINGS`) than the run's scale."""
+    import shutil
+
+    model = pathlib.Path(model)
+    _, _, info = B.read_file(model)
+    trained = info.get("scale", {})
+    differ = {k: (trained.get(k), getattr(st.scale, k)) for k in BASE_SETTINGS if trained.get(k) != getattr(st.scale, k)}
+    if differ:
+        raise ValueError(f"{model} was trained at other settings than this run's scale (model, run): {differ}; "
+                         "pick the scale it was made with (the shipped model: --large)")
+    if all(st.done(stage) for stage in BASE_STAGES):
+        return
+    vae, unet, text_encoder = B.load_parts(model)
+    B.write_pipeline(st.dir("text_to_image") / "pipeline", vae, unet, text_encoder, tokenizer_dir())
+    (st.dir("export")).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model, st.dir("export") / "toy_sd15.safetensors")
+    source = {"from_model": str(model.resolve())}
+    st.finish("corpus", {"images": st.scale.corpus, **source})
+    st.finish("vae", {**info.get("vae", {}), **source})
+    st.finish("base_init", source)
+    st.finish("text_to_image", {**info.get("text_to_image", {}), **source})
+    st.finish("export", {"file": str(st.dir("export") / "toy_sd15.safetensors"), **source})
+
+
+def reproduce(out, quick: bool = False, progress: bool = True, until: str | None = None, scale: Scale | None = None,
+              from_model=None) -> dict:
     """Run the stages in order (``until``: stop after that stage) at ``scale`` (default :data:`FULL`, or
-    :data:`QUICK` with ``quick``); returns every stage's figures."""
+    :data:`QUICK` with ``quick``), the base-model stages taken from ``from_model`` when given
+    (:func:`start_from_model`); returns every stage's figures."""
     st = Stages(out, scale or (QUICK if quick else FULL), progress)
+    if from_model is not None:
+        start_from_model(st, from_model)
     workers = min(8, os.cpu_count() or 1)
     steps = {"corpus": lambda: {"images": st.scale.corpus, "folder": str(B.corpus(
                  st.dir("corpus"), st.scale.corpus, size=st.scale.size, workers=workers))},
@@ -524,12 +559,16 @@ def main(argv=None) -> int:
     rep.add_argument("--large", action="store_true",
                      help="128 px images and longer training, for a GPU (the shipped model's run)")
     rep.add_argument("--until", choices=STAGES, help="stop after this stage")
+    rep.add_argument("--from-model", type=pathlib.Path, metavar="FILE",
+                     help="take the base model (stages corpus to export) from an exported toy model file, e.g. "
+                          "toyworld/weights/toy_sd15.safetensors with --large, and run the stages after it")
     rep.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
         if args.quick and args.large:
             raise ValueError("--quick and --large are two scales; pick one")
-        reproduce(args.out, args.quick, not args.no_progress, args.until, LARGE if args.large else None)
+        reproduce(args.out, args.quick, not args.no_progress, args.until, LARGE if args.large else None,
+                  args.from_model)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -96,3 +96,28 @@ def test_the_loop_runs_at_128_px_through_the_base_model_evaluation(tmp_path, com
     assert Image.open(out / "base_eval" / "samples.png").size == (8 * 128, 128)  # 6 samples on one row of 8
     with pytest.raises(ValueError, match="another scale"):
         R.reproduce(out, quick=True, progress=False, until="corpus")
+
+
+def test_a_run_can_start_from_an_exported_model(tmp_path, comfy_imports):
+    """``--from-model``: the base-model stages come from a toy model file (its figures, its weights), the later
+    stages run on it; a file trained at other base settings is refused; the shipped model fits ``--large``."""
+    import json
+    import pathlib
+
+    from comfyui_syncd.toyworld import reproduce as R
+
+    R.reproduce(tmp_path / "a", quick=True, progress=False, until="export")
+    model = tmp_path / "a" / "export" / "toy_sd15.safetensors"
+    out = tmp_path / "b"
+    figures = R.reproduce(out, quick=True, progress=False, until="base_eval", from_model=model)
+    trained = json.loads((tmp_path / "a" / "text_to_image" / "done.json").read_text())
+    assert figures["text_to_image"]["steps"] == trained["steps"] == R.QUICK.t2i_steps
+    assert figures["vae"]["from_model"] == str(model.resolve())
+    assert not list((out / "corpus").glob("*.png"))  # nothing rendered or trained again
+    assert (out / "export" / "toy_sd15.safetensors").read_bytes() == model.read_bytes()
+    assert "generated" in figures["base_eval"] and (out / "base_eval" / "samples.png").is_file()
+    with pytest.raises(ValueError, match="other settings"):
+        R.reproduce(tmp_path / "c", progress=False, until="export", from_model=model)  # FULL: not its scale
+    shipped = R.reproduce(tmp_path / "d", progress=False, until="export", scale=R.LARGE,
+                          from_model=pathlib.Path(R.__file__).parent / "weights" / "toy_sd15.safetensors")
+    assert shipped["text_to_image"]["steps"] == R.LARGE.t2i_steps
