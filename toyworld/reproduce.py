@@ -29,6 +29,8 @@ the unfinished one from its last checkpoint):
     ``tables/dci.md`` and a grid.
 
 ``--quick`` runs every stage at a few-minutes size (what CI runs): the numbers then only show the loop works.
+``--large`` runs it at 128 px with longer training, for a GPU (:data:`LARGE`: the shipped model's run);
+``--from-model FILE`` takes stages 1–5 from an exported toy model file (:func:`start_from_model`).
 """
 
 from __future__ import annotations
