@@ -164,11 +164,14 @@ def check_embeddings_found(log: str) -> None:
         raise RuntimeError(f"ComfyUI did not find the concept embeddings: {missing[0]}")
 
 
-def run_image(client, graph: dict) -> torch.Tensor:
-    """Queue ``graph`` and return its one saved image as (1, H, W, 3) in [0, 1]."""
+def run_image(client, graph: dict, last: bool = False) -> torch.Tensor:
+    """Queue ``graph`` and return its one saved image (``last``: the last of the batch it saves) as (1, H, W, 3) in
+    [0, 1]."""
     from ..evaluation.scoring import load_image
 
     files = [f for f in client.run(graph).files() if f.type == "output"]
+    if last:
+        files = files[-1:]
     if len(files) != 1:
         raise RuntimeError(f"expected one saved image, got {len(files)}")
     return load_image(io.BytesIO(client.view(files[0].filename, files[0].subfolder, files[0].type)))[None]

@@ -20,11 +20,14 @@ the unfinished one from its last checkpoint):
 8. ``attention_probe`` — how much the base model relies on self-attention: the sets' prompts sampled with
    self-attention as trained, shared across each set, and zeroed (:class:`sets.SelfAttentionProbe`);
    ``tables/attention_probe.md`` and a grid.
-9. ``customize`` — the SynCD customization model trained on the MSA sets and on the no-MSA sets, and a JeDi model
+9. ``jedi_inpainting`` — the shipped JeDi inpainting workflow, toy-swapped onto the run's model, on the held-out
+   objects with their rendered views as references, coupled and uncoupled (:mod:`comfyui_syncd.toyworld.inpainting`);
+   ``tables/jedi_inpainting.md`` and a grid.
+10. ``customize`` — the SynCD customization model trained on the MSA sets and on the no-MSA sets, and a JeDi model
    on the MSA sets, by the pack's training scripts (:mod:`comfyui_syncd.toyworld.customization`).
-10. ``customize_eval`` — held-out objects with 1 and 3 rendered references: identity, prompt following and
+11. ``customize_eval`` — held-out objects with 1 and 3 rendered references: identity, prompt following and
    overexposure per method (:data:`customization.METHODS`); ``tables/customization.md`` and a grid.
-11. ``dci`` — DCI/ICO: an ICO concept per held-out object and reference count (the pack's ICO script), then the
+12. ``dci`` — DCI/ICO: an ICO concept per held-out object and reference count (the pack's ICO script), then the
     shipped DCI λ-sweep workflow, toy-swapped, on an embedded ComfyUI (:mod:`comfyui_syncd.toyworld.concepts`);
     ``tables/dci.md`` and a grid.
 
@@ -47,8 +50,8 @@ import torch
 
 from . import base_model as B, reader as R, scene as S
 
-STAGES = ("corpus", "vae", "base_init", "text_to_image", "export", "base_eval", "sets", "attention_probe", "customize",
-          "customize_eval", "dci")
+STAGES = ("corpus", "vae", "base_init", "text_to_image", "export", "base_eval", "sets", "attention_probe",
+          "jedi_inpainting", "customize", "customize_eval", "dci")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,6 +362,46 @@ def stage_attention_probe(st: Stages) -> dict:
     return figures
 
 
+def stage_jedi_inpainting(st: Stages) -> dict:
+    """JeDi personalization as inpainting on the base model: the generated image's read attributes against the
+    references' identity, with the set's self-attention coupled and uncoupled."""
+    from ..client.api import ComfyClient
+    from ..client.embedded import EmbeddedServer, extra_model_paths
+    from ..client.toy_swap import toy_swap
+    from ..client.workflow_format import to_api
+    from ..datagen.driver import WORKFLOWS
+    from . import concepts, customization as C, inpainting as J
+
+    s = custom_settings(st)
+    cases = C.eval_cases(s.eval_objects, size=s.size)
+    folder, model = st.dir("jedi_inpainting"), st.dir("export") / "toy_sd15.safetensors"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = extra_model_paths(folder / "extra_model_paths.yaml", "toyworld_run", model.parent, {"syncd_toyworld": "."})
+    images = {}
+    with EmbeddedServer(extra_args=["--extra-model-paths-config", str(paths)]) as server:
+        client = ComfyClient(server.url)
+        object_info = client.object_info()
+        swapped, _ = toy_swap(json.loads((WORKFLOWS / J.WORKFLOW).read_text()), object_info, model_file=model.name,
+                              steps=st.scale.sample_steps, size=s.size)
+        api = to_api(swapped, object_info)
+        for condition, (per_subject, _) in J.CONDITIONS.items():
+            images[condition] = torch.cat([concepts.run_image(client, J.case_graph(
+                api, c.identity.shape, c.identity.colour, c.identity.texture, c.prompt, C.EVAL_SEED + i, per_subject),
+                last=True) for i, c in enumerate(cases)])
+    results = {condition: {k: round(v, 4) for k, v in C.score(batch, cases).items()}
+               for condition, batch in images.items()}
+    refs = torch.stack([c.references.image[0] for c in cases[:8]])
+    S.contact_sheet(torch.cat([refs] + [images[c][:8] for c in J.CONDITIONS]), columns=len(refs)).save(
+        folder / "grid.png")
+    st.write_table("jedi_inpainting", (
+        f"JeDi personalization as inpainting on the base model (no JeDi fine-tuning): the shipped {J.WORKFLOW} "
+        f"toy-swapped, 2 rendered references of each of {len(cases)} held-out objects, the evaluation prompt, "
+        f"{st.scale.sample_steps} steps; attribute reader; grid: jedi_inpainting/grid.png — first row a reference, "
+        f"then coupled, uncoupled)."),
+        customization_table({(f"{c}: {J.CONDITIONS[c][1]}", 2): r for c, r in results.items()}))
+    return results
+
+
 def custom_settings(st: Stages):
     from . import customization as C
 
@@ -539,6 +582,7 @@ def reproduce(out, quick: bool = False, progress: bool = True, until: str | None
              "text_to_image": lambda: stage_text_to_image(st), "export": lambda: stage_export(st),
              "base_eval": lambda: stage_base_eval(st), "sets": lambda: stage_sets(st),
              "attention_probe": lambda: stage_attention_probe(st),
+             "jedi_inpainting": lambda: stage_jedi_inpainting(st),
              "customize": lambda: stage_customize(st), "customize_eval": lambda: stage_customize_eval(st),
              "dci": lambda: stage_dci(st)}
     figures = {}

@@ -41,6 +41,14 @@ def test_quick_reproduce_runs_every_stage_and_resumes(tmp_path, capsys, comfy_im
     probe = json.loads((out / "attention_probe" / "done.json").read_text())
     assert set(sets.PROBES) <= set(probe) and probe["plain"]["mean_abs_change_levels"] == 0
     assert probe["no_self_attention"]["mean_abs_change_levels"] > 0 and probe["shared"]["mean_abs_change_levels"] > 0
+    # JeDi inpainting on the base model: the shipped workflow, coupled and uncoupled, per held-out object
+    from comfyui_syncd.toyworld import inpainting
+
+    inpainted = json.loads((out / "jedi_inpainting" / "done.json").read_text())
+    assert set(inpainting.CONDITIONS) <= set(inpainted)
+    assert all(0 <= inpainted[c]["identity"] <= 1 for c in inpainting.CONDITIONS)
+    assert "coupled" in (out / "tables" / "jedi_inpainting.md").read_text()
+    assert (out / "jedi_inpainting" / "grid.png").is_file()
     # customization: three models trained by the pack's scripts on the sets, evaluated per method and reference count
     from comfyui_syncd.toyworld import customization
 
