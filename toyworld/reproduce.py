@@ -110,6 +110,11 @@ class Stages:
         (self.dir(stage) / "done.json").write_text(json.dumps(figures, indent=1))
         return figures
 
+    @property
+    def model(self) -> pathlib.Path:
+        """The run's exported toy model file (stage ``export``)."""
+        return self.dir("export") / "toy_sd15.safetensors"
+
     def write_table(self, name: str, caption: str, table: list[str]) -> None:
         """``tables/<name>.md``: the caption, then the markdown table."""
         tables = self.out / "tables"
@@ -185,7 +190,7 @@ def stage_export(st: Stages) -> dict:
 
     parts = models.load(st.dir("text_to_image") / "pipeline")
     info = {"vae": st.done("vae"), "text_to_image": st.done("text_to_image"), "scale": dataclasses.asdict(st.scale)}
-    path = B.export_file(st.dir("export") / "toy_sd15.safetensors", parts.vae, parts.unet, parts.text_encoders[0],
+    path = B.export_file(st.model, parts.vae, parts.unet, parts.text_encoders[0],
                          info)
     return {"file": str(path), "megabytes": round(path.stat().st_size / 2 ** 20, 2)}
 
@@ -256,22 +261,28 @@ def stage_base_eval(st: Stages) -> dict:
             "rendered": {k: round(v, 4) for k, v in rendered.items()}}
 
 
+def run_model_server(st: Stages, folder):
+    """An embedded ComfyUI whose SynCD Toy-World Model lists the run's exported model (``extra_model_paths.yaml``
+    written to ``folder``)."""
+    from ..client.embedded import EmbeddedServer, extra_model_paths
+
+    paths = extra_model_paths(folder / "extra_model_paths.yaml", "toyworld_run", st.model.parent,
+                              {"syncd_toyworld": "."})
+    return EmbeddedServer(extra_args=["--extra-model-paths-config", str(paths)])
+
+
 def stage_sets(st: Stages) -> dict:
     from ..client.api import ComfyClient
-    from ..client.embedded import EmbeddedServer, extra_model_paths
     from ..client.toy_swap import toy_swap
     from ..datagen import driver
     from . import sets
 
-    folder = st.dir("sets")
+    folder, model = st.dir("sets"), st.model
     folder.mkdir(parents=True, exist_ok=True)
-    model = st.dir("export") / "toy_sd15.safetensors"
-    paths = extra_model_paths(folder / "extra_model_paths.yaml", "toyworld_run", model.parent,
-                              {"syncd_toyworld": "."})  # the run's model for SynCD Toy-World Model
     objects = driver.read_prompts(sets.prompts_file(folder / "prompts.jsonl", st.scale.sets, SETS_SEED))
     base = json.loads(driver.DEFAULT_WORKFLOWS["deformable"].read_text())
     figures = {}
-    with EmbeddedServer(extra_args=["--extra-model-paths-config", str(paths)]) as server:
+    with run_model_server(st, folder) as server:
         object_info = ComfyClient(server.url).object_info()
         swapped, _ = toy_swap(base, object_info, model_file=model.name, steps=st.scale.sample_steps,
                               cfg=st.scale.guidance, size=st.scale.size)
@@ -366,7 +377,6 @@ def stage_jedi_inpainting(st: Stages) -> dict:
     """JeDi personalization as inpainting on the base model: the generated image's read attributes against the
     references' identity, with the set's self-attention coupled and uncoupled."""
     from ..client.api import ComfyClient
-    from ..client.embedded import EmbeddedServer, extra_model_paths
     from ..client.toy_swap import toy_swap
     from ..client.workflow_format import to_api
     from ..datagen.driver import WORKFLOWS
@@ -374,11 +384,10 @@ def stage_jedi_inpainting(st: Stages) -> dict:
 
     s = custom_settings(st)
     cases = C.eval_cases(s.eval_objects, size=s.size)
-    folder, model = st.dir("jedi_inpainting"), st.dir("export") / "toy_sd15.safetensors"
+    folder, model = st.dir("jedi_inpainting"), st.model
     folder.mkdir(parents=True, exist_ok=True)
-    paths = extra_model_paths(folder / "extra_model_paths.yaml", "toyworld_run", model.parent, {"syncd_toyworld": "."})
     images = {}
-    with EmbeddedServer(extra_args=["--extra-model-paths-config", str(paths)]) as server:
+    with run_model_server(st, folder) as server:
         client = ComfyClient(server.url)
         object_info = client.object_info()
         swapped, _ = toy_swap(json.loads((WORKFLOWS / J.WORKFLOW).read_text()), object_info, model_file=model.name,
@@ -497,7 +506,7 @@ def stage_dci(st: Stages) -> dict:
 
     s = custom_settings(st)
     cases = C.eval_cases(s.eval_objects, size=s.size)[:st.scale.dci_objects]
-    folder, base, model = st.dir("dci"), st.dir("text_to_image") / "pipeline", st.dir("export") / "toy_sd15.safetensors"
+    folder, base, model = st.dir("dci"), st.dir("text_to_image") / "pipeline", st.model
     training = {}
     for i, case in enumerate(cases):
         for count in (1, 3):
@@ -557,14 +566,14 @@ def start_from_model(st: Stages, model) -> None:
         return
     vae, unet, text_encoder = B.load_parts(model)
     B.write_pipeline(st.dir("text_to_image") / "pipeline", vae, unet, text_encoder, tokenizer_dir())
-    (st.dir("export")).mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(model, st.dir("export") / "toy_sd15.safetensors")
+    st.dir("export").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model, st.model)
     source = {"from_model": str(model.resolve())}
     st.finish("corpus", {"images": st.scale.corpus, **source})
     st.finish("vae", {**info.get("vae", {}), **source})
     st.finish("base_init", source)
     st.finish("text_to_image", {**info.get("text_to_image", {}), **source})
-    st.finish("export", {"file": str(st.dir("export") / "toy_sd15.safetensors"), **source})
+    st.finish("export", {"file": str(st.model), **source})
 
 
 def reproduce(out, quick: bool = False, progress: bool = True, until: str | None = None, scale: Scale | None = None,
