@@ -11,12 +11,20 @@ rewrites an editor (UI) graph the way :func:`~.tiny_swap.tiny_swap` does, keepin
   learned the unconditional prediction from empty captions and samples with true classifier-free guidance;
 - ``LoadImage`` / ``LoadImageMask`` -> ``SynCDToyWorldReferences``: the k-th image (mask) loader gives view k of
   one rendered toy object's multi-view set, with its exact mask, so an image and its mask file still match;
+- SynCD Masked Shared Attention's ``mask_dilation`` (a box on the token grid: upstream's 9 on the 32×32 tokens of
+  512 px Flux) scaled to the toy latent grid (``size`` / 8), the nearest odd size: 3 at 64 px, 5 at 128 px — upstream's
+  9 would cover the whole 8×8 or 16×16 grid and make the foreground masks share everything;
 - empty latents and image resizes to 128 px a side (the shipped toy model's size; any latent channel count is fixed by
   ComfyUI's sampler for an empty latent), every sampler's ``steps`` and ``cfg`` and ``BasicScheduler``'s ``steps`` to
   the toy model's.
 
-Nodes that need what the toy model does not have (depth conditioning, IP-Adapters, SynCD/JeDi checkpoints) are
-refused with the reason. Pure: no ComfyUI import.
+With ``depth=True`` (``model_file`` is a depth-conditioned toy model: ``toyworld reproduce``'s ``depth_model``
+stage) a rigid data-generation workflow runs too: ``InstructPixToPixConditioning`` stays (it feeds the toy model's
+depth channels) and ``SynCDMeshViews`` becomes ``SynCDToyWorldMeshViews`` (depth, masks and correspondences of a toy
+solid: set its ``shape``; the data-generation driver's mesh slot is dropped).
+
+Nodes that need what the toy model does not have (depth conditioning without ``depth``, IP-Adapters, SynCD/JeDi
+checkpoints) are refused with the reason. Pure: no ComfyUI import.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from .workflow_format import input_defs, is_api_format, is_ui_format, widget_val
 
 TOY_MODEL = "SynCDToyWorldModel"
 SHIPPED_CHOICE = "toy_sd15 (shipped)"  # demo/toy_model.py SHIPPED_CHOICE (that module imports ComfyUI)
+SHIPPED_DEPTH_CHOICE = "toy_sd15_depth (shipped)"  # demo/toy_model.py SHIPPED_DEPTH_CHOICE
 SIZE = 128  # the shipped toy-world model's resolution (toyworld reproduce --large)
 STEPS = 25
 CFG = 5.0
@@ -47,19 +56,25 @@ REFUSED = {
     "ModelSamplingSD3": "a flow schedule (the toy model is an ε-prediction SD1.5 architecture)",
     "ModelSamplingDiscrete": "another prediction type or schedule (the toy model keeps its own ε-prediction)",
 }
+DEPTH_NODE = "InstructPixToPixConditioning"
+SHARED_ATTENTION = "SynCDSharedAttention"
+UPSTREAM_TOKEN_GRID = 32  # gen_rigid.py: 512 px Flux, 64×64 latents packed 2×2: the grid its 9×9 dilation is on
 TOY_REFERENCES = "SynCDToyWorldReferences"
+MESH_VIEWS, TOY_MESH_VIEWS = "SynCDMeshViews", "SynCDToyWorldMeshViews"
+DATAGEN_ROLE = "syncd_datagen"  # datagen/driver.py ROLE (that module is not imported here)
 IMAGE_LOADERS = {"LoadImage": {0: 0, 1: 1}, "LoadImageMask": {0: 1}}  # old output slot -> toy references slot
 
 
 def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE, steps: int = STEPS,
-             cfg: float = CFG, size: int = SIZE) -> tuple[dict, list[str]]:
-    """(a copy of ``workflow`` running on the toy-world model ``model_file``, one line per change)."""
+             cfg: float = CFG, size: int = SIZE, depth: bool = False) -> tuple[dict, list[str]]:
+    """(a copy of ``workflow`` running on the toy-world model ``model_file``, one line per change); ``depth``: the
+    model is depth-conditioned (rigid data generation runs on toy solids)."""
     if is_api_format(workflow) or not is_ui_format(workflow):
         raise TinySwapError("the toy-world swap works on editor-format workflows (as in workflows/)")
     g = _Graph(copy.deepcopy(workflow), object_info)
     report = g.report
     for kind, why in REFUSED.items():
-        found = g.of_type(kind)
+        found = g.of_type(kind) if not (depth and kind == DEPTH_NODE) else []
         if found:
             raise TinySwapError(f"{g.describe(found[0])} needs {why}; the toy-world model cannot run this workflow")
     if TOY_MODEL not in object_info:
@@ -94,6 +109,11 @@ def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE
             g.replace(node, TOY_REFERENCES, IMAGE_LOADERS[kind], views=max(1, len(loaders)), index=k, size=size)
             report.append(f"{g.describe(node)}: was {kind} (view {k} of a rendered toy object, {size} px)")
 
+    for node in g.of_type(MESH_VIEWS) if depth else []:
+        g.replace(node, TOY_MESH_VIEWS, {0: 0, 1: 1, 2: 2, 3: 3}, size=size)
+        node["properties"].pop(DATAGEN_ROLE, None)
+        report.append(f"{g.describe(node)}: was {MESH_VIEWS} (a toy solid's views, {size} px)")
+
     for node in sorted(g.nodes.values(), key=lambda n: n["id"]):
         node_def = g.object_info.get(node["type"])
         if node_def is None or node.get("mode", 0) != 0:
@@ -111,6 +131,12 @@ def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE
             set_widget(node, node_def, "steps", steps)
             set_widget(node, node_def, "cfg", cfg)
             report.append(f"{g.describe(node)}: steps {values.get('steps')} -> {steps}, cfg {values.get('cfg')} -> {cfg}")
+        if kind == SHARED_ATTENTION and isinstance(values.get("mask_dilation"), int):
+            scaled = scaled_dilation(values["mask_dilation"], size // 8)
+            if scaled != values["mask_dilation"]:
+                set_widget(node, node_def, "mask_dilation", scaled)
+                report.append(f"{g.describe(node)}: mask_dilation {values['mask_dilation']} -> {scaled} (the toy "
+                              f"{size // 8}x{size // 8} latent grid)")
         if kind in SCHEDULERS and values.get("steps") != steps:
             set_widget(node, node_def, "steps", steps)
             report.append(f"{g.describe(node)}: steps {values.get('steps')} -> {steps}")
@@ -120,6 +146,12 @@ def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE
     return swapped, report
 
 
+def scaled_dilation(dilation: int, grid: int) -> int:
+    """The odd box size nearest ``dilation`` × ``grid`` / :data:`UPSTREAM_TOKEN_GRID` (at least 1; ties go up)."""
+    target = dilation * grid / UPSTREAM_TOKEN_GRID
+    return max(1, 2 * int((target - 1) / 2 + 0.5) + 1)
+
+
 def _combo_options(node_def: dict, name: str) -> list:
     """The options of combo input ``name`` (none when the node or input is missing)."""
     spec = next((d for d in input_defs(node_def) if d.name == name), None) if node_def else None
@@ -127,16 +159,23 @@ def _combo_options(node_def: dict, name: str) -> list:
 
 
 def demo_swap(workflow: dict, object_info: dict, random_only: bool = False) -> tuple[dict, list[str], str]:
-    """``--tiny``: (the workflow on the toy-world model, when its weights are shipped and it can run the workflow,
-    else on the tiny random demo models; one line per change; which of the two, in words)."""
+    """``--tiny``: (the workflow on the toy-world model — the depth-conditioned one for a workflow with depth
+    conditioning — when its weights are shipped and it can run the workflow, else on the tiny random demo models;
+    one line per change; which of the two, in words)."""
     from .tiny_swap import tiny_swap
 
     note = []
-    if not random_only and SHIPPED_CHOICE in _combo_options(object_info.get(TOY_MODEL, {}), "model_file"):
+    depth = any(n.get("type") == DEPTH_NODE and n.get("mode", 0) == 0 for n in workflow.get("nodes", []))
+    choice = SHIPPED_DEPTH_CHOICE if depth else SHIPPED_CHOICE
+    options = _combo_options(object_info.get(TOY_MODEL, {}), "model_file")
+    if not random_only and choice in options:
         try:
-            swapped, report = toy_swap(workflow, object_info)
-            return swapped, report, "the toy-world model"
+            swapped, report = toy_swap(workflow, object_info, model_file=choice, depth=depth)
+            return swapped, report, "the depth-conditioned toy-world model" if depth else "the toy-world model"
         except TinySwapError as exc:
             note = [f"(not the toy-world model: {exc})"]
+    elif not random_only and SHIPPED_CHOICE in options:
+        note = [f"(not the toy-world model: the workflow's depth conditioning needs {choice!r}, which is not "
+                "shipped)"]
     swapped, report = tiny_swap(workflow, object_info)
     return swapped, note + report, "the tiny demo models"

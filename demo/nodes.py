@@ -10,7 +10,7 @@ from ..nodes.prompt_batch import NODE as PROMPT_BATCH
 from ..nodes.prompt_batch import PER_IMAGE_TOOLTIP, PROMPTS_OUTPUT_TOOLTIP, TEXT_TOOLTIP, chosen_lines
 from . import tiny_models
 from .identity_models import SynCDTinyDemoScoreModel
-from .toy_model import SynCDToyWorldModel, SynCDToyWorldReferences
+from .toy_model import SynCDToyWorldMeshViews, SynCDToyWorldModel, SynCDToyWorldReferences
 
 
 def family_input(tooltip: str):
@@ -203,4 +203,4 @@ class SynCDTinyDemoIPAdapter(io.ComfyNode):
 
 DEMO_NODES = [SynCDTinyDemoModel, SynCDTinyDemoTextEncode, SynCDTinyDemoReferences, SynCDTinyDemoIPAdapter,
               SynCDTinyDemoScoreModel, SynCDTinyDemoPromptBatch, SynCDToyWorldModel,
-              SynCDToyWorldReferences]
+              SynCDToyWorldReferences, SynCDToyWorldMeshViews]

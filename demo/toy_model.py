@@ -6,6 +6,10 @@ SD1.5 checkpoint gives: the UNet through ``comfy.supported_models.SD15`` with it
 keys (the JeDi loader's conversion), the CLIP as ``SD1ClipModel`` over a ``SDClipModel`` of the file's text config
 (ComfyUI's CLIP-L tokenizer: the toy model was trained on its tokens), the VAE as ComfyUI's ``AutoencoderKL`` of the
 file's layout (8× down) with keys converted by ``comfy.diffusers_convert``.
+
+A depth-conditioned toy model (``toyworld reproduce`` stage ``depth_model``: twice the latent channels in) becomes
+``comfy.supported_models.SD15_instructpix2pix``, the model ``InstructPixToPixConditioning`` feeds: the depth image's
+VAE latent, unscaled, concatenated to the noisy latent, as it was trained.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import functools
 import pathlib
 
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 import comfy.diffusers_convert
 import comfy.model_management
@@ -27,14 +31,18 @@ import folder_paths
 
 from ..nodes import choices, model_folders
 from ..nodes.jedi_checkpoint import comfy_unet_config, convert_keys
+from ..nodes.mesh_views import Correspondences
 from ..nodes.patch_kit import TOKENIZER
-from ..toyworld import base_model
+from ..toyworld import base_model, scene as S
 from .tiny_models import token_ids
 
 SHIPPED = pathlib.Path(__file__).resolve().parent.parent / "toyworld" / "weights" / "toy_sd15.safetensors"
 NAME = "SynCD toy-world model"
 FOLDER = "syncd_toyworld"       # models/syncd_toyworld: toy models of your own reproduce runs
 SHIPPED_CHOICE = "toy_sd15 (shipped)"
+SHIPPED_DEPTH = SHIPPED.with_name("toy_sd15_depth.safetensors")
+SHIPPED_DEPTH_CHOICE = "toy_sd15_depth (shipped)"
+SHIPPED_FILES = {SHIPPED_CHOICE: SHIPPED, SHIPPED_DEPTH_CHOICE: SHIPPED_DEPTH}
 
 
 def register_folder() -> None:
@@ -50,7 +58,8 @@ def available(path=SHIPPED) -> bool:
 
 def build_unet(state: dict, config: dict) -> comfy.model_patcher.ModelPatcher:
     unet_config = comfy_unet_config(config, dtype=torch.float32)
-    model_config = comfy.supported_models.SD15(unet_config)
+    concat = unet_config["in_channels"] == 2 * unet_config["out_channels"]   # depth-conditioned (concat) model
+    model_config = (comfy.supported_models.SD15_instructpix2pix if concat else comfy.supported_models.SD15)(unet_config)
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
     converted = convert_keys(state, unet_config, NAME)
@@ -110,8 +119,8 @@ def load(path=SHIPPED) -> tuple[comfy.model_patcher.ModelPatcher, comfy.sd.CLIP,
 
 
 def model_choices() -> list[str]:
-    """The shipped model (once a full reproduce run has been shipped in ``toyworld/weights``) and the user's."""
-    return ([SHIPPED_CHOICE] if available() else []) + folder_paths.get_filename_list(FOLDER)
+    """The shipped models (text-to-image and depth-conditioned, those in ``toyworld/weights``) and the user's."""
+    return [c for c, path in SHIPPED_FILES.items() if available(path)] + folder_paths.get_filename_list(FOLDER)
 
 
 class SynCDToyWorldModel(io.ComfyNode):
@@ -126,7 +135,9 @@ class SynCDToyWorldModel(io.ComfyNode):
                         "on the toy world's objects: 6 shapes, 6 colours, 3 textures, 6 backgrounds) as MODEL, CLIP "
                         "and VAE, like Load Checkpoint. Any CPU samples it in seconds; prompts read like 'a red "
                         "striped cube on green grass, on the left'. Sample at the size it was trained at: the "
-                        "shipped model 128x128 (Empty Latent Image 128x128), a default-scale reproduce run's 64x64.",
+                        "shipped model 128x128 (Empty Latent Image 128x128), a default-scale reproduce run's 64x64. "
+                        "A depth-conditioned toy model (toy_sd15_depth.safetensors of a reproduce run) takes its "
+                        "depth through InstructPixToPixConditioning (SynCD Toy-World Mesh Views gives the depth).",
             inputs=[
                 io.Combo.Input("model_file", options=model_choices(),
                                tooltip="The shipped model, or a toy_sd15.safetensors of your own run of 'python -m "
@@ -142,7 +153,7 @@ class SynCDToyWorldModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_file: str = SHIPPED_CHOICE) -> io.NodeOutput:
-        path = SHIPPED if model_file == SHIPPED_CHOICE else folder_paths.get_full_path_or_raise(FOLDER, model_file)
+        path = SHIPPED_FILES.get(model_file) or folder_paths.get_full_path_or_raise(FOLDER, model_file)
         return io.NodeOutput(*load(path))
 
 
@@ -165,7 +176,6 @@ def reference_views(shape: str, colour: str, texture: str, views: int, index: in
 class SynCDToyWorldReferences(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from ..toyworld import scene as S
 
         return io.Schema(
             node_id="SynCDToyWorldReferences",
@@ -201,3 +211,55 @@ class SynCDToyWorldReferences(io.ComfyNode):
     def execute(cls, shape: str, colour: str, texture: str, views: int, index: int, size: int,
                 seed: int) -> io.NodeOutput:
         return io.NodeOutput(*reference_views(shape, colour, texture, views, index, size, seed))
+
+
+MESH_VIEWS_NAME = "SynCD Toy-World Mesh Views"
+
+
+def toy_mesh_views(shape: str, views: int, size: int, seed: int):
+    """(depth IMAGE, MASK, correspondences, info) of ``views`` views of a toy solid (``toyworld.views``): what SynCD
+    Mesh Views gives for a mesh, for the toy world's rigid objects."""
+    from ..toyworld import views as V
+
+    scenes = V.view_scenes(V.Identity(shape, "red", "plain"), views=views, seed=seed)
+    render = S.render(scenes, size=size)
+    corr = V.set_correspondences(render)
+    lines = [f"toy {shape}: {views} views at {size}x{size}"]
+    lines += [f"view {i}: elevation {s.elevation:.1f}°, azimuth {s.azimuth:.1f}°, {s.placement}"
+              for i, s in enumerate(scenes)]
+    lines.append("matches: " + ", ".join(f"{a}-{b} {int(r.shape[0])}" for (a, b), r in sorted(corr.pairs.items())))
+    return V.depth_images(render), render.mask.float(), corr, "\n".join(lines)
+
+
+class SynCDToyWorldMeshViews(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SynCDToyWorldMeshViews",
+            display_name=MESH_VIEWS_NAME,
+            category="SynCD/testing",
+            description="SynCD Mesh Views for the toy world's solids: a toy shape seen from views spread around it "
+                        "(azimuths at least 45° apart, the toy world's elevations, scales and positions), as depth "
+                        "for depth conditioning (1/d normalized, gray, as SynCD Mesh Views), exact foreground masks "
+                        "and the cross-view correspondences for SynCD Feature Warp. Feeds a depth-conditioned "
+                        "toy-world model.",
+            inputs=[
+                io.Combo.Input("shape", options=list(S.SHAPES), default="cube", tooltip="The toy solid."),
+                io.Int.Input("views", default=3, min=2, max=8, tooltip="How many views (SynCD's rigid sets: 3)."),
+                io.Int.Input("size", default=128, min=16, max=1024, step=8,
+                             tooltip="Width and height of the depth images and masks (the model's size)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip="Seed of the views' poses and positions."),
+            ],
+            outputs=[io.Image.Output(display_name="depth"), io.Mask.Output(display_name="masks"),
+                     Correspondences.Output(display_name="correspondences"), io.String.Output(display_name="info")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, shape=None):
+        return choices.check(cls, shape=shape)
+
+    @classmethod
+    def execute(cls, shape: str, views: int, size: int, seed: int) -> io.NodeOutput:
+        depth, masks, corr, info = toy_mesh_views(shape, views, size, seed)
+        return io.NodeOutput(depth, masks, corr, info, ui=ui.PreviewText(info))

@@ -72,21 +72,24 @@ TINY_HINT = ("Try it without any download (tiny random models, noise-like images
 TOY_HINT = ("Try it without any download, on the pack's toy-world model (a small SD1.5 trained from scratch on 128 px "
             "toy objects: cubes, spheres, cones... on grass, sand, snow; any CPU, seconds):\n"
             "  python -m comfyui_syncd run workflows/{name} --tiny")
+TOY_DEPTH_HINT = ("Try it without any download, on the pack's depth-conditioned toy-world model (the toy model "
+                  "fine-tuned on 128 px toy renders with their depth; a toy solid's views, from SynCD Toy-World Mesh "
+                  "Views, stand in for the mesh; any CPU, seconds):\n"
+                  "  python -m comfyui_syncd run workflows/{name} --tiny")
 
 
 def with_try_hint(workflow: dict, object_info: dict, name: str) -> dict:
     """The Note's --tiny hint says what --tiny runs the workflow on: the toy-world model where it can."""
-    from comfyui_syncd.client.tiny_swap import TinySwapError
-    from comfyui_syncd.client.toy_swap import toy_swap
+    from comfyui_syncd.client.toy_swap import demo_swap
 
-    try:
-        toy_swap(workflow, object_info)
-    except TinySwapError:
+    _, _, which = demo_swap(workflow, object_info)
+    hint = {"the toy-world model": TOY_HINT, "the depth-conditioned toy-world model": TOY_DEPTH_HINT}.get(which)
+    if hint is None:
         return workflow
     for node in workflow["nodes"]:
         if node["type"] == "Note":
             node["widgets_values"][0] = node["widgets_values"][0].replace(TINY_HINT.format(name=name),
-                                                                          TOY_HINT.format(name=name))
+                                                                          hint.format(name=name))
     return workflow
 
 

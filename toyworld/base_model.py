@@ -103,10 +103,11 @@ def phrasings(scene: S.Scene) -> list[str]:
 
 
 def corpus(folder, count: int, seed: int = CORPUS_SEED, p_empty: float = CORPUS_P_EMPTY, chunk: int = 512,
-           size: int = S.SIZE, workers: int = 1) -> pathlib.Path:
+           size: int = S.SIZE, workers: int = 1, depth: bool = False) -> pathlib.Path:
     """Write ``count`` toy renders (``size`` px) as ``NNNNNN.png`` with ``NNNNNN.txt`` phrasings (one per line) into
-    ``folder``, ``workers`` processes rendering chunks side by side; an existing complete corpus (``corpus.json``
-    with the same settings) is kept."""
+    ``folder``, ``workers`` (forked) processes rendering chunks side by side; with ``depth``, their depth
+    conditioning images (:func:`views.depth_images`) as ``depth/NNNNNN.png``. An existing complete corpus
+    (``corpus.json`` with the same settings) is kept."""
     from concurrent.futures import ProcessPoolExecutor
 
     folder = pathlib.Path(folder)
@@ -114,11 +115,13 @@ def corpus(folder, count: int, seed: int = CORPUS_SEED, p_empty: float = CORPUS_
     wanted = {"count": count, "seed": seed, "p_empty": p_empty, "phrases": [S.BACKGROUND_PHRASES, S.PLACEMENT_PHRASES]}
     if size != S.SIZE:
         wanted["size"] = size
+    if depth:
+        wanted["depth"] = True
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "depth" if depth else folder).mkdir(parents=True, exist_ok=True)
     scenes = S.sample_scenes(count, seed, p_empty=p_empty)
-    jobs = [(folder, scenes[start:start + chunk], start, size) for start in range(0, count, chunk)]
+    jobs = [(folder, scenes[start:start + chunk], start, size, depth) for start in range(0, count, chunk)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(_write_chunk, *zip(*jobs)))
@@ -129,13 +132,19 @@ def corpus(folder, count: int, seed: int = CORPUS_SEED, p_empty: float = CORPUS_
     return folder
 
 
-def _write_chunk(folder: pathlib.Path, scenes, start: int, size: int) -> None:
+def _write_chunk(folder: pathlib.Path, scenes, start: int, size: int, depth: bool = False) -> None:
     from PIL import Image
 
-    for i, (scn, image) in enumerate(zip(scenes, S.render(scenes, size).image)):
+    from .views import depth_images
+
+    render = S.render(scenes, size)
+    depths = depth_images(render) if depth else [None] * len(scenes)
+    for i, (scn, image, depth_image) in enumerate(zip(scenes, render.image, depths)):
         name = f"{start + i:06d}"
         Image.fromarray((image.numpy() * 255).round().astype(np.uint8)).save(folder / f"{name}.png")
         (folder / f"{name}.txt").write_text("\n".join(phrasings(scn)) + "\n")
+        if depth_image is not None:
+            Image.fromarray((depth_image.numpy() * 255).round().astype(np.uint8)).save(folder / "depth" / f"{name}.png")
 
 
 def corpus_masks(count: int, seed: int = CORPUS_SEED, p_empty: float = CORPUS_P_EMPTY, limit: int | None = None,

@@ -17,17 +17,23 @@ the unfinished one from its last checkpoint):
    :data:`sets.CONDITIONS` (MSA off, MSA without masks, MSA with masks); prompts name the shape and a background
    only (:func:`sets.draw_objects`), the attribute reader scores every image (:func:`sets.reader_scores`);
    ``sets/<condition>/`` datasets, ``tables/set_consistency.md`` and a grid per condition.
-8. ``attention_probe`` — how much the base model relies on self-attention: the sets' prompts sampled with
+8. ``depth_model`` — the base model fine-tuned with depth concat conditioning by the text-to-image script, on toy
+   renders with their depth images (:func:`stage_depth_model`); ``depth_model/toy_sd15_depth.safetensors``.
+9. ``rigid_sets`` — the shipped rigid workflow (depth, MSA on the rendered foreground, SynCD Feature Warp) on the
+   depth model, toy solids standing in for meshes (SynCD Toy-World Mesh Views: depth, silhouettes, correspondences),
+   the ``sets`` prompts, per condition of :data:`sets.RIGID_CONDITIONS` (depth only, MSA without masks, MSA with
+   masks, MSA + warping); ``rigid_sets/<condition>/``, ``tables/rigid_set_consistency.md`` and grids.
+10. ``attention_probe`` — how much the base model relies on self-attention: the sets' prompts sampled with
    self-attention as trained, shared across each set, and zeroed (:class:`sets.SelfAttentionProbe`);
    ``tables/attention_probe.md`` and a grid.
-9. ``jedi_inpainting`` — the shipped JeDi inpainting workflow, toy-swapped onto the run's model, on the held-out
+11. ``jedi_inpainting`` — the shipped JeDi inpainting workflow, toy-swapped onto the run's model, on the held-out
    objects with their rendered views as references, coupled and uncoupled (:mod:`comfyui_syncd.toyworld.inpainting`);
    ``tables/jedi_inpainting.md`` and a grid.
-10. ``customize`` — the SynCD customization model trained on the MSA sets and on the no-MSA sets, and a JeDi model
+12. ``customize`` — the SynCD customization model trained on the MSA sets and on the no-MSA sets, and a JeDi model
    on the MSA sets, by the pack's training scripts (:mod:`comfyui_syncd.toyworld.customization`).
-11. ``customize_eval`` — held-out objects with 1 and 3 rendered references: identity, prompt following and
+13. ``customize_eval`` — held-out objects with 1 and 3 rendered references: identity, prompt following and
    overexposure per method (:data:`customization.METHODS`); ``tables/customization.md`` and a grid.
-12. ``dci`` — DCI/ICO: an ICO concept per held-out object and reference count (the pack's ICO script), then the
+14. ``dci`` — DCI/ICO: an ICO concept per held-out object and reference count (the pack's ICO script), then the
     shipped DCI λ-sweep workflow, toy-swapped, on an embedded ComfyUI (:mod:`comfyui_syncd.toyworld.concepts`);
     ``tables/dci.md`` and a grid.
 
@@ -50,8 +56,8 @@ import torch
 
 from . import base_model as B, reader as R, scene as S
 
-STAGES = ("corpus", "vae", "base_init", "text_to_image", "export", "base_eval", "sets", "attention_probe",
-          "jedi_inpainting", "customize", "customize_eval", "dci")
+STAGES = ("corpus", "vae", "base_init", "text_to_image", "export", "base_eval", "sets", "depth_model", "rigid_sets",
+          "attention_probe", "jedi_inpainting", "customize", "customize_eval", "dci")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +77,18 @@ class Scale:
     custom_eval: int = 18
     dci_objects: int = 18
     ico_steps: int = 300
+    depth_images: int = 8000
+    depth_steps: int = 600
+    depth_batch: int = 32
     size: int = S.SIZE
 
 
 FULL = Scale()
 QUICK = Scale(corpus=64, vae_images=64, vae_steps=10, vae_batch=4, t2i_steps=10, t2i_batch=4, eval_images=6,
               sample_steps=3, sets=2, custom_steps=3, custom_batch=2, custom_eval=2, dci_objects=1,
-              ico_steps=2)
-LARGE = Scale(size=128, vae_steps=3000, t2i_steps=5500, t2i_batch=64, sets=48,
-              dci_objects=9)  # for a GPU; the shipped toyworld/weights/toy_sd15.safetensors
+              ico_steps=2, depth_images=16, depth_steps=3, depth_batch=2)
+LARGE = Scale(size=128, vae_steps=3000, t2i_steps=5500, t2i_batch=64, sets=48, dci_objects=9,
+              depth_steps=300, depth_batch=16)  # for a GPU; the shipped toyworld/weights/toy_sd15(_depth).safetensors
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EVAL_SEED = 2_000_003
 SETS_SEED = 3_000_017
@@ -114,6 +123,11 @@ class Stages:
     def model(self) -> pathlib.Path:
         """The run's exported toy model file (stage ``export``)."""
         return self.dir("export") / "toy_sd15.safetensors"
+
+    @property
+    def depth_model(self) -> pathlib.Path:
+        """The run's depth-conditioned toy model file (stage ``depth_model``)."""
+        return self.dir("depth_model") / "toy_sd15_depth.safetensors"
 
     def write_table(self, name: str, caption: str, table: list[str]) -> None:
         """``tables/<name>.md``: the caption, then the markdown table."""
@@ -195,6 +209,37 @@ def stage_export(st: Stages) -> dict:
     return {"file": str(path), "megabytes": round(path.stat().st_size / 2 ** 20, 2)}
 
 
+DEPTH_CORPUS_SEED = 11
+
+
+def stage_depth_model(st: Stages) -> dict:
+    """The base model fine-tuned with depth concat conditioning by the text-to-image script (its
+    ``data.conditioning_dir``: InstructPix2Pix's recipe, ComfyUI's SD1.5 instruct-pix2pix layout), on toy renders
+    with their depth images; the text encoder stays the base model's. Exported as ``toy_sd15_depth.safetensors``."""
+    from ..training import loop, models, text_to_image as T
+
+    folder = st.dir("depth_model")
+    # rendered in this process: forking after earlier stages started torch's threads can hang the workers
+    corpus = B.corpus(folder / "corpus", st.scale.depth_images, seed=DEPTH_CORPUS_SEED, size=st.scale.size,
+                      depth=True)
+    cfg = T.TextToImageConfig(
+        model=T.ModelConfig(path=str(st.dir("text_to_image") / "pipeline")),
+        data=T.DataConfig(dir=str(corpus), conditioning_dir=str(corpus / "depth"), resolution=st.scale.size),
+        train=T.TrainConfig(output_dir=str(folder / "train"), max_steps=st.scale.depth_steps,
+                            batch_size=st.scale.depth_batch, learning_rate=2e-4,
+                            lr_warmup_steps=min(50, st.scale.depth_steps // 5),
+                            checkpoint_every=min(100, st.scale.depth_steps), tensorboard=False))
+    T.train(T.prepare(cfg), progress=st.progress)
+    losses = loop.read_losses(folder / "train")
+    last = [losses[s] for s in sorted(losses)[-50:]]
+    parts = models.load(folder / "train" / "pipeline")
+    info = {"depth_model": {"images": st.scale.depth_images, "steps": len(losses)},
+            "scale": dataclasses.asdict(st.scale)}
+    path = B.export_file(st.depth_model, parts.vae, parts.unet, parts.text_encoders[0], info)
+    return {"steps": len(losses), "final_loss_mean_last_50": round(sum(last) / len(last), 4), "file": str(path),
+            "megabytes": round(path.stat().st_size / 2 ** 20, 2)}
+
+
 def load_base(st: Stages):
     """The trained text-to-image model's parts, on :data:`DEVICE`."""
     from ..training import models
@@ -261,14 +306,69 @@ def stage_base_eval(st: Stages) -> dict:
             "rendered": {k: round(v, 4) for k, v in rendered.items()}}
 
 
-def run_model_server(st: Stages, folder):
-    """An embedded ComfyUI whose SynCD Toy-World Model lists the run's exported model (``extra_model_paths.yaml``
-    written to ``folder``)."""
+def run_model_server(st: Stages, folder, models=None):
+    """An embedded ComfyUI whose SynCD Toy-World Model lists the files of the folder ``models`` (default: the run's
+    exported model's) (``extra_model_paths.yaml`` written to ``folder``)."""
     from ..client.embedded import EmbeddedServer, extra_model_paths
 
-    paths = extra_model_paths(folder / "extra_model_paths.yaml", "toyworld_run", st.model.parent,
+    paths = extra_model_paths(folder / "extra_model_paths.yaml", "toyworld_run", models or st.model.parent,
                               {"syncd_toyworld": "."})
     return EmbeddedServer(extra_args=["--extra-model-paths-config", str(paths)])
+
+
+def generate_sets(st: Stages, stage: str, server_url: str, objects, workflows: dict, per_object=None,
+                  depth_masks: bool = False) -> dict:
+    """Each condition's data set (``workflows``: condition -> workflow) generated by the data-generation driver
+    into ``<stage>/<condition>/`` (resumable), scored by the attribute reader, with a grid; ``per_object(workflow,
+    spec)`` gives an object its own copy of the workflow. Returns condition -> consistency figures."""
+    from ..datagen import driver
+    from . import sets
+
+    folder, figures = st.dir(stage), {}
+    for condition, workflow in workflows.items():
+        writer = driver.Writer(folder / condition, sets.reader_scores, full_prompts=True)
+        todo = [o for o in objects if not writer.has(o)]
+        print(f"[{stage}] {condition}: {len(objects) - len(todo)} sets done earlier, {len(todo)} to generate",
+              flush=True)
+        bar = driver.progress_bar(len(todo)) if st.progress else None
+        batches = [[o] for o in todo] if per_object else [todo]
+        for batch in batches:
+            chosen = per_object(workflow, batch[0]) if per_object else workflow
+            driver.run_on_servers([server_url], batch, {o.kind: chosen for o in batch}, writer, SETS_SEED, False, 1,
+                                  None, progress=bar)
+        if bar is not None:
+            bar(None)
+        if writer.failed:
+            raise RuntimeError(f"{condition}: {len(writer.failed)} sets failed, e.g. "
+                               f"{next(iter(writer.failed.items()))}")
+        figures[condition] = {k: round(v, 4) for k, v in
+                              sets.dataset_consistency(folder / condition, depth_masks).items()}
+        sets_grid(folder / condition, folder / f"{condition}.png")
+    return figures
+
+
+def write_sets_table(st: Stages, name: str, figures: dict, descriptions: dict, what: str) -> None:
+    """``tables/<name>.md``: set consistency per condition (SynCD Table 4's ablation at toy scale)."""
+    from . import sets
+
+    depth = all("placement_follows_depth" in f for f in figures.values())
+    table = ["| data generation | sets | consistent sets (shape, colour, texture all agree) | shape | colour | "
+             "texture | shape follows prompt | background follows prompt | "
+             + ("placement follows depth | object colour distance to the anchor view (0–255) | " if depth else "")
+             + "sets the reader filter keeps |",
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if depth else "") + "---|"]
+    for condition, f in figures.items():
+        table.append(f"| {condition}: {descriptions[condition]} | {f['sets']} | {100 * f['all']:.1f}% | "
+                     f"{100 * f['shape']:.1f}% | {100 * f['colour']:.1f}% | {100 * f['texture']:.1f}% | "
+                     f"{100 * f['shape_follows_prompt']:.1f}% | {100 * f['background_follows_prompt']:.1f}% | "
+                     + (f"{100 * f['placement_follows_depth']:.1f}% | {f['colour_distance_to_anchor']:.1f} | "
+                        if depth else "")
+                     + f"{100 * f['sets_kept_by_filter']:.1f}% |")
+    st.write_table(name, (
+        f"Set consistency of toy-world data generation, {what} ({st.scale.sets} sets of {sets.SET_SIZE} per "
+        f"condition, the same seeds; the shipped workflow's euler sampler, {st.scale.sample_steps} steps, cfg "
+        f"{st.scale.guidance}; attribute reader). Reference: the reader finds 83% of true multi-view toy sets "
+        "consistent."), table)
 
 
 def stage_sets(st: Stages) -> dict:
@@ -277,43 +377,45 @@ def stage_sets(st: Stages) -> dict:
     from ..datagen import driver
     from . import sets
 
-    folder, model = st.dir("sets"), st.model
+    folder = st.dir("sets")
     folder.mkdir(parents=True, exist_ok=True)
     objects = driver.read_prompts(sets.prompts_file(folder / "prompts.jsonl", st.scale.sets, SETS_SEED))
     base = json.loads(driver.DEFAULT_WORKFLOWS["deformable"].read_text())
-    figures = {}
     with run_model_server(st, folder) as server:
         object_info = ComfyClient(server.url).object_info()
-        swapped, _ = toy_swap(base, object_info, model_file=model.name, steps=st.scale.sample_steps,
+        swapped, _ = toy_swap(base, object_info, model_file=st.model.name, steps=st.scale.sample_steps,
                               cfg=st.scale.guidance, size=st.scale.size)
-        for condition in sets.CONDITIONS:
-            workflow = sets.condition_workflow(swapped, condition, object_info)
-            writer = driver.Writer(folder / condition, sets.reader_scores, full_prompts=True)
-            todo = [o for o in objects if not writer.has(o)]
-            print(f"[sets] {condition}: {len(objects) - len(todo)} sets done earlier, {len(todo)} to generate",
-                  flush=True)
-            bar = driver.progress_bar(len(todo)) if st.progress else None
-            driver.run_on_servers([server.url], todo, {"deformable": workflow}, writer, SETS_SEED, False, 1, None,
-                                  progress=bar)
-            if bar is not None:
-                bar(None)
-            if writer.failed:
-                raise RuntimeError(f"{condition}: {len(writer.failed)} sets failed, e.g. "
-                                   f"{next(iter(writer.failed.items()))}")
-            figures[condition] = {k: round(v, 4) for k, v in sets.dataset_consistency(folder / condition).items()}
-            sets_grid(folder / condition, folder / f"{condition}.png")
-    table = ["| data generation | sets | consistent sets (shape, colour, texture all agree) | shape | colour | "
-             "texture | shape follows prompt | background follows prompt | sets the reader filter keeps |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for condition, f in figures.items():
-        table.append(f"| {condition}: {sets.CONDITIONS[condition]} | {f['sets']} | {100 * f['all']:.1f}% | "
-                     f"{100 * f['shape']:.1f}% | {100 * f['colour']:.1f}% | {100 * f['texture']:.1f}% | "
-                     f"{100 * f['shape_follows_prompt']:.1f}% | {100 * f['background_follows_prompt']:.1f}% | "
-                     f"{100 * f['sets_kept_by_filter']:.1f}% |")
-    st.write_table("set_consistency", (
-        f"Set consistency of toy-world data generation ({st.scale.sets} sets of {sets.SET_SIZE} per condition, the "
-        f"same seeds; the shipped workflow's euler sampler, {st.scale.sample_steps} steps, cfg {st.scale.guidance}; attribute reader). "
-        "Reference: the reader finds 83% of true multi-view toy sets consistent."), table)
+        workflows = {c: sets.condition_workflow(swapped, c, object_info) for c in sets.CONDITIONS}
+        figures = generate_sets(st, "sets", server.url, objects, workflows)
+    write_sets_table(st, "set_consistency", figures, sets.CONDITIONS,
+                     "deformable-style (the shipped deformable workflow on the base model)")
+    return figures
+
+
+def stage_rigid_sets(st: Stages) -> dict:
+    """The shipped rigid workflow (depth, MSA on the rendered foreground, feature warping) on the run's
+    depth-conditioned model, toy solids for meshes, the ``sets`` stage's prompts, per :data:`sets.RIGID_CONDITIONS`."""
+    from ..client.api import ComfyClient
+    from ..client.toy_swap import toy_swap
+    from ..datagen import driver
+    from . import sets
+
+    folder = st.dir("rigid_sets")
+    folder.mkdir(parents=True, exist_ok=True)
+    objects = driver.read_prompts(sets.prompts_file(folder / "prompts.jsonl", st.scale.sets, SETS_SEED))
+    base = json.loads(driver.DEFAULT_WORKFLOWS["rigid"].read_text())
+    with run_model_server(st, folder, st.depth_model.parent) as server:
+        object_info = ComfyClient(server.url).object_info()
+        swapped, _ = toy_swap(base, object_info, model_file=st.depth_model.name, steps=st.scale.sample_steps,
+                              cfg=st.scale.guidance, size=st.scale.size, depth=True)
+        workflows = {c: sets.rigid_condition_workflow(swapped, c, object_info) for c in sets.RIGID_CONDITIONS}
+        figures = generate_sets(st, "rigid_sets", server.url, objects, workflows,
+                                per_object=lambda w, spec: sets.solid_workflow(
+                                    w, spec.category, driver.object_seed(SETS_SEED, spec.object_id), object_info),
+                                depth_masks=True)
+    write_sets_table(st, "rigid_set_consistency", figures, sets.RIGID_CONDITIONS,
+                     "rigid-style (the shipped rigid workflow on the depth-conditioned model, toy solids' depth, "
+                     "masks and correspondences)")
     return figures
 
 
@@ -590,6 +692,7 @@ def reproduce(out, quick: bool = False, progress: bool = True, until: str | None
              "vae": lambda: stage_vae(st), "base_init": lambda: stage_base_init(st),
              "text_to_image": lambda: stage_text_to_image(st), "export": lambda: stage_export(st),
              "base_eval": lambda: stage_base_eval(st), "sets": lambda: stage_sets(st),
+             "depth_model": lambda: stage_depth_model(st), "rigid_sets": lambda: stage_rigid_sets(st),
              "attention_probe": lambda: stage_attention_probe(st),
              "jedi_inpainting": lambda: stage_jedi_inpainting(st),
              "customize": lambda: stage_customize(st), "customize_eval": lambda: stage_customize_eval(st),

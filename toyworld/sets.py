@@ -104,6 +104,57 @@ def condition_workflow(workflow: dict, condition: str, object_info: dict) -> dic
     return workflow
 
 
+RIGID_CONDITIONS = {
+    "depth_only": "depth-conditioned; each image attends only to itself (images_per_subject 1), no warping",
+    "depth_msa_no_masks": "depth; the 3 images share all their tokens (mask_mode none), no warping",
+    "depth_msa_masks": "depth; the 3 images share their rendered foreground (SynCD's rigid MSA), no warping",
+    "depth_msa_masks_warp": "depth; MSA on the rendered foreground and the anchor view's latents warped into the "
+                            "others while σ̂ > 0.8 (SynCD's rigid pipeline, as shipped)",
+}
+WARP_NODE, SOLID_NODE = "SynCDFeatureWarp", "SynCDToyWorldMeshViews"
+
+
+def _one(workflow: dict, kind: str) -> dict:
+    found = [n for n in workflow["nodes"] if n.get("type") == kind]
+    if len(found) != 1:
+        raise ValueError(f"expected one {kind} node, found {len(found)}")
+    return found[0]
+
+
+def rigid_condition_workflow(workflow: dict, condition: str, object_info: dict) -> dict:
+    """A copy of the toy-swapped rigid data-generation workflow set to ``condition`` of :data:`RIGID_CONDITIONS`
+    (warping off = SynCD Feature Warp bypassed)."""
+    import copy
+
+    from ..client.ui_graph import set_widget
+
+    if condition not in RIGID_CONDITIONS:
+        raise ValueError(f"condition {condition!r}: expected one of {', '.join(RIGID_CONDITIONS)}")
+    workflow = copy.deepcopy(workflow)
+    shared, node_def = _one(workflow, "SynCDSharedAttention"), object_info["SynCDSharedAttention"]
+    set_widget(shared, node_def, "images_per_subject", 1 if condition == "depth_only" else SET_SIZE)
+    set_widget(shared, node_def, "mask_mode", "none" if condition == "depth_msa_no_masks" else "foreground_masks")
+    warp = _one(workflow, WARP_NODE)
+    if condition == "depth_msa_masks_warp":
+        set_widget(warp, object_info[WARP_NODE], "images_per_object", SET_SIZE)
+    else:
+        warp["mode"] = 4  # bypassed: the model passes through unwarped
+    return workflow
+
+
+def solid_workflow(workflow: dict, shape: str, seed: int, object_info: dict) -> dict:
+    """A copy of a rigid workflow whose SynCD Toy-World Mesh Views renders ``shape`` with pose seed ``seed``."""
+    import copy
+
+    from ..client.ui_graph import set_widget
+
+    workflow = copy.deepcopy(workflow)
+    node = _one(workflow, SOLID_NODE)
+    set_widget(node, object_info[SOLID_NODE], "shape", shape)
+    set_widget(node, object_info[SOLID_NODE], "seed", seed % 2 ** 31)
+    return workflow
+
+
 def reader_scores(images, masks=None):
     """The data-generation driver's filter with the attribute reader as the toy world's DINOv2 and aesthetic
     scorer: every image is kept and scored, "aesthetics" 1 where an object is read (0 elsewhere) and the pair
@@ -129,10 +180,30 @@ def background_of(prompt: str) -> str | None:
     return next((b for b, phrase in S.BACKGROUND_PHRASES.items() if prompt.endswith(" " + phrase)), None)
 
 
-def dataset_consistency(root) -> dict:
+def placement_of_mask(mask: np.ndarray) -> str | None:
+    """The placement whose centre is nearest the mask's centroid (None for an empty mask)."""
+    cols = np.nonzero(mask > 0.5)[1]
+    if cols.size == 0:
+        return None
+    x = (cols.mean() + 0.5) / mask.shape[1]
+    return min(S.PLACEMENTS, key=lambda p: abs(sum(S.PLACEMENT_X[p]) / 2 - x))
+
+
+def anchor_colour_distance(images, silhouettes) -> float | None:
+    """Mean over a rigid set's other views of the mean absolute difference (0–255 levels, averaged over RGB) between
+    the view's mean colour inside its silhouette and the anchor's (the last view, which SynCD's warping copies
+    from); None when a silhouette is empty."""
+    if any(not m.any() for m in silhouettes):
+        return None
+    colours = [image[m].mean(0) * 255 for image, m in zip(images, silhouettes)]
+    return float(np.mean([np.abs(c - colours[-1]).mean() for c in colours[:-1]]))
+
+
+def dataset_consistency(root, depth_masks: bool = False) -> dict:
     """Set consistency (:func:`set_consistency`) of a generated dataset folder, with prompt following (the read
     shape is the object's category, the read background the prompt's) and the share of sets the score filter
-    keeps whole."""
+    keeps whole; ``depth_masks`` (the masks are the rendered silhouettes the images were depth-conditioned on):
+    also how often the read placement is the silhouette's, and :func:`anchor_colour_distance` averaged over sets."""
     import torch
     from PIL import Image
 
@@ -142,11 +213,15 @@ def dataset_consistency(root) -> dict:
     records = dataset_format.read_dataset(root)
     if not records:
         raise ValueError(f"{root}: no generated sets")
-    images, backgrounds, categories = [], [], []
+    images, backgrounds, categories, placements, distances = [], [], [], [], []
     for record in records:
         if len(record.images) != SET_SIZE:
             raise ValueError(f"{root}: object {record.object_id} has {len(record.images)} images, not {SET_SIZE}")
         images += [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0 for p in record.images]
+        if depth_masks:
+            silhouettes = [np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255.0 > 0.5 for p in record.masks]
+            placements += [placement_of_mask(m) for m in silhouettes]
+            distances.append(anchor_colour_distance(images[-SET_SIZE:], silhouettes))
         backgrounds += [background_of(prompt) for prompt in record.prompts]
         categories += [record.category] * SET_SIZE
     reading = R.read(torch.from_numpy(np.stack(images)))
@@ -155,6 +230,11 @@ def dataset_consistency(root) -> dict:
     out["shape_follows_prompt"] = sum(reading.labels["shape"][i] == c for i, c in enumerate(categories)) / len(images)
     out["background_follows_prompt"] = sum(reading.labels["background"][i] == b
                                            for i, b in enumerate(backgrounds)) / len(images)
+    if depth_masks:
+        out["placement_follows_depth"] = sum(reading.labels["placement"][i] == p
+                                             for i, p in enumerate(placements)) / len(images)
+        measured = [d for d in distances if d is not None]
+        out["colour_distance_to_anchor"] = float(np.mean(measured)) if measured else float("nan")
     kept = dataset_format.read_dataset(root, min_aesthetics=0.5, min_dino=0.98)
     out["sets_kept_by_filter"] = len(kept) / len(records)
     out["sets"] = len(records)

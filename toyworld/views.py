@@ -5,7 +5,8 @@ around the object (at least ``min_azimuth_gap`` degrees apart), with fresh eleva
 in one scene (``same_scene=True``: one background and placement for every view, as SynCD's rigid sets) or each
 view in its own random scene (deformable-style sets: new backgrounds and placements). Because textures are solid,
 the same surface point carries the same colour in every view; :func:`correspondences` lists the pixels two views
-share, in the pack's correspondence convention (``core/correspondence_format.py``).
+share, in the pack's correspondence convention (``core/correspondence_format.py``); :func:`depth_images` and
+:func:`set_correspondences` give what SynCD Mesh Views gives for a mesh (the toy world's rigid-object inputs).
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import itertools
 import numpy as np
 import torch
 
+from ..core.correspondence_format import Correspondences
+from ..core.mesh_views import depth_for_conditioning
 from . import scene as S
+
+CAMERA_DISTANCE = 3 * S.BOUND  # a virtual eye this far in front of the object's centre turns depth into 1/d
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -132,3 +137,18 @@ def correspondences(render: S.Render, a: int, b: int, tolerance_px: float = 1.0)
     rows = torch.stack([ra[seen], ca[seen], rb[seen], cb[seen]], -1).float()
     return torch.stack([(2 * rows[:, 0] + 1) / h - 1, (2 * rows[:, 1] + 1) / w - 1,
                         (2 * rows[:, 2] + 1) / h - 1, (2 * rows[:, 3] + 1) / w - 1], -1)
+
+
+def depth_images(render: S.Render) -> torch.Tensor:
+    """(B, H, W, 3) depth conditioning images in SynCD Mesh Views' convention (upstream's ``get_depth``: 1/d,
+    normalized by its maximum, background 0), d measured from a virtual eye :data:`CAMERA_DISTANCE` in front of
+    the object's centre (the renderer's camera is orthographic)."""
+    d = torch.where(render.mask, render.depth + CAMERA_DISTANCE, torch.zeros_like(render.depth))
+    return depth_for_conditioning(d)
+
+
+def set_correspondences(render: S.Render) -> Correspondences:
+    """Every pair of a multi-view set's :func:`correspondences`, on the render's pixel grid."""
+    views, h, w = render.mask.shape
+    pairs = {(a, b): correspondences(render, a, b) for a, b in itertools.combinations(range(views), 2)}
+    return Correspondences(views=views, size=(h, w), pairs=pairs)

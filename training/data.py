@@ -1,7 +1,8 @@
 """Image folders for fine-tuning: images with optional captions and masks, square crops, flips.
 
 A folder holds the images; a caption is the text file of the same stem beside the image (``dog1.jpg`` +
-``dog1.txt``); a mask is the image of the same stem in a separate mask folder (white = subject). Preprocessing is
+``dog1.txt``); a mask is the image of the same stem in a separate mask folder (white = subject); a conditioning
+image (a depth map, for a concat-conditioned model) is the image of the same stem in its own folder. Preprocessing is
 upstream Custom Diffusion / DCI_ICO's (``src/finetune_data.py``): centre square crop, horizontal flip, bicubic
 resize to the training resolution.
 
@@ -27,24 +28,35 @@ class Record:
     image: pathlib.Path
     caption: Optional[str] = None
     mask: Optional[pathlib.Path] = None
+    conditioning: Optional[pathlib.Path] = None
 
 
-def list_images(folder, masks=None, need_captions: bool = False, default_caption: Optional[str] = None) \
-        -> list[Record]:
+def _by_stem(folder, what: str) -> dict:
+    """stem -> image file of a companion folder (masks, conditioning images)."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} folder {folder} does not exist")
+    return {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def _companion(files: dict, folder, path: pathlib.Path, what: str) -> pathlib.Path:
+    if path.stem not in files:
+        raise FileNotFoundError(f"{path.name} has no {what} in {folder} (a {what} has the image's name)")
+    return files[path.stem]
+
+
+def list_images(folder, masks=None, need_captions: bool = False, default_caption: Optional[str] = None,
+                conditioning=None) -> list[Record]:
     """The images of ``folder`` in name order with their captions (``<stem>.txt``, else ``default_caption``)
-    and, with a ``masks`` folder, their masks (every image needs one)."""
+    and, with a ``masks`` / ``conditioning`` folder, their masks / conditioning images (every image needs one)."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    mask_files = {}
-    if masks is not None:
-        masks = pathlib.Path(masks)
-        if not masks.is_dir():
-            raise FileNotFoundError(f"mask folder {masks} does not exist")
-        mask_files = {p.stem: p for p in masks.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    mask_files = _by_stem(masks, "mask") if masks is not None else None
+    cond_files = _by_stem(conditioning, "conditioning image") if conditioning is not None else None
     records = []
     for path in images:
         text = path.with_suffix(".txt")
@@ -52,12 +64,10 @@ def list_images(folder, masks=None, need_captions: bool = False, default_caption
         if need_captions and not caption:
             raise ValueError(f"{path} has no caption: write it to {text.name} beside the image, or set a default "
                              f"caption")
-        mask = None
-        if masks is not None:
-            mask = mask_files.get(path.stem)
-            if mask is None:
-                raise FileNotFoundError(f"{path.name} has no mask in {masks} (a mask has the image's name)")
-        records.append(Record(path, caption, mask))
+        mask = _companion(mask_files, masks, path, "mask") if mask_files is not None else None
+        cond = (_companion(cond_files, conditioning, path, "conditioning image") if cond_files is not None
+                else None)
+        records.append(Record(path, caption, mask, cond))
     return records
 
 
@@ -68,34 +78,43 @@ def square_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def load_example(record: Record, resolution: int, flip: bool) -> dict:
-    """One preprocessed example: ``pixel_values`` (3, R, R) in [-1, 1], ``mask`` (1, R, R) in [0, 1] when the
-    record has one, ``caption``, and SDXL's size conditioning: ``original_size`` (h, w) of the file and
-    ``crop_top_left`` of the centre crop in the image resized so that its short side is R."""
-    with Image.open(record.image) as im:
-        image = im.convert("RGB")
-    width, height = image.size
-    box = square_crop_box(width, height)
+def _load_view(path, mode: str, box, flip: bool, resolution: int, resample, size=None, what: str = "image"):
+    """One file of an example, square-cropped to ``box``, flipped, resized: a PIL image in ``mode``."""
+    with Image.open(path) as im:
+        image = im.convert(mode)
+    if size is not None and image.size != size:
+        raise ValueError(f"{what} {path} is {image.size[0]}x{image.size[1]} but its image is {size[0]}x{size[1]}")
     image = image.crop(box)
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    image = image.resize((resolution, resolution), resample=Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    return image.resize((resolution, resolution), resample=resample)
+
+
+def _to_pixels(image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def load_example(record: Record, resolution: int, flip: bool) -> dict:
+    """One preprocessed example: ``pixel_values`` (3, R, R) in [-1, 1], ``mask`` (1, R, R) in [0, 1] and
+    ``conditioning_pixel_values`` (3, R, R) in [-1, 1] when the record has them (same crop and flip), ``caption``,
+    and SDXL's size conditioning: ``original_size`` (h, w) of the file and ``crop_top_left`` of the centre crop in
+    the image resized so that its short side is R."""
+    with Image.open(record.image) as im:
+        width, height = im.size
+    box = square_crop_box(width, height)
+    bicubic = Image.Resampling.BICUBIC
+    pixels = _to_pixels(_load_view(record.image, "RGB", box, flip, resolution, bicubic))
     scale = resolution / min(width, height)
     crop_top_left = (round(box[1] * scale), round(box[0] * scale))
     example = {"pixel_values": pixels, "caption": record.caption, "original_size": (height, width),
                "crop_top_left": crop_top_left}
     if record.mask is not None:
-        with Image.open(record.mask) as im:
-            mask = im.convert("L")
-        if mask.size != (width, height):
-            raise ValueError(f"mask {record.mask} is {mask.size[0]}x{mask.size[1]} but its image is "
-                             f"{width}x{height}")
-        mask = mask.crop(box)
-        if flip:
-            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        mask = mask.resize((resolution, resolution), resample=Image.Resampling.BILINEAR)
+        mask = _load_view(record.mask, "L", box, flip, resolution, Image.Resampling.BILINEAR, (width, height), "mask")
         example["mask"] = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0).unsqueeze(0)
+    if record.conditioning is not None:
+        example["conditioning_pixel_values"] = _to_pixels(_load_view(
+            record.conditioning, "RGB", box, flip, resolution, bicubic, (width, height), "conditioning image"))
     return example
 
 

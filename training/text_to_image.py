@@ -10,6 +10,11 @@ What is trained:
   phrasings of its image, one per line (``data.caption: random_line`` draws one per sample, ``first_line`` always
   takes the first); ``data.drop_text`` empties the caption (classifier-free guidance); centre square crop, resize to
   ``data.resolution``, horizontal flips with ``data.flip_p`` (0 by default: captions may name left and right).
+* **Concat conditioning** (``data.conditioning_dir``: a folder of conditioning images, e.g. depth maps, with the
+  images' names): the InstructPix2Pix recipe (Brooks et al. 2023; diffusers' ``train_instruct_pix2pix.py``), the
+  layout of ComfyUI's SD1.5 instruct-pix2pix model that ``InstructPixToPixConditioning`` feeds: the UNet's input is
+  the noisy latent concatenated with the conditioning image's VAE latent (the posterior mode, unscaled); a
+  text-to-image UNet gets the extra input channels with zero weights, so it starts as the model it was.
 * **Noise**: ε-prediction with the model's DDPM schedule, t ~ U{0..999} per image (Ho et al. 2020; Rombach et al.
   2022); the loss is the MSE of the predicted noise.
 * **Trained**: every UNet weight (AdamW, ``train.learning_rate`` with a linear warm-up of ``lr_warmup_steps``);
@@ -45,6 +50,7 @@ class ModelConfig:
 @dataclasses.dataclass
 class DataConfig:
     dir: str                                     # images + <stem>.txt captions
+    conditioning_dir: Optional[str] = None       # conditioning images of the same names (concat conditioning)
     resolution: int = 512
     caption: Literal["random_line", "first_line"] = "random_line"
     drop_text: float = 0.1
@@ -91,11 +97,30 @@ class TextToImageModel(torch.nn.Module):
         super().__init__()
         self.unet, self.text_encoder, self.scheduler = unet, text_encoder, scheduler
 
-    def forward(self, latents, noise, timesteps, ids):
+    def forward(self, latents, noise, timesteps, ids, conditioning=None):
         context = self.text_encoder(input_ids=ids)[0]   # SD1.5: the final-layer-normed last hidden state
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        if conditioning is not None:
+            noisy = torch.cat([noisy, conditioning], 1)
         pred = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
         return F.mse_loss(pred.float(), noise.float())
+
+
+def widen_input(unet, channels: int) -> None:
+    """Give ``unet`` ``channels`` input channels, the new ones with zero weights (InstructPix2Pix's initialisation:
+    the model's output is unchanged until training uses them); a UNet that has them already is left as it is."""
+    conv = unet.conv_in
+    if conv.in_channels == channels:
+        return
+    if conv.in_channels > channels:
+        raise ValueError(f"the UNet takes {conv.in_channels} input channels; concat conditioning needs {channels}")
+    wide = torch.nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding)
+    with torch.no_grad():
+        wide.weight.zero_()
+        wide.weight[:, :conv.in_channels] = conv.weight
+        wide.bias.copy_(conv.bias)
+    unet.conv_in = wide
+    unet.register_to_config(in_channels=channels)
 
 
 def prepare(cfg: TextToImageConfig, resume="auto") -> loop.Run:
@@ -110,8 +135,10 @@ def prepare(cfg: TextToImageConfig, resume="auto") -> loop.Run:
     factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     if cfg.data.resolution % factor:
         raise config_mod.ConfigError(f"data.resolution: a multiple of {factor} (the VAE's downscale)")
-    records = data.list_images(cfg.data.dir, need_captions=True)
+    records = data.list_images(cfg.data.dir, need_captions=True, conditioning=cfg.data.conditioning_dir)
     unet, text_encoder = parts.unet, parts.text_encoders[0]
+    if cfg.data.conditioning_dir:
+        widen_input(unet, 2 * parts.vae.config.latent_channels)
     unet.requires_grad_(True).train()
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -140,17 +167,22 @@ def loader(run: loop.Run):
 
 
 def model_inputs(run: loop.Run, batch: dict, gen) -> dict:
-    """Latents (a VAE posterior sample), noise, timesteps and token ids of one micro-batch."""
+    """Latents (a VAE posterior sample), noise, timesteps and token ids of one micro-batch, and with concat
+    conditioning the conditioning images' latents (posterior mode, unscaled: InstructPix2Pix's, ComfyUI's)."""
     device, vae, d = run.accelerator.device, run.parts.vae, run.cfg.data
+    extra = {}
     with torch.no_grad():
         pixels = batch["pixel_values"].to(device, dtype=vae.dtype)
         latents = vae.encode(pixels).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+        if "conditioning_pixel_values" in batch:
+            cond = batch["conditioning_pixel_values"].to(device, dtype=vae.dtype)
+            extra["conditioning"] = vae.encode(cond).latent_dist.mode().float()
     captions = [pick_caption(c, d.caption, d.drop_text, gen) for c in batch["caption"]]
     noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
     timesteps = torch.randint(0, run.core.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen,
                               device=device)
     ids = models.tokenize(run.parts.tokenizers[0], captions).to(device)
-    return {"latents": latents.float(), "noise": noise.float(), "timesteps": timesteps, "ids": ids}
+    return {"latents": latents.float(), "noise": noise.float(), "timesteps": timesteps, "ids": ids, **extra}
 
 
 def train_step(run: loop.Run, batches) -> float:

@@ -120,3 +120,60 @@ def test_toy_world_references_node_renders_one_object_in_several_views():
     with pytest.raises(ValueError, match="view index 3 does not exist"):
         SynCDToyWorldReferences.execute("cone", "blue", "dotted", 3, 3, 64, 5)
     assert SynCDToyWorldReferences.validate_inputs(shape="pyramid", colour="blue", texture="plain") is not True
+
+
+def test_a_depth_conditioned_file_loads_as_comfys_instruct_pix2pix_sd15():
+    """The concat layout the text-to-image script trains (noisy latent, then the depth image's unscaled latent) is
+    the one ComfyUI's SD15_instructpix2pix builds from InstructPixToPixConditioning's concat_latent_image."""
+    import comfy.model_base
+
+    from comfyui_syncd.demo import toy_model
+    from comfyui_syncd.toyworld import base_model as B
+    from comfyui_syncd.training.text_to_image import widen_input
+
+    vae, unet, text = B.build_vae(1), B.build_unet(2), B.build_text_encoder(3)
+    widen_input(unet, 8)
+    with torch.no_grad():
+        for p in (*unet.conv_out.parameters(), unet.conv_in.weight):
+            p.normal_(0, 0.3)
+    path = B.export_file(__import__("tempfile").mkdtemp() + "/depth.safetensors", vae, unet, text, dtype=torch.float32)
+    model, _, _ = toy_model.load(path)
+    assert isinstance(model.model, comfy.model_base.SD15_instructpix2pix)
+    gen = torch.Generator().manual_seed(0)
+    x, depth, ctx = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen), \
+        torch.randn(2, 77, 64, generator=gen)
+    conds = model.model.extra_conds(concat_latent_image=depth, noise=x, device=torch.device("cpu"))
+    concat = conds["c_concat"].cond
+    assert torch.equal(concat, depth.expand(2, -1, -1, -1))  # unscaled, repeated over the batch
+    t = torch.tensor([900, 40])
+    with torch.no_grad():
+        expected = unet(torch.cat([x, concat], 1), t, encoder_hidden_states=ctx).sample
+        got = model.model.diffusion_model(torch.cat([x, concat], 1), t.float(), context=ctx)
+        other = unet(torch.cat([x, -concat], 1), t, encoder_hidden_states=ctx).sample
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (other - expected).abs().mean() > 1e-2  # the depth channels carry signal
+
+
+def test_toy_world_mesh_views_node_gives_depth_silhouettes_and_correspondences():
+    from comfyui_syncd.demo.toy_model import SynCDToyWorldMeshViews
+
+    depth, masks, corr, info = SynCDToyWorldMeshViews.execute(shape="torus", views=3, size=64, seed=4).result
+    assert depth.shape == (3, 64, 64, 3) and masks.shape == (3, 64, 64)
+    assert torch.equal(depth[..., 0] > 0, masks > 0)             # depth exactly on the silhouette
+    assert float(depth.max()) == 1.0 and corr.views == 3 and corr.size == (64, 64)
+    assert set(corr.pairs) == {(0, 1), (0, 2), (1, 2)} and all(len(r) > 0 for r in corr.pairs.values())
+    # a match joins pixels of the two silhouettes
+    rows = corr.pairs[(0, 1)]
+    ya, xa = ((rows[:, 0] + 1) * 64 - 1) / 2, ((rows[:, 1] + 1) * 64 - 1) / 2
+    assert bool(masks[0, ya.round().long(), xa.round().long()].all())
+    assert "torus" in info
+    assert SynCDToyWorldMeshViews.validate_inputs(shape="pyramid") is not True
+
+
+def test_the_swap_names_the_shipped_files_as_the_node_lists_them():
+    from comfyui_syncd.client import toy_swap
+    from comfyui_syncd.demo import toy_model
+
+    assert toy_swap.SHIPPED_CHOICE == toy_model.SHIPPED_CHOICE
+    assert toy_swap.SHIPPED_DEPTH_CHOICE == toy_model.SHIPPED_DEPTH_CHOICE
+    assert toy_model.SHIPPED_FILES[toy_model.SHIPPED_DEPTH_CHOICE].parent == toy_model.SHIPPED.parent

@@ -54,7 +54,9 @@ LOADER_FILES = {"CheckpointLoaderSimple": {0: "checkpoints"}, "UNETLoader": {0: 
                 "SynCDCheckpointLoader": {0: "syncd"}, "SynCDIdentityModelLoader": {0: "syncd_identity"}}
 # text-to-image workflows: --tiny runs them on the shipped toy-world model (client/toy_swap.py)
 ON_TOY_MODEL = {"syncd_datagen_deformable_flux", "jedi_coupled_attention_sd15", "jedi_inpainting_sd15",
-                "dci_lambda_sweep_sd15", "dci_lambda_sweep_sdxl"}
+                "dci_lambda_sweep_sd15", "dci_lambda_sweep_sdxl", "syncd_datagen_rigid_flux"}
+TOY_FILES = {"syncd_datagen_rigid_flux": TS.SHIPPED_DEPTH_CHOICE}  # the others: TS.SHIPPED_CHOICE
+SWAPPED_BY_TOY = {"SynCDMeshViews": "SynCDToyWorldMeshViews"}  # pack node -> what runs in its place
 TINY_TYPES = {"SynCDTinyDemoModel", "SynCDTinyDemoTextEncode", "SynCDTinyDemoReferences", "SynCDTinyDemoIPAdapter",
               "SynCDTinyDemoPromptBatch"}
 SWAPPED_BY_TINY = {"SynCDCheckpointLoader": None, "SynCDIPAdapterLoader": "SynCDTinyDemoIPAdapter",
@@ -291,10 +293,12 @@ def test_runs_with_tiny(path, comfy_server, tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert re.match(rf"--tiny: \d+ change\(s\) for the {'toy-world model' if toy else 'tiny demo models'}:", lines[0])
+    which = "(depth-conditioned )?toy-world model" if toy else "tiny demo models"
+    assert re.match(rf"--tiny: \d+ change\(s\) for the {which}:", lines[0])
     workflow = json.loads(path.read_text())
     loader = next(n for n in workflow["nodes"] if n["type"] in ("CheckpointLoaderSimple", "UNETLoader"))
-    assert (f"  #{loader['id']} SynCDToyWorldModel: was {loader['type']} (toy-world model toy_sd15 (shipped))" if toy
+    toy_file = TOY_FILES.get(path.stem, TS.SHIPPED_CHOICE)
+    assert (f"  #{loader['id']} SynCDToyWorldModel: was {loader['type']} (toy-world model {toy_file})" if toy
             else f"  #{loader['id']} SynCDTinyDemoModel: was {loader['type']} ({family})") in lines
     saved = sorted(out.glob("*.png"))
     assert [str(p) for p in saved] == sorted(l for l in lines if l.endswith(".png"))
@@ -307,9 +311,10 @@ def test_runs_with_tiny(path, comfy_server, tmp_path):
             prompt = json.loads(image.info["prompt"])
         ran = {n["class_type"] for n in prompt.values()}
         if toy:  # the pack's nodes run as they are, on the toy model's MODEL, CLIP and VAE
-            assert pack_nodes <= ran and "SynCDToyWorldModel" in ran and not ran & TINY_TYPES
-            assert embedded is None or embedded["extra"]["syncd"] == {"family": "sd15", "toy": "toy_sd15 (shipped)"}
-            assert prompt[str(loader["id"])]["inputs"] == {"model_file": "toy_sd15 (shipped)"}
+            running = {SWAPPED_BY_TOY.get(n, n) for n in pack_nodes}
+            assert running <= ran and "SynCDToyWorldModel" in ran and not ran & TINY_TYPES
+            assert embedded is None or embedded["extra"]["syncd"] == {"family": "sd15", "toy": toy_file}
+            assert prompt[str(loader["id"])]["inputs"] == {"model_file": toy_file}
         else:
             assert pack_nodes - set(SWAPPED_BY_TINY) <= ran
             assert {SWAPPED_BY_TINY[n] for n in pack_nodes & set(SWAPPED_BY_TINY)} - {None} <= ran

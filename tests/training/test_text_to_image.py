@@ -66,3 +66,46 @@ def test_resume_is_bit_identical(tiny_sd15, toy_images, tmp_path):
     resumed = run(make_config(tiny_sd15, toy_images, tmp_path / "b", max_steps=4, text_encoder_learning_rate=1e-3))
     a, b = straight.core.state_dict(), resumed.core.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_widened_unet_starts_as_the_model_it_was(tiny_sd15):
+    from comfyui_syncd.training import models
+    from comfyui_syncd.training.text_to_image import widen_input
+
+    unet = models.load(tiny_sd15).unet.eval()
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = unet(x, t, encoder_hidden_states=context).sample
+        widen_input(unet, 8)
+        after = unet(torch.cat([x, torch.randn_like(x)], 1), t, encoder_hidden_states=context).sample
+    assert unet.config.in_channels == 8 and unet.conv_in.in_channels == 8
+    assert torch.equal(before, after)  # the new channels' weights are zero
+    widen_input(unet, 8)  # already wide: left as it is
+    with pytest.raises(ValueError, match="input channels"):
+        widen_input(unet, 4)
+
+
+def test_concat_conditioning_trains_the_new_channels_and_exports_them(tiny_sd15, tmp_path):
+    from comfyui_syncd.toyworld import base_model
+    from comfyui_syncd.training import models
+
+    images = base_model.corpus(tmp_path / "corpus", count=6, seed=3, depth=True)
+    cfg = make_config(tiny_sd15, images, tmp_path / "depth")
+    cfg.data.conditioning_dir = str(images / "depth")
+    r = run(cfg)
+    exported = models.load(tmp_path / "depth" / "pipeline").unet
+    assert exported.config.in_channels == 8
+    new = exported.conv_in.weight[:, 4:]
+    assert new.abs().sum() > 0  # gradients reached the conditioning channels
+    assert torch.equal(exported.conv_in.weight, r.core.unet.conv_in.weight.detach().cpu())
+    # the conditioning image is read beside its image: a missing one is named
+    (images / "depth" / "000002.png").unlink()
+    with pytest.raises(FileNotFoundError, match="000002.png has no conditioning image"):
+        run(_with_output(cfg, tmp_path / "missing"))
+
+
+def _with_output(cfg, out):
+    import dataclasses
+
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(out)))

@@ -37,6 +37,32 @@ def test_quick_reproduce_runs_every_stage_and_resumes(tmp_path, capsys, comfy_im
         assert records[0].prompts[0] == sets.draw_objects(1, R.SETS_SEED)[0]["prompts"][0]
         assert 0 <= consistency[condition]["all"] <= 1
     assert "msa_masks" in (out / "tables" / "set_consistency.md").read_text()
+    # rigid sets: the shipped rigid workflow on the depth-conditioned model (the text-to-image script's concat
+    # conditioning), toy solids' depth, silhouettes and correspondences, warping on and off
+    import numpy as np
+    from PIL import Image
+
+    from comfyui_syncd.toyworld import base_model
+
+    assert json.loads((out / "depth_model" / "done.json").read_text())["steps"] == R.QUICK.depth_steps
+    _, configs, _ = base_model.read_file(out / "depth_model" / "toy_sd15_depth.safetensors")
+    assert configs["unet"]["in_channels"] == 8
+    rigid = json.loads((out / "rigid_sets" / "done.json").read_text())
+    assert set(sets.RIGID_CONDITIONS) <= set(rigid)
+    first = {}
+    for condition in sets.RIGID_CONDITIONS:
+        records = dataset_format.read_dataset(out / "rigid_sets" / condition)
+        assert len(records) == R.QUICK.sets and all(len(r.masks) == sets.SET_SIZE for r in records)
+        assert 0 <= rigid[condition]["placement_follows_depth"] <= 1 and rigid[condition]["colour_distance_to_anchor"] >= 0
+        first[condition] = ([np.asarray(Image.open(p), dtype=np.float32) for p in records[0].images],
+                            [np.asarray(Image.open(p)) for p in records[0].masks])
+    silhouettes = first["depth_only"][1]
+    assert all(np.array_equal(a, b) for c in first for a, b in zip(first[c][1], silhouettes))  # the same solids
+    assert 0 < (silhouettes[0] > 127).mean() < 0.5
+    view0 = {c: first[c][0][0] for c in first}
+    assert np.abs(view0["depth_msa_masks_warp"] - view0["depth_msa_masks"]).max() > 0  # the warp wrote view 0
+    assert np.abs(view0["depth_msa_masks"] - view0["depth_only"]).max() > 0            # shared attention acts
+    assert "depth_msa_masks_warp" in (out / "tables" / "rigid_set_consistency.md").read_text()
     # how much the base model's images depend on self-attention: as trained (the reference), shared, zeroed
     probe = json.loads((out / "attention_probe" / "done.json").read_text())
     assert set(sets.PROBES) <= set(probe) and probe["plain"]["mean_abs_change_levels"] == 0

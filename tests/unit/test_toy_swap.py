@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from comfyui_syncd.client.tiny_swap import TinySwapError
-from comfyui_syncd.client.toy_swap import CFG, SHIPPED_CHOICE, SIZE, STEPS, toy_swap
+from comfyui_syncd.client.toy_swap import CFG, SHIPPED_CHOICE, SHIPPED_DEPTH_CHOICE, SIZE, STEPS, toy_swap
 from comfyui_syncd.client.ui_graph import UIGraph
 from comfyui_syncd.client.workflow_format import to_api
 
@@ -31,7 +31,8 @@ OBJECT_INFO = {
                              ["CONDITIONING"]),
     "ConditioningZeroOut": node_def({"conditioning": ["CONDITIONING"]}, ["CONDITIONING"]),
     "SynCDSharedAttention": node_def({"model": ["MODEL"], "images_per_subject": ["INT", {"default": 3}]}, ["MODEL"],
-                                     optional={"clip": ["CLIP"], "prompt": ["STRING", {"default": ""}]}),
+                                     optional={"clip": ["CLIP"], "prompt": ["STRING", {"default": ""}],
+                                               "mask_dilation": ["INT", {"default": 9}]}),
     "EmptySD3LatentImage": node_def({"width": ["INT", {"default": 1024}], "height": ["INT", {"default": 1024}],
                                      "batch_size": ["INT", {"default": 1}]}, ["LATENT"]),
     "KSampler": node_def({"model": ["MODEL"], "seed": ["INT", {"default": 0, "control_after_generate": True}],
@@ -44,6 +45,12 @@ OBJECT_INFO = {
                                               "vae": ["VAE"], "pixels": ["IMAGE"]},
                                              ["CONDITIONING", "CONDITIONING", "LATENT"]),
     "SynCDToyWorldModel": node_def({"model_file": [[SHIPPED_CHOICE, "mine.safetensors"]]}, ["MODEL", "CLIP", "VAE"]),
+    "SynCDMeshViews": node_def({"mesh": [["pack/mug.glb"]], "width": ["INT", {"default": 512}]},
+                               ["IMAGE", "MASK", "SYNCD_CORRESPONDENCES", "STRING"]),
+    "SynCDToyWorldMeshViews": node_def({"shape": [["cube", "cone"]], "views": ["INT", {"default": 3}],
+                                        "size": ["INT", {"default": 128}],
+                                        "seed": ["INT", {"default": 0, "control_after_generate": True}]},
+                                       ["IMAGE", "MASK", "SYNCD_CORRESPONDENCES", "STRING"]),
     "LoadImage": node_def({"image": [["ref_1.png", "ref_2.png"]]}, ["IMAGE", "MASK"]),
     "LoadImageMask": node_def({"image": [["ref_1.png", "ref_2.png"]], "channel": [["alpha", "red"]]}, ["MASK"]),
     "ImageBatch": node_def({"image1": ["IMAGE"], "image2": ["IMAGE"]}, ["IMAGE"]),
@@ -86,9 +93,18 @@ def flux_datagen(depth: bool = False) -> dict:
     g.connect(vae, 0, decode, "vae")
     g.connect(decode, 0, save, "images")
     if depth:
-        g.add("InstructPixToPixConditioning")
+        views = g.add("SynCDMeshViews")                                               # 12
+        ip2p = g.add("InstructPixToPixConditioning")                                   # 13
+        g.connect(views, 0, ip2p, "pixels")
+        g.connect(vae, 0, ip2p, "vae")
+        g.connect(guided, 0, ip2p, "positive")
+        g.connect(zero, 0, ip2p, "negative")
     g.group("all", g.nodes)
-    return g.to_json()
+    workflow = g.to_json()
+    for node in workflow["nodes"]:
+        if node["type"] == "SynCDMeshViews":
+            node["properties"]["syncd_datagen"] = "mesh"
+    return workflow
 
 
 def test_flux_datagen_runs_on_the_toy_model():
@@ -119,6 +135,30 @@ def test_other_model_file_and_refusals():
         toy_swap(flux_datagen(), without)
 
 
+def test_rigid_datagen_runs_on_a_depth_conditioned_toy_model():
+    swapped, report = toy_swap(flux_datagen(depth=True), OBJECT_INFO, model_file="mine.safetensors", depth=True)
+    api = to_api(swapped, OBJECT_INFO)
+    assert api["12"]["class_type"] == "SynCDToyWorldMeshViews" and api["12"]["inputs"]["size"] == SIZE
+    assert api["13"]["class_type"] == "InstructPixToPixConditioning"
+    assert api["13"]["inputs"]["pixels"] == ["12", 0] and api["13"]["inputs"]["vae"] == ["1", 2]
+    views = next(n for n in swapped["nodes"] if n["id"] == 12)
+    assert "syncd_datagen" not in views["properties"], "the driver's mesh slot has no toy-solid counterpart"
+    assert any("SynCDMeshViews" in line for line in report)
+    plain, _ = toy_swap(flux_datagen(), OBJECT_INFO, depth=True)  # depth=True on a workflow without depth: as before
+    assert to_api(plain, OBJECT_INFO) == to_api(toy_swap(flux_datagen(), OBJECT_INFO)[0], OBJECT_INFO)
+
+
+def test_foreground_mask_dilation_keeps_upstreams_share_of_the_token_grid():
+    from comfyui_syncd.client.toy_swap import scaled_dilation
+
+    assert [scaled_dilation(9, g) for g in (8, 16, 32, 64)] == [3, 5, 9, 19]  # upstream: 9 on Flux's 32x32 tokens
+    assert scaled_dilation(1, 8) == 1
+    for size, expected in ((128, 5), (64, 3)):
+        swapped, report = toy_swap(flux_datagen(), OBJECT_INFO, size=size)
+        assert to_api(swapped, OBJECT_INFO)["7"]["inputs"]["mask_dilation"] == expected
+        assert any(f"mask_dilation 9 -> {expected}" in line for line in report)
+
+
 def test_demo_swap_prefers_the_toy_model_and_falls_back_to_the_random_tiny_models():
     from comfyui_syncd.client.toy_swap import demo_swap
 
@@ -135,6 +175,13 @@ def test_demo_swap_prefers_the_toy_model_and_falls_back_to_the_random_tiny_model
     assert which == "the tiny demo models" and to_api(swapped, info)["1"]["class_type"] == "SynCDTinyDemoModel"
     swapped, report, which = demo_swap(flux_datagen(depth=True), info)
     assert which == "the tiny demo models" and "depth conditioning" in report[0]
+    with_depth = {**info, "SynCDToyWorldModel": node_def(
+        {"model_file": [[SHIPPED_CHOICE, SHIPPED_DEPTH_CHOICE]]}, ["MODEL", "CLIP", "VAE"])}
+    swapped, report, which = demo_swap(flux_datagen(depth=True), with_depth)
+    api = to_api(swapped, with_depth)
+    assert which == "the depth-conditioned toy-world model" and api["1"]["inputs"]["model_file"] == SHIPPED_DEPTH_CHOICE
+    assert api["12"]["class_type"] == "SynCDToyWorldMeshViews"
+    assert to_api(demo_swap(flux_datagen(), with_depth)[0], with_depth)["1"]["inputs"]["model_file"] == SHIPPED_CHOICE
     not_shipped = {**info, "SynCDToyWorldModel": node_def({"model_file": [["mine.safetensors"]]},
                                                            ["MODEL", "CLIP", "VAE"])}
     assert demo_swap(flux_datagen(), not_shipped)[2] == "the tiny demo models"

@@ -170,3 +170,59 @@ def test_self_attention_probe_shares_and_removes_attn1():
     with torch.no_grad():
         probe.state.set_sizes = None
         torch.testing.assert_close(unet(x, t, encoder_hidden_states=ctx).sample, expected_plain, atol=1e-4, rtol=1e-4)
+
+
+def test_rigid_condition_workflows_set_shared_attention_and_warping():
+    import json
+
+    import numpy as np
+
+    from comfyui_syncd.client.workflow_format import widget_values
+    from comfyui_syncd.datagen.driver import DEFAULT_WORKFLOWS
+
+    workflow = json.loads(DEFAULT_WORKFLOWS["rigid"].read_text())
+    shared_spec = {"input": {"required": {"images_per_subject": ["INT", {"default": 3}],
+                                          "mask_mode": [["foreground_masks", "none", "automatic"]]}},
+                   "input_order": {"required": ["images_per_subject", "mask_mode"]}}
+    warp_spec = {"input": {"required": {"images_per_object": ["INT", {"default": 3}]}},
+                 "input_order": {"required": ["images_per_object"]}}
+    solid_spec = {"input": {"required": {"shape": [["cube", "cone"]], "views": ["INT", {"default": 3}],
+                                         "size": ["INT", {"default": 128}], "seed": ["INT", {"default": 0}]}},
+                  "input_order": {"required": ["shape", "views", "size", "seed"]}}
+    object_info = {"SynCDSharedAttention": shared_spec, "SynCDFeatureWarp": warp_spec,
+                   "SynCDToyWorldMeshViews": solid_spec}
+    got = {}
+    for condition in sets.RIGID_CONDITIONS:
+        out = sets.rigid_condition_workflow(workflow, condition, object_info)
+        shared = next(n for n in out["nodes"] if n["type"] == "SynCDSharedAttention")
+        warp = next(n for n in out["nodes"] if n["type"] == "SynCDFeatureWarp")
+        values = widget_values(shared, shared_spec)
+        got[condition] = (values["images_per_subject"], values["mask_mode"], warp.get("mode", 0))
+    assert got == {"depth_only": (1, "foreground_masks", 4), "depth_msa_no_masks": (3, "none", 4),
+                   "depth_msa_masks": (3, "foreground_masks", 4), "depth_msa_masks_warp": (3, "foreground_masks", 0)}
+    with pytest.raises(ValueError, match="condition"):
+        sets.rigid_condition_workflow(workflow, "msa_off", object_info)
+    # a toy solid per object: the rigid workflow's mesh node swapped for the toy one, then given a shape and pose seed
+    toy = json.loads(json.dumps(workflow))
+    mesh = next(n for n in toy["nodes"] if n["type"] == "SynCDMeshViews")
+    mesh.update(type="SynCDToyWorldMeshViews", widgets_values=["cube", 3, 64, 0])
+    solid = sets.solid_workflow(toy, "cone", 2 ** 40 + 5, object_info)
+    node = next(n for n in solid["nodes"] if n["id"] == mesh["id"])
+    assert widget_values(node, solid_spec)["shape"] == "cone" and widget_values(node, solid_spec)["seed"] == 5
+    # the placement a rendered silhouette shows, for "placement follows depth"
+    for placement, (lo, hi) in S.PLACEMENT_X.items():
+        mask = np.zeros((64, 64))
+        centre = int((lo + hi) / 2 * 64)
+        mask[30:40, centre - 4:centre + 4] = 1
+        assert sets.placement_of_mask(mask) == placement
+    assert sets.placement_of_mask(np.zeros((8, 8))) is None
+    # how far the other views' object colour is from the anchor's (the last view, the warp's source)
+    silhouette = np.zeros((8, 8), bool)
+    silhouette[2:5, 2:5] = True
+    red, dark_red = np.zeros((8, 8, 3)), np.zeros((8, 8, 3))
+    red[silhouette] = (1.0, 0, 0)
+    dark_red[silhouette] = (0.5, 0, 0)
+    dark_red[~silhouette] = 1.0  # the background does not count
+    assert sets.anchor_colour_distance([red, red, red], [silhouette] * 3) == 0
+    assert sets.anchor_colour_distance([dark_red, red, red], [silhouette] * 3) == pytest.approx(255 * 0.5 / 3 / 2)
+    assert sets.anchor_colour_distance([red, red, red], [silhouette, silhouette, ~np.ones_like(silhouette)]) is None
