@@ -21,7 +21,8 @@ rewrites an editor (UI) graph the way :func:`~.tiny_swap.tiny_swap` does, keepin
 With ``depth=True`` (``model_file`` is a depth-conditioned toy model: ``toyworld reproduce``'s ``depth_model``
 stage) a rigid data-generation workflow runs too: ``InstructPixToPixConditioning`` stays (it feeds the toy model's
 depth channels) and ``SynCDMeshViews`` becomes ``SynCDToyWorldMeshViews`` (depth, masks and correspondences of a toy
-solid: set its ``shape``; the data-generation driver's mesh slot is dropped).
+solid: set its ``shape``; the data-generation driver's mesh slot becomes a seed slot, so each object gets its own
+poses).
 
 Nodes that need what the toy model does not have (depth conditioning without ``depth``, IP-Adapters, SynCD/JeDi
 checkpoints) are refused with the reason. Pure: no ComfyUI import.
@@ -111,7 +112,8 @@ def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE
 
     for node in g.of_type(MESH_VIEWS) if depth else []:
         g.replace(node, TOY_MESH_VIEWS, {0: 0, 1: 1, 2: 2, 3: 3}, size=size)
-        node["properties"].pop(DATAGEN_ROLE, None)
+        if node["properties"].get(DATAGEN_ROLE) == "mesh":  # no mesh file for a toy solid: a pose per object
+            node["properties"][DATAGEN_ROLE] = "seed"
         report.append(f"{g.describe(node)}: was {MESH_VIEWS} (a toy solid's views, {size} px)")
 
     for node in sorted(g.nodes.values(), key=lambda n: n["id"]):

@@ -248,7 +248,7 @@ class SynCDToyWorldMeshViews(io.ComfyNode):
                 io.Int.Input("views", default=3, min=2, max=8, tooltip="How many views (SynCD's rigid sets: 3)."),
                 io.Int.Input("size", default=128, min=16, max=1024, step=8,
                              tooltip="Width and height of the depth images and masks (the model's size)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the views' poses and positions."),
             ],
             outputs=[io.Image.Output(display_name="depth"), io.Mask.Output(display_name="masks"),

@@ -410,8 +410,7 @@ def stage_rigid_sets(st: Stages) -> dict:
                               cfg=st.scale.guidance, size=st.scale.size, depth=True)
         workflows = {c: sets.rigid_condition_workflow(swapped, c, object_info) for c in sets.RIGID_CONDITIONS}
         figures = generate_sets(st, "rigid_sets", server.url, objects, workflows,
-                                per_object=lambda w, spec: sets.solid_workflow(
-                                    w, spec.category, driver.object_seed(SETS_SEED, spec.object_id), object_info),
+                                per_object=lambda w, spec: sets.solid_workflow(w, spec.category, object_info),
                                 depth_masks=True)
     write_sets_table(st, "rigid_set_consistency", figures, sets.RIGID_CONDITIONS,
                      "rigid-style (the shipped rigid workflow on the depth-conditioned model, toy solids' depth, "

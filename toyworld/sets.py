@@ -142,16 +142,15 @@ def rigid_condition_workflow(workflow: dict, condition: str, object_info: dict) 
     return workflow
 
 
-def solid_workflow(workflow: dict, shape: str, seed: int, object_info: dict) -> dict:
-    """A copy of a rigid workflow whose SynCD Toy-World Mesh Views renders ``shape`` with pose seed ``seed``."""
+def solid_workflow(workflow: dict, shape: str, object_info: dict) -> dict:
+    """A copy of a toy-swapped rigid workflow whose SynCD Toy-World Mesh Views renders ``shape`` (the driver gives
+    it the object's seed: its poses)."""
     import copy
 
     from ..client.ui_graph import set_widget
 
     workflow = copy.deepcopy(workflow)
-    node = _one(workflow, SOLID_NODE)
-    set_widget(node, object_info[SOLID_NODE], "shape", shape)
-    set_widget(node, object_info[SOLID_NODE], "seed", seed % 2 ** 31)
+    set_widget(_one(workflow, SOLID_NODE), object_info[SOLID_NODE], "shape", shape)
     return workflow
 
 

@@ -142,7 +142,7 @@ def test_rigid_datagen_runs_on_a_depth_conditioned_toy_model():
     assert api["13"]["class_type"] == "InstructPixToPixConditioning"
     assert api["13"]["inputs"]["pixels"] == ["12", 0] and api["13"]["inputs"]["vae"] == ["1", 2]
     views = next(n for n in swapped["nodes"] if n["id"] == 12)
-    assert "syncd_datagen" not in views["properties"], "the driver's mesh slot has no toy-solid counterpart"
+    assert views["properties"]["syncd_datagen"] == "seed", "no mesh file for a toy solid: the object's seed poses it"
     assert any("SynCDMeshViews" in line for line in report)
     plain, _ = toy_swap(flux_datagen(), OBJECT_INFO, depth=True)  # depth=True on a workflow without depth: as before
     assert to_api(plain, OBJECT_INFO) == to_api(toy_swap(flux_datagen(), OBJECT_INFO)[0], OBJECT_INFO)

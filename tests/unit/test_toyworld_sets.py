@@ -202,13 +202,13 @@ def test_rigid_condition_workflows_set_shared_attention_and_warping():
                    "depth_msa_masks": (3, "foreground_masks", 4), "depth_msa_masks_warp": (3, "foreground_masks", 0)}
     with pytest.raises(ValueError, match="condition"):
         sets.rigid_condition_workflow(workflow, "msa_off", object_info)
-    # a toy solid per object: the rigid workflow's mesh node swapped for the toy one, then given a shape and pose seed
+    # a toy solid per object: the rigid workflow's mesh node swapped for the toy one, then given the object's shape
     toy = json.loads(json.dumps(workflow))
     mesh = next(n for n in toy["nodes"] if n["type"] == "SynCDMeshViews")
-    mesh.update(type="SynCDToyWorldMeshViews", widgets_values=["cube", 3, 64, 0])
-    solid = sets.solid_workflow(toy, "cone", 2 ** 40 + 5, object_info)
+    mesh.update(type="SynCDToyWorldMeshViews", widgets_values=["cube", 3, 64, 7])
+    solid = sets.solid_workflow(toy, "cone", object_info)
     node = next(n for n in solid["nodes"] if n["id"] == mesh["id"])
-    assert widget_values(node, solid_spec)["shape"] == "cone" and widget_values(node, solid_spec)["seed"] == 5
+    assert widget_values(node, solid_spec)["shape"] == "cone" and widget_values(node, solid_spec)["seed"] == 7
     # the placement a rendered silhouette shows, for "placement follows depth"
     for placement, (lo, hi) in S.PLACEMENT_X.items():
         mask = np.zeros((64, 64))
