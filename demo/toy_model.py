@@ -176,7 +176,6 @@ def reference_views(shape: str, colour: str, texture: str, views: int, index: in
 class SynCDToyWorldReferences(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-
         return io.Schema(
             node_id="SynCDToyWorldReferences",
             display_name=REFERENCES_NAME,
