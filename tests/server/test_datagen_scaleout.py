@@ -122,6 +122,30 @@ def test_rigid_object_gets_its_rendered_masks(comfy_server, tmp_path):
     assert entry["mesh"] == "mug.glb" and entry["prompts"] == ["a kitchen table"] * 3
 
 
+def test_rigid_objects_run_on_the_depth_toy_model_with_a_pose_per_object(comfy_server, tmp_path):
+    """``--tiny``: rigid objects on the shipped depth-conditioned toy model, a toy solid posed by each object's seed
+    standing in for the mesh; its silhouettes are saved as the masks."""
+    import numpy as np
+    from PIL import Image
+
+    from comfyui_syncd.datagen.driver import REPO_MESHES
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"object_id": f"mug-{i}", "category": "cube", "kind": "rigid",
+                                           "mesh": str(REPO_MESHES / "mug.glb"),
+                                           "prompts": ["a cube on grass", "a cube in the snow", "a cube on a sandy beach"]})
+                               + "\n" for i in range(2)))
+    done = subprocess.run([sys.executable, "-m", "comfyui_syncd", "datagen", "--prompts", str(prompts), "--out",
+                           str(tmp_path / "ds"), "--server", comfy_server.url, "--tiny"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_dataset(tmp_path / "ds")
+    assert len(records) == 2 and all(len(r.images) == 3 and all(m is not None for m in r.masks) for r in records)
+    silhouettes = [[np.asarray(Image.open(m).convert("L")) > 127 for m in r.masks] for r in records]
+    assert all(0 < s.mean() < 0.5 and s.shape == (128, 128) for views in silhouettes for s in views)
+    assert not np.array_equal(silhouettes[0][0], silhouettes[1][0]), "each object is posed by its own seed"
+
+
 def test_each_image_is_generated_and_stored_with_its_own_prompt(comfy_server, tmp_path):
     """The shipped deformable workflow on the tiny models through the driver: an object's 3 different prompts reach
     the sampler one per image (the images differ from a run with prompt_per_image off, the same seed) and the
