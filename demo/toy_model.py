@@ -220,7 +220,7 @@ def toy_mesh_views(shape: str, views: int, size: int, seed: int):
     Mesh Views gives for a mesh, for the toy world's rigid objects."""
     from ..toyworld import views as V
 
-    scenes = V.view_scenes(V.Identity(shape, "red", "plain"), views=views, seed=seed)
+    scenes = V.view_scenes(V.Identity(shape, "red", "plain"), views=views, seed=seed)  # depth ignores the look
     render = S.render(scenes, size=size)
     corr = V.set_correspondences(render)
     lines = [f"toy {shape}: {views} views at {size}x{size}"]

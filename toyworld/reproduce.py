@@ -189,24 +189,34 @@ def t2i_config(st: Stages):
                             checkpoint_every=min(250, st.scale.t2i_steps), tensorboard=False))
 
 
-def stage_text_to_image(st: Stages) -> dict:
-    from ..training import loop, text_to_image as T
+def loss_figures(run_dir) -> dict:
+    """Steps and the mean loss of the last 50 of a training script's run folder (``losses.jsonl``)."""
+    from ..training import loop
 
-    run = T.prepare(t2i_config(st))
-    T.train(run, progress=st.progress)
-    losses = loop.read_losses(st.dir("text_to_image"))
+    losses = loop.read_losses(run_dir)
     last = [losses[s] for s in sorted(losses)[-50:]]
     return {"steps": len(losses), "final_loss_mean_last_50": round(sum(last) / len(last), 4)}
 
 
-def stage_export(st: Stages) -> dict:
+def export_pipeline(pipeline, path, info: dict) -> dict:
+    """A trained diffusers folder as the single toy model file ComfyUI loads (:func:`base_model.export_file`)."""
     from ..training import models
 
-    parts = models.load(st.dir("text_to_image") / "pipeline")
-    info = {"vae": st.done("vae"), "text_to_image": st.done("text_to_image"), "scale": dataclasses.asdict(st.scale)}
-    path = B.export_file(st.model, parts.vae, parts.unet, parts.text_encoders[0],
-                         info)
+    parts = models.load(pipeline)
+    path = B.export_file(path, parts.vae, parts.unet, parts.text_encoders[0], info)
     return {"file": str(path), "megabytes": round(path.stat().st_size / 2 ** 20, 2)}
+
+
+def stage_text_to_image(st: Stages) -> dict:
+    from ..training import text_to_image as T
+
+    T.train(T.prepare(t2i_config(st)), progress=st.progress)
+    return loss_figures(st.dir("text_to_image"))
+
+
+def stage_export(st: Stages) -> dict:
+    info = {"vae": st.done("vae"), "text_to_image": st.done("text_to_image"), "scale": dataclasses.asdict(st.scale)}
+    return export_pipeline(st.dir("text_to_image") / "pipeline", st.model, info)
 
 
 DEPTH_CORPUS_SEED = 11
@@ -216,7 +226,7 @@ def stage_depth_model(st: Stages) -> dict:
     """The base model fine-tuned with depth concat conditioning by the text-to-image script (its
     ``data.conditioning_dir``: InstructPix2Pix's recipe, ComfyUI's SD1.5 instruct-pix2pix layout), on toy renders
     with their depth images; the text encoder stays the base model's. Exported as ``toy_sd15_depth.safetensors``."""
-    from ..training import loop, models, text_to_image as T
+    from ..training import text_to_image as T
 
     folder = st.dir("depth_model")
     # rendered in this process: forking after earlier stages started torch's threads can hang the workers
@@ -230,14 +240,10 @@ def stage_depth_model(st: Stages) -> dict:
                             lr_warmup_steps=min(50, st.scale.depth_steps // 5),
                             checkpoint_every=min(100, st.scale.depth_steps), tensorboard=False))
     T.train(T.prepare(cfg), progress=st.progress)
-    losses = loop.read_losses(folder / "train")
-    last = [losses[s] for s in sorted(losses)[-50:]]
-    parts = models.load(folder / "train" / "pipeline")
-    info = {"depth_model": {"images": st.scale.depth_images, "steps": len(losses)},
+    figures = loss_figures(folder / "train")
+    info = {"depth_model": {"images": st.scale.depth_images, "steps": figures["steps"]},
             "scale": dataclasses.asdict(st.scale)}
-    path = B.export_file(st.depth_model, parts.vae, parts.unet, parts.text_encoders[0], info)
-    return {"steps": len(losses), "final_loss_mean_last_50": round(sum(last) / len(last), 4), "file": str(path),
-            "megabytes": round(path.stat().st_size / 2 ** 20, 2)}
+    return {**figures, **export_pipeline(folder / "train" / "pipeline", st.depth_model, info)}
 
 
 def load_base(st: Stages):
