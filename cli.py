@@ -44,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "124 (default: no limit)")
     run.add_argument("--tiny", action="store_true",
                      help="run on the pack's tiny demo models and demo images instead of the real loaders' files "
-                          "(editor-format workflows only): any machine, no downloads. Text-to-image workflows run "
-                          "on the shipped toy-world model (64 px toy objects, 25 steps, cfg 5); the others, or all "
-                          "with --random-tiny, on random-weight tiny models (noise-like images, 64 px, at most 4 "
-                          "steps)")
+                          "(editor-format workflows only): any machine, no downloads. SD-style workflows (text-to-"
+                          "image, depth, SDXL customization and identity score) run on the shipped toy-world models "
+                          "(128 px toy objects, 25 steps, cfg 5; a rendered toy object as the reference); Flux "
+                          "customization and Qwen-Image, or all with --random-tiny, on random-weight tiny models "
+                          "(noise-like images, 64 px, at most 4 steps)")
     run.add_argument("--random-tiny", action="store_true",
                      help="with --tiny: always the random-weight tiny models, never the toy-world model")
     for name, module in DELEGATED.items():

@@ -8,7 +8,8 @@ rewrites an editor (UI) graph the way :func:`~.tiny_swap.tiny_swap` does, keepin
   serves the CLIP of every ``DualCLIPLoader`` / ``CLIPLoader`` and the VAE of every ``VAELoader``, which are removed.
   Text encoders (``CLIPTextEncode``, ``SynCDPromptBatch``) stay: they encode with the toy model's own CLIP;
 - ``ConditioningZeroOut`` (a negative unused at cfg 1) -> ``CLIPTextEncode`` of the empty prompt: the toy model
-  learned the unconditional prediction from empty captions and samples with true classifier-free guidance;
+  learned the unconditional prediction from empty captions and samples with true classifier-free guidance (SynCD's
+  customization workflows too: upstream's zeroed text is SDXL's dropped caption, the toy models' is the empty one);
 - ``LoadImage`` / ``LoadImageMask`` -> ``SynCDToyWorldReferences``: the k-th image (mask) loader gives view k of
   one rendered toy object's multi-view set, with its exact mask, so an image and its mask file still match;
 - SynCD Masked Shared Attention's ``mask_dilation`` (a box on the token grid: upstream's 9 on the 32×32 tokens of
@@ -24,8 +25,16 @@ depth channels) and ``SynCDMeshViews`` becomes ``SynCDToyWorldMeshViews`` (depth
 solid: set its ``shape``; the data-generation driver's mesh slot becomes a seed slot, so each object gets its own
 poses).
 
-Nodes that need what the toy model does not have (depth conditioning without ``depth``, IP-Adapters, SynCD/JeDi
-checkpoints) are refused with the reason. Pure: no ComfyUI import.
+The SDXL customization workflows run on the toy SynCD customization model (``toyworld reproduce``'s ``customize``
+stage, one file: ``demo/toy_customization.py``): SynCD Checkpoint Loader, SynCD IP-Adapter Loader and Load CLIP
+Vision become ``SynCDToyWorldCheckpoint``, ``SynCDToyWorldIPAdapter`` and ``SynCDToyWorldCLIPVision`` of that file,
+``ModelSamplingDiscrete`` (v-prediction) is bypassed, and the prompts of a workflow with toy references name the
+references' subject (a cube): upstream's reference prompt "photo of a cube", toy scenes for the new images, and
+Masked Shared Attention's ``subject_word``. SynCD Identity Model Loader becomes ``SynCDToyWorldScoreModel`` (the
+attribute reader) and SynCD Identity Score's metric ``toy_identity``: the share of shape, colour and texture read alike.
+
+Nodes that need what the toy world does not have (depth conditioning without ``depth``, Flux's or Qwen-Image's
+schedules, JeDi checkpoints) are refused with the reason. Pure: no ComfyUI import.
 """
 
 from __future__ import annotations
@@ -45,18 +54,32 @@ CFG = 5.0
 MODEL_LOADERS = {"CheckpointLoaderSimple": {0: 0, 1: 1, 2: 2}, "UNETLoader": {0: 0}}  # old slot -> toy slot
 CLIP_LOADERS = ("DualCLIPLoader", "CLIPLoader")
 SAMPLERS = ("KSampler", "KSamplerAdvanced")
-SCHEDULERS = ("BasicScheduler",)  # SamplerCustomAdvanced's sigmas: steps only (cfg lives in the guider)
+SCHEDULERS = ("BasicScheduler", "SynCDCustomizationSampler")  # steps only (SynCD's guidance scales stay)
 REFUSED = {
     "InstructPixToPixConditioning": "depth conditioning (the toy model is text-to-image only)",
-    "SynCDIPAdapterLoader": "an IP-Adapter (the toy world's customization model is not an IP-Adapter)",
-    "CLIPVisionLoader": "a CLIP vision model",
-    "SynCDCheckpointLoader": "a SynCD checkpoint for a real base model",
     "JeDiCheckpointLoader": "a JeDi checkpoint for a real base model",
-    "ModelSamplingFlux": "Flux's sampling schedule (the toy model is an SD1.5 architecture)",
+    "ModelSamplingFlux": "Flux's sampling schedule (the toy model is an SD1.5 architecture; the toy customization "
+                         "model follows SynCD's SDXL recipe, not Flux's in-context one)",
     "ModelSamplingAuraFlow": "Qwen-Image's flow schedule (the toy model is an ε-prediction SD1.5 architecture)",
     "ModelSamplingSD3": "a flow schedule (the toy model is an ε-prediction SD1.5 architecture)",
-    "ModelSamplingDiscrete": "another prediction type or schedule (the toy model keeps its own ε-prediction)",
 }
+CUSTOMIZATION = {  # SDXL customization loaders -> the toy customization file's nodes: old output slot -> new slot
+    "SynCDCheckpointLoader": ("SynCDToyWorldCheckpoint", {0: 0, 1: 1}, ("model", "ipadapter")),
+    "SynCDIPAdapterLoader": ("SynCDToyWorldIPAdapter", {0: 0}, ()),
+    "CLIPVisionLoader": ("SynCDToyWorldCLIPVision", {0: 0}, ()),
+}
+SHIPPED_CUSTOMIZATION_CHOICE = "toy_syncd (shipped)"  # demo/toy_customization.py SHIPPED_CHOICE
+BYPASSED = ("ModelSamplingDiscrete",)  # the toy model keeps its own ε-prediction schedule
+# The subject of the toy references (SynCDToyWorldReferences' default: a red striped cube) in the prompts of a
+# workflow that gets them: upstream's reference prompt "photo of a <category>", a toy scene for the new image(s)
+TOY_SUBJECT = "cube"
+REFERENCE_PROMPT = f"photo of a {TOY_SUBJECT}"
+SCENE_PROMPTS = (f"a {TOY_SUBJECT} on a sandy beach, on the left", f"a {TOY_SUBJECT} in the snow, on the right",
+                 f"a {TOY_SUBJECT} on grass, in the middle")
+TEXT_NODES = ("CLIPTextEncode", "PrimitiveStringMultiline")
+SCORE_LOADER, TOY_SCORE_MODEL = "SynCDIdentityModelLoader", "SynCDToyWorldScoreModel"
+IDENTITY_SCORE, TOY_METRIC = "SynCDIdentityScore", "toy_identity"  # the attribute reader's identity score
+APPLY_REFERENCES = "SynCDApplyReferences"
 DEPTH_NODE = "InstructPixToPixConditioning"
 SHARED_ATTENTION = "SynCDSharedAttention"
 UPSTREAM_TOKEN_GRID = 32  # gen_rigid.py: 512 px Flux, 64×64 latents packed 2×2: the grid its 9×9 dilation is on
@@ -67,9 +90,11 @@ IMAGE_LOADERS = {"LoadImage": {0: 0, 1: 1}, "LoadImageMask": {0: 1}}  # old outp
 
 
 def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE, steps: int = STEPS,
-             cfg: float = CFG, size: int = SIZE, depth: bool = False) -> tuple[dict, list[str]]:
+             cfg: float = CFG, size: int = SIZE, depth: bool = False,
+             customization_file: str = SHIPPED_CUSTOMIZATION_CHOICE) -> tuple[dict, list[str]]:
     """(a copy of ``workflow`` running on the toy-world model ``model_file``, one line per change); ``depth``: the
-    model is depth-conditioned (rigid data generation runs on toy solids)."""
+    model is depth-conditioned (rigid data generation runs on toy solids); ``customization_file``: the toy SynCD
+    customization model that replaces a SynCD checkpoint, IP-Adapter and CLIP vision model."""
     if is_api_format(workflow) or not is_ui_format(workflow):
         raise TinySwapError("the toy-world swap works on editor-format workflows (as in workflows/)")
     g = _Graph(copy.deepcopy(workflow), object_info)
@@ -110,6 +135,32 @@ def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE
             g.replace(node, TOY_REFERENCES, IMAGE_LOADERS[kind], views=max(1, len(loaders)), index=k, size=size)
             report.append(f"{g.describe(node)}: was {kind} (view {k} of a rendered toy object, {size} px)")
 
+    customization = g.of_type(*CUSTOMIZATION)
+    if customization:
+        options = _combo_options(object_info.get(CUSTOMIZATION["SynCDCheckpointLoader"][0], {}), "model_file")
+        if customization_file not in options:
+            raise TinySwapError(f"{g.describe(customization[0])} needs the toy-world customization model "
+                                f"{customization_file!r}, which the server does not list ({options or 'none'})")
+    for node in customization:
+        kind = node["type"]
+        toy_kind, slots, keep = CUSTOMIZATION[kind]
+        g.replace(node, toy_kind, slots, keep_inputs=keep, model_file=customization_file)
+        report.append(f"{g.describe(node)}: was {kind} (toy-world customization model {customization_file})")
+    for node in g.of_type(*BYPASSED):
+        node["mode"] = 4
+        report.append(f"{g.describe(node)}: bypassed (the toy model keeps its own ε-prediction schedule)")
+    if g.of_type(TOY_REFERENCES):
+        _toy_subject_prompts(g, object_info, report)
+    for node in g.of_type(SCORE_LOADER):
+        g.replace(node, TOY_SCORE_MODEL, {0: 0})
+        report.append(f"{g.describe(node)}: was {SCORE_LOADER} (the toy world's attribute reader)")
+    for node in g.of_type(IDENTITY_SCORE):
+        node_def = g.node_def(IDENTITY_SCORE)
+        metric = widget_values(node, node_def).get("metric")
+        set_widget(node, node_def, "metric", TOY_METRIC)
+        report.append(f"{g.describe(node)}: metric {metric} -> {TOY_METRIC} (shape, colour and texture as the "
+                      f"attribute reader reads them)")
+
     for node in g.of_type(MESH_VIEWS) if depth else []:
         g.replace(node, TOY_MESH_VIEWS, {0: 0, 1: 1, 2: 2, 3: 3}, size=size)
         if node["properties"].get(DATAGEN_ROLE) == "mesh":  # no mesh file for a toy solid: a pose per object
@@ -148,6 +199,31 @@ def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE
     return swapped, report
 
 
+def _toy_subject_prompts(g, object_info: dict, report: list[str]) -> None:
+    """Prompts about the toy references' subject: the reference prompt (the text into SynCD Apply References'
+    ``reference_conditioning``) -> :data:`REFERENCE_PROMPT`, every other non-empty prompt -> a toy scene (one line
+    per line it had), and SynCD Masked Shared Attention's subject word -> :data:`TOY_SUBJECT`."""
+    reference = {g.source_of(n, "reference_conditioning") for n in g.of_type(APPLY_REFERENCES)}
+    for node in g.of_type(*TEXT_NODES):
+        node_def = object_info.get(node["type"])
+        name = "text" if node["type"] == "CLIPTextEncode" else "value"
+        text = widget_values(node, node_def).get(name) if node_def else None
+        if not isinstance(text, str) or not text.strip() or g.source_of(node, name):  # empty, or fed by a link
+            continue
+        lines = [line for line in text.splitlines() if line.strip()]
+        new = REFERENCE_PROMPT if (node["id"], 0) in reference else "\n".join(
+            SCENE_PROMPTS[i % len(SCENE_PROMPTS)] for i in range(len(lines)))
+        if new != text:
+            set_widget(node, node_def, name, new)
+            report.append(f"{g.describe(node)}: prompt {text!r} -> {new!r} (the toy references' subject)")
+    for node in g.of_type(SHARED_ATTENTION):
+        node_def = object_info.get(SHARED_ATTENTION)
+        subject = widget_values(node, node_def).get("subject_word") if node_def else None
+        if isinstance(subject, str) and subject.strip() and subject != TOY_SUBJECT:
+            set_widget(node, node_def, "subject_word", TOY_SUBJECT)
+            report.append(f"{g.describe(node)}: subject_word {subject!r} -> {TOY_SUBJECT!r}")
+
+
 def scaled_dilation(dilation: int, grid: int) -> int:
     """The odd box size nearest ``dilation`` × ``grid`` / :data:`UPSTREAM_TOKEN_GRID` (at least 1; ties go up)."""
     target = dilation * grid / UPSTREAM_TOKEN_GRID
@@ -173,7 +249,10 @@ def demo_swap(workflow: dict, object_info: dict, random_only: bool = False) -> t
     if not random_only and choice in options:
         try:
             swapped, report = toy_swap(workflow, object_info, model_file=choice, depth=depth)
-            return swapped, report, "the depth-conditioned toy-world model" if depth else "the toy-world model"
+            customized = any(n.get("type") in CUSTOMIZATION and n.get("mode", 0) == 0 for n in workflow["nodes"])
+            which = ("the depth-conditioned toy-world model" if depth else
+                     "the toy-world customization model" if customized else "the toy-world model")
+            return swapped, report, which
         except TinySwapError as exc:
             note = [f"(not the toy-world model: {exc})"]
     elif not random_only and SHIPPED_CHOICE in options:

@@ -74,3 +74,25 @@ class SynCDTinyDemoScoreModel(io.ComfyNode):
     @classmethod
     def execute(cls, model_kind: str, aesthetic_head: bool, seed: int) -> io.NodeOutput:
         return io.NodeOutput(build_score_model(model_kind, seed, aesthetic_head))
+
+
+class SynCDToyWorldScoreModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SynCDToyWorldScoreModel",
+            display_name="SynCD Toy-World Score Model",
+            category="SynCD/testing",
+            description="The toy world's attribute reader (shipped, trained on toy renders: ≥ 95 % held-out "
+                        "accuracy per attribute) as a score model: SynCD Identity Score's metric toy_identity "
+                        "gives the share of shape, colour and texture a generated toy object and the references "
+                        "are read to have alike (1 = the same toy identity). The toy world's stand-in for DINOv2.",
+            inputs=[],
+            outputs=[ScoreModelType.Output(display_name="SCORE_MODEL")],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        from ..toyworld import reader
+
+        return io.NodeOutput(ScoreModel(reader.shipped(), "toy_reader", "toy attribute reader"))

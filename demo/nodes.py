@@ -9,7 +9,8 @@ from ..nodes.patch_kit import ENCODED_TOKENS
 from ..nodes.prompt_batch import NODE as PROMPT_BATCH
 from ..nodes.prompt_batch import PER_IMAGE_TOOLTIP, PROMPTS_OUTPUT_TOOLTIP, TEXT_TOOLTIP, chosen_lines
 from . import tiny_models
-from .identity_models import SynCDTinyDemoScoreModel
+from .identity_models import SynCDTinyDemoScoreModel, SynCDToyWorldScoreModel
+from .toy_customization import SynCDToyWorldCheckpoint, SynCDToyWorldCLIPVision, SynCDToyWorldIPAdapter
 from .toy_model import SynCDToyWorldMeshViews, SynCDToyWorldModel, SynCDToyWorldReferences
 
 
@@ -203,4 +204,5 @@ class SynCDTinyDemoIPAdapter(io.ComfyNode):
 
 DEMO_NODES = [SynCDTinyDemoModel, SynCDTinyDemoTextEncode, SynCDTinyDemoReferences, SynCDTinyDemoIPAdapter,
               SynCDTinyDemoScoreModel, SynCDTinyDemoPromptBatch, SynCDToyWorldModel,
-              SynCDToyWorldReferences, SynCDToyWorldMeshViews]
+              SynCDToyWorldReferences, SynCDToyWorldMeshViews, SynCDToyWorldCheckpoint, SynCDToyWorldIPAdapter,
+              SynCDToyWorldCLIPVision, SynCDToyWorldScoreModel]

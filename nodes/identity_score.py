@@ -27,10 +27,12 @@ METRICS = {  # metric -> (feature kind, background masked)
     "dinov2_i": ("dinov2", False),   # crop around the mask (or the whole image), background kept
     "clip_i": ("clip", False),
     "dino": ("dino", False),         # DreamBooth's DINO (ViT-S/16 CLS)
+    "toy_identity": ("toy_reader", False),  # the toy world's: shape, colour and texture as its reader reads them
 }
 MODEL_TYPES = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2", "clip": "clip", "clip_vision_model": "clip",
                "vit": "dino"}
-KIND_NAMES = {"dinov2": "a DINOv2 model", "clip": "a CLIP vision model", "dino": "a DINO ViT model"}
+KIND_NAMES = {"dinov2": "a DINOv2 model", "clip": "a CLIP vision model", "dino": "a DINO ViT model",
+              "toy_reader": "the toy world's attribute reader (SynCD Toy-World Score Model)"}
 
 ScoreModelType = io.Custom("SYNCD_SCORE_MODEL")
 
@@ -169,6 +171,16 @@ def require_kind(node: str, score_model, kind: str, purpose: str) -> None:
                          f"{KIND_NAMES[score_model.kind]}. Load the matching model in SynCD Identity Model Loader")
 
 
+def score_features(score_model: ScoreModel, images, masks, kind: str, mask_background: bool) -> torch.Tensor:
+    """L2-normalised features of the metric's ``kind``: ``core.identity.features``, or for the toy world's reader
+    its identity probabilities of the whole images (``toyworld.reader.identity_features``; masks unused)."""
+    if kind == "toy_reader":
+        from ..toyworld.reader import identity_features
+
+        return identity_features(images, score_model.net)
+    return features(score_model.net, images, masks, kind, mask_background)
+
+
 def fit_masks(node: str, what: str, masks, batch):
     """Masks resized (nearest) to the batch's images; one per image."""
     if masks is None:
@@ -192,7 +204,8 @@ class SynCDIdentityScore(io.ComfyNode):
             description="Scores each generated image against the reference images: the mean cosine similarity of "
                         "their features. mdinov2_i is SynCD's MDINOv2-I (object crop around the mask, background "
                         "masked, DINOv2 CLS); dinov2_i keeps the background; clip_i uses CLIP image embeddings; "
-                        "dino is DreamBooth's DINO. Higher = closer identity.",
+                        "dino is DreamBooth's DINO; toy_identity is the toy world's (SynCD Toy-World Score Model: "
+                        "the share of shape, colour and texture read alike). Higher = closer identity.",
             inputs=[
                 io.Image.Input("images", tooltip="The generated images."),
                 io.Image.Input("references", tooltip="The reference images of the subject."),
@@ -223,9 +236,8 @@ class SynCDIdentityScore(io.ComfyNode):
         require_kind(node, score_model, kind, f"metric {metric}")
         image_masks = fit_masks(node, "image_masks", image_masks, images)
         reference_masks = fit_masks(node, "reference_masks", reference_masks, references)
-        net = score_model.net
-        scores = identity_scores(features(net, images, image_masks, kind, mask_background),
-                                 features(net, references, reference_masks, kind, mask_background))
+        scores = identity_scores(score_features(score_model, images, image_masks, kind, mask_background),
+                                 score_features(score_model, references, reference_masks, kind, mask_background))
         values = [round(float(s), 4) for s in scores]
         mean = float(scores.mean())
         masked = [w for w, m in (("images", image_masks), ("references", reference_masks)) if m is not None]

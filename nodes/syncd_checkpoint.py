@@ -169,10 +169,15 @@ def _sdxl_ip_weights(sd, key_map, diffusion_model, ipadapter, report) -> dict:
 def load_syncd_checkpoint(model, path, strength: float = 1.0, ipadapter=None):
     """(MODEL, IPADAPTER, report) for an official SynCD checkpoint file."""
     sd, _ = tensor_dict(read_weights(path), os.path.basename(str(path)))
+    return apply_syncd_checkpoint(model, sd, os.path.basename(str(path)), strength, ipadapter)
+
+
+def apply_syncd_checkpoint(model, sd: dict, name: str, strength: float = 1.0, ipadapter=None):
+    """(MODEL, IPADAPTER, report) for the state dict ``sd`` of a SynCD checkpoint (file ``name``)."""
     family = detect_family(sd)
     flux = is_flux(model.get_model_object("diffusion_model"))
     if (family == "flux") != flux:
-        raise ValueError(f"SynCD checkpoint: {os.path.basename(str(path))} is the SynCD {family.upper()} checkpoint "
+        raise ValueError(f"SynCD checkpoint: {name} is the SynCD {family.upper()} checkpoint "
                          f"but the model is {'Flux' if flux else 'not Flux'}; connect the matching base model "
                          f"(FLUX.1-dev for pytorch_model.bin, SDXL for sdxl_finetuned_20k.ckpt)")
     if family == "flux":

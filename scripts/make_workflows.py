@@ -77,13 +77,20 @@ TOY_DEPTH_HINT = ("Try it without any download, on the pack's depth-conditioned 
                   "Views, stand in for the mesh; any CPU, seconds):\n"
                   "  python -m comfyui_syncd run workflows/{name} --tiny")
 
+TOY_CUSTOMIZATION_HINT = ("Try it without any download, on the pack's toy-world model and its toy SynCD "
+                          "customization model (trained with the pack's script on 128 px toy sets generated with "
+                          "Masked Shared Attention; a rendered red striped cube is the reference; any CPU, "
+                          "seconds):\n"
+                          "  python -m comfyui_syncd run workflows/{name} --tiny")
+
 
 def with_try_hint(workflow: dict, object_info: dict, name: str) -> dict:
     """The Note's --tiny hint says what --tiny runs the workflow on: the toy-world model where it can."""
     from comfyui_syncd.client.toy_swap import demo_swap
 
     _, _, which = demo_swap(workflow, object_info)
-    hint = {"the toy-world model": TOY_HINT, "the depth-conditioned toy-world model": TOY_DEPTH_HINT}.get(which)
+    hint = {"the toy-world model": TOY_HINT, "the depth-conditioned toy-world model": TOY_DEPTH_HINT,
+            "the toy-world customization model": TOY_CUSTOMIZATION_HINT}.get(which)
     if hint is None:
         return workflow
     for node in workflow["nodes"]:

@@ -108,6 +108,60 @@ def train(kind: str, cfg, progress: bool = True) -> dict:
     return {"objects": len(run.dataset), "steps": len(losses), "loss_mean_last_100": round(sum(last) / len(last), 4)}
 
 
+# --- the customization model as one file (ComfyUI: demo/toy_customization.py) ------------------------------------
+
+BUNDLE_FORMAT = "syncd_toyworld_customization"
+BUNDLE_PARTS = ("syncd", "ip_adapter", "clip_vision")  # the checkpoint's LoRA, the IP-Adapter Plus, its image encoder
+
+
+def bundle_file(run_dir, encoder_dir, path, info: dict | None = None, dtype=torch.float16) -> pathlib.Path:
+    """One safetensors file of a trained SynCD toy model: ``syncd.*`` (the script's checkpoint export, SynCD SDXL
+    keys), ``ip_adapter.*`` (its IP-Adapter Plus, ``image_proj.``/``ip_adapter.`` keys) and ``clip_vision.*`` (the
+    frozen image encoder, transformers keys, config as metadata), what the toy-world customization nodes load."""
+    import json
+
+    import safetensors.torch
+    from transformers import CLIPVisionModelWithProjection
+
+    run_dir, encoder_dir = pathlib.Path(run_dir), pathlib.Path(encoder_dir)
+    name = json.loads((run_dir / "config.json").read_text())["train"]["name"]
+    tensors = {}
+    for part, file in (("syncd", run_dir / name / f"{name}.safetensors"),
+                       ("ip_adapter", run_dir / "ip_adapter" / f"{name}.safetensors")):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing: train the SynCD model to its end first (it exports there)")
+        tensors.update({f"{part}.{k}": v for k, v in safetensors.torch.load_file(str(file)).items()})
+    encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_dir)
+    tensors.update({f"clip_vision.{k}": v for k, v in encoder.state_dict().items() if not k.endswith("position_ids")})
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    meta = {"format": BUNDLE_FORMAT, "clip_vision_config": encoder.config.to_json_string(),
+            "toyworld_info": json.dumps(info or {})}
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(tensors, str(path), meta)
+    return path
+
+
+def read_bundle(path) -> tuple[dict[str, dict], dict, dict]:
+    """({part: float32 state dict}, the image encoder's transformers config, info) of a :func:`bundle_file`."""
+    import json
+
+    from safetensors import safe_open
+
+    states: dict[str, dict] = {p: {} for p in BUNDLE_PARTS}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != BUNDLE_FORMAT:
+            raise ValueError(f"{path} is not a toy-world customization file (a SynCD model of 'toyworld reproduce', "
+                             f"stage customize: customize/syncd_msa/toy_syncd.safetensors)")
+        for key in f.keys():
+            part, _, name = key.partition(".")
+            if part not in states:
+                raise ValueError(f"{path}: key {key!r} belongs to none of {BUNDLE_PARTS}")
+            states[part][name] = f.get_tensor(key).float()
+    return states, json.loads(meta["clip_vision_config"]), json.loads(meta.get("toyworld_info", "{}"))
+
+
 # --- evaluation ------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -164,6 +218,30 @@ def score(images: torch.Tensor, cases: list[EvalCase]) -> dict[str, float]:
     out["placement"] = sum(reading.labels["placement"][i] == c.placement for i, c in enumerate(cases)) / n
     out["saturation"], out["value"] = saturation_value(images)
     return out
+
+
+COMFY_WORKFLOWS = {1: "syncd_customization_sdxl_1ref.json", 3: "syncd_customization_sdxl_3ref.json"}
+
+
+def comfy_case_graph(api: dict, case: EvalCase, seed: int, reference_prompt: str) -> dict:
+    """A toy-swapped shipped customization workflow (API graph) for one case: its identity's views (the same renders
+    as :func:`eval_cases`' references: 3 views, ``seed``) as references, the case's prompt, the reference prompt
+    "photo of a <shape>" where the swap wrote ``reference_prompt``, and ``seed`` for the sampler's noise."""
+    import copy
+
+    graph = copy.deepcopy(api)
+    i = case.identity
+    for node in graph.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "SynCDToyWorldReferences":
+            inputs.update(shape=i.shape, colour=i.colour, texture=i.texture, seed=seed, views=3)
+        elif kind == "CLIPTextEncode" and isinstance(inputs.get("text"), str) and inputs["text"]:
+            inputs["text"] = f"photo of a {i.shape}" if inputs["text"] == reference_prompt else case.prompt
+        elif kind == "RandomNoise":
+            inputs["noise_seed"] = seed
+        elif kind == "SynCDCustomizationSampler":
+            inputs["seed"] = seed
+    return graph
 
 
 METHODS = {  # name -> (model, guidance): what SynCD Table 5 / JeDi Table 4 compare, at toy scale

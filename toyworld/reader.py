@@ -335,6 +335,14 @@ def read(images: torch.Tensor, model: AttributeReader | None = None) -> Reading:
     return Reading(labels=labels, confidence=confidence, probabilities=probs)
 
 
+def identity_features(images: torch.Tensor, model: AttributeReader | None = None) -> torch.Tensor:
+    """(B, 9+) L2-normalised features of the object's identity: the read probabilities of shape, colour and texture,
+    concatenated. Their cosine is the share of the three attributes two images agree on (1, 2/3, 1/3 or 0 when
+    read with confidence): the toy world's MDINOv2-I."""
+    probs = predict(model if model is not None else shipped(), images)
+    return F.normalize(torch.cat([probs[k] for k in S.OBJECT_ATTRIBUTES], dim=-1), dim=-1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 

@@ -57,7 +57,7 @@ import torch
 from . import base_model as B, reader as R, scene as S
 
 STAGES = ("corpus", "vae", "base_init", "text_to_image", "export", "base_eval", "sets", "depth_model", "rigid_sets",
-          "attention_probe", "jedi_inpainting", "customize", "customize_eval", "dci")
+          "attention_probe", "jedi_inpainting", "customize", "customize_eval", "customize_comfy", "dci")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +134,10 @@ class Stages:
         tables = self.out / "tables"
         tables.mkdir(exist_ok=True)
         (tables / f"{name}.md").write_text(caption + "\n\n" + "\n".join(table) + "\n")
+
+    def customization_file(self, name: str) -> pathlib.Path:
+        """The ComfyUI file of SynCD customization model ``name`` (:func:`customization.bundle_file`)."""
+        return self.dir("customize") / name / "toy_syncd.safetensors"
 
     def run(self, stage: str, fn) -> dict:
         figures = self.done(stage)
@@ -546,6 +550,10 @@ def stage_customize(st: Stages) -> dict:
     for name, (kind, cfg) in custom_configs(st).items():
         print(f"[customize] {name} ...", flush=True)
         figures[name] = C.train(kind, cfg, progress=st.progress)
+        if kind == "syncd":  # one file for ComfyUI's toy-world customization nodes
+            info = {"model": name, "size": st.scale.size, "steps": figures[name]["steps"]}
+            figures[name]["file"] = str(C.bundle_file(cfg.train.output_dir, cfg.ip_adapter.image_encoder,
+                                                      st.customization_file(name), info))
     return figures
 
 
@@ -558,6 +566,50 @@ def customization_table(results: dict) -> list[str]:
                      f"{100 * r['texture']:.1f}% | {100 * r['shape']:.1f}% | {100 * r['background']:.1f}% | "
                      f"{100 * r['placement']:.1f}% | {r['saturation']:.3f} | {r['value']:.3f} |")
     return table
+
+
+def stage_customize_comfy(st: Stages) -> dict:
+    """The shipped SDXL customization workflows (1 and 3 references), toy-swapped onto the run's model and its SynCD
+    model on MSA sets (the one file ComfyUI loads), run on ComfyUI for ``customize_eval``'s cases and scored alike."""
+    from ..client.api import ComfyClient
+    from ..client.toy_swap import REFERENCE_PROMPT, toy_swap
+    from ..client.workflow_format import to_api
+    from ..datagen.driver import WORKFLOWS
+    from . import concepts, customization as C
+
+    s = custom_settings(st)
+    cases = C.eval_cases(s.eval_objects, size=s.size)
+    folder = st.dir("customize_comfy")
+    models = folder / "models"  # what SynCD Toy-World Model and the customization nodes list
+    models.mkdir(parents=True, exist_ok=True)
+    for link, target in ((models / st.model.name, st.model), (models / "toy_syncd.safetensors",
+                                                             st.customization_file("syncd_msa"))):
+        if not link.exists():
+            link.symlink_to(target.resolve())
+    results, grids = {}, {}
+    with run_model_server(st, folder, models) as server:
+        client = ComfyClient(server.url)
+        object_info = client.object_info()
+        for count, workflow in C.COMFY_WORKFLOWS.items():
+            swapped, _ = toy_swap(json.loads((WORKFLOWS / workflow).read_text()), object_info,
+                                  model_file=st.model.name, steps=s.sample_steps, size=s.size,
+                                  customization_file="toy_syncd.safetensors")
+            api = to_api(swapped, object_info)
+            images = torch.cat([concepts.run_image(client, C.comfy_case_graph(api, c, C.EVAL_SEED + i,
+                                                                              REFERENCE_PROMPT))
+                                for i, c in enumerate(cases)])
+            results[count] = {k: round(v, 4) for k, v in C.score(images, cases).items()}
+            grids[count] = images[:8]
+            print(f"[customize_comfy] {workflow}: {results[count]}", flush=True)
+    refs = torch.stack([c.references.image[0] for c in cases[:8]])
+    S.contact_sheet(torch.cat([refs, grids[1], grids[3]]), columns=len(refs)).save(folder / "grid.png")
+    method = "SynCD on MSA sets, normalized guidance: the shipped workflow on ComfyUI"
+    st.write_table("customize_comfy", (
+        f"The shipped SDXL customization workflows ({', '.join(C.COMFY_WORKFLOWS.values())}) toy-swapped onto "
+        f"the run's model and its SynCD model trained on MSA sets, on ComfyUI, for the {len(cases)} cases of "
+        f"customize_eval (grid: customize_comfy/grid.png — first row a reference, then 1 and 3 references)."),
+        customization_table({(method, count): r for count, r in results.items()}))
+    return {f"{count} ref": r for count, r in results.items()}
 
 
 def stage_customize_eval(st: Stages) -> dict:
@@ -701,7 +753,7 @@ def reproduce(out, quick: bool = False, progress: bool = True, until: str | None
              "attention_probe": lambda: stage_attention_probe(st),
              "jedi_inpainting": lambda: stage_jedi_inpainting(st),
              "customize": lambda: stage_customize(st), "customize_eval": lambda: stage_customize_eval(st),
-             "dci": lambda: stage_dci(st)}
+             "customize_comfy": lambda: stage_customize_comfy(st), "dci": lambda: stage_dci(st)}
     figures = {}
     for stage in STAGES:
         figures[stage] = st.run(stage, steps[stage])

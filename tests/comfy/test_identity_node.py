@@ -112,3 +112,32 @@ def test_tiny_demo_score_models(comfy_imports):
         assert scores[0] == pytest.approx(1.0, abs=1e-4) and scores[1] < 0.9999
     aesthetic = SynCDAestheticScore.execute(images, SynCDTinyDemoScoreModel.execute("clip", True, 0).args[0]).args[0]
     assert len(aesthetic) == 2 and aesthetic[0] != aesthetic[1]
+
+
+def test_toy_identity_reads_shape_colour_and_texture(comfy_imports):
+    """SynCD Toy-World Score Model + metric toy_identity: views of one toy identity score ~1 against each other, an
+    object differing in one attribute ~2/3, in all three ~0; the metric refuses a DINOv2 model and vice versa."""
+    from comfyui_syncd.demo.identity_models import SynCDToyWorldScoreModel
+    from comfyui_syncd.nodes.identity_score import SynCDIdentityScore
+    from comfyui_syncd.toyworld import views as V
+
+    reader = SynCDToyWorldScoreModel.execute().args[0]
+    refs = V.multi_view_set(V.Identity("cube", "red", "striped"), views=3, seed=1, size=128).image
+
+    def mean(identity):
+        image = V.multi_view_set(V.Identity(*identity), views=1, seed=9, size=128).image
+        return SynCDIdentityScore.execute(image, refs, reader, "toy_identity").args[1]
+
+    same, one_off, all_off = mean(("cube", "red", "striped")), mean(("cube", "blue", "striped")), \
+        mean(("sphere", "blue", "plain"))
+    assert same > 0.9 and 0.5 < one_off < 0.8 and all_off < 0.2, (same, one_off, all_off)
+    with pytest.raises(ValueError, match="toy world's attribute reader"):
+        SynCDIdentityScore.execute(refs, refs, load_tiny_dinov2(), "toy_identity")
+    with pytest.raises(ValueError, match="needs a DINOv2 model"):
+        SynCDIdentityScore.execute(refs, refs, reader, "mdinov2_i")
+
+
+def load_tiny_dinov2():
+    from comfyui_syncd.demo.identity_models import build_score_model
+
+    return build_score_model("dinov2")

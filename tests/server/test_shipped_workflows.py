@@ -54,9 +54,12 @@ LOADER_FILES = {"CheckpointLoaderSimple": {0: "checkpoints"}, "UNETLoader": {0: 
                 "SynCDCheckpointLoader": {0: "syncd"}, "SynCDIdentityModelLoader": {0: "syncd_identity"}}
 # text-to-image workflows: --tiny runs them on the shipped toy-world model (client/toy_swap.py)
 ON_TOY_MODEL = {"syncd_datagen_deformable_flux", "jedi_coupled_attention_sd15", "jedi_inpainting_sd15",
-                "dci_lambda_sweep_sd15", "dci_lambda_sweep_sdxl", "syncd_datagen_rigid_flux"}
+                "dci_lambda_sweep_sd15", "dci_lambda_sweep_sdxl", "syncd_datagen_rigid_flux",
+                "syncd_customization_sdxl_1ref", "syncd_customization_sdxl_3ref", "syncd_consistent_set_sdxl_3ref",
+                "syncd_identity_score_sdxl_3ref"}
 TOY_FILES = {"syncd_datagen_rigid_flux": TS.SHIPPED_DEPTH_CHOICE}  # the others: TS.SHIPPED_CHOICE
-SWAPPED_BY_TOY = {"SynCDMeshViews": "SynCDToyWorldMeshViews"}  # pack node -> what runs in its place
+SWAPPED_BY_TOY = {"SynCDMeshViews": "SynCDToyWorldMeshViews", "SynCDCheckpointLoader": "SynCDToyWorldCheckpoint",
+                  "SynCDIPAdapterLoader": "SynCDToyWorldIPAdapter"}  # pack node -> what runs in its place
 TINY_TYPES = {"SynCDTinyDemoModel", "SynCDTinyDemoTextEncode", "SynCDTinyDemoReferences", "SynCDTinyDemoIPAdapter",
               "SynCDTinyDemoPromptBatch"}
 SWAPPED_BY_TINY = {"SynCDCheckpointLoader": None, "SynCDIPAdapterLoader": "SynCDTinyDemoIPAdapter",
@@ -285,7 +288,7 @@ def test_runs_with_tiny(path, comfy_server, tmp_path):
     family, pack_nodes, count = EXPECTED[path.name]
     out = tmp_path / "out"
     toy = path.stem in ON_TOY_MODEL
-    stepped = ("KSampler", "KSamplerAdvanced", "BasicScheduler")
+    stepped = ("KSampler", "KSamplerAdvanced", "BasicScheduler", "SynCDCustomizationSampler")
     fewer_steps = [arg for n in json.loads(path.read_text())["nodes"] if toy and n["type"] in stepped
                    for arg in ("--set", f"{n['id']}.steps=6")]  # the toy model's 25 steps, cut for CI time
     done = subprocess.run([sys.executable, "-m", "comfyui_syncd", "run", str(path), "--tiny", "--server",
@@ -293,7 +296,7 @@ def test_runs_with_tiny(path, comfy_server, tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    which = "(depth-conditioned )?toy-world model" if toy else "tiny demo models"
+    which = "(depth-conditioned )?toy-world (customization )?model" if toy else "tiny demo models"
     assert re.match(rf"--tiny: \d+ change\(s\) for the {which}:", lines[0])
     workflow = json.loads(path.read_text())
     loader = next(n for n in workflow["nodes"] if n["type"] in ("CheckpointLoaderSimple", "UNETLoader"))

@@ -134,27 +134,38 @@ def conditioning(context, pooled):
     return [[context, extra]]
 
 
-def comfy_model(setup, ipadapter_edit=None, masks="given"):
+def comfy_model(setup, ipadapter_edit=None, masks="given", toy_file=None):
     """The user's graph up to the sampler's MODEL, from the exported files: (MODEL, REFERENCES, IPADAPTER).
     ``ipadapter_edit``: ``"untrained_in"`` connects the IP-Adapter with its layers as before training (the
     checkpoint loader must put the trained ones in); broken round trips: ``"untrained_out"`` (the loader's
-    IPADAPTER with the untrained layers put back), ``"swap_kv"`` (to_k_ip and to_v_ip swapped)."""
+    IPADAPTER with the untrained layers put back), ``"swap_kv"`` (to_k_ip and to_v_ip swapped). ``toy_file``: the
+    run as one toy-world customization file, loaded by the toy-world nodes (checkpoint, IP-Adapter, CLIP vision)."""
     import folder_paths
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
+    from comfyui_syncd.demo.toy_customization import (SynCDToyWorldCheckpoint, SynCDToyWorldCLIPVision,
+                                                      SynCDToyWorldIPAdapter)
     from comfyui_syncd.nodes.ip_adapter import SynCDIPAdapterApply, SynCDIPAdapterLoader
     from comfyui_syncd.nodes.reference_nodes import SynCDApplyReferences, SynCDReferenceImages
     from comfyui_syncd.nodes.syncd_checkpoint import SynCDCheckpointLoader
 
     out = setup["run"].out
+    clip_vision = setup["clip_vision"]
     with pytest.MonkeyPatch.context() as mp:  # the run's output folders as ComfyUI's models/ipadapter, models/syncd
         mp.setitem(folder_paths.folder_names_and_paths, "ipadapter", ([str(out / "ip_adapter")], {".safetensors"}))
         mp.setitem(folder_paths.folder_names_and_paths, "syncd", ([str(out / "syncd")], {".safetensors"}))
+        mp.setitem(folder_paths.folder_names_and_paths, "syncd_toyworld",
+                   ([str(toy_file.parent if toy_file else out)], {".safetensors"}))
         (model,) = ModelSamplingDiscrete().patch(setup["base"], "v_prediction", True)
-        ipadapter = SynCDIPAdapterLoader.execute("syncd.safetensors").args[0]
-        if ipadapter_edit == "untrained_in":
-            ipadapter = {"image_proj": ipadapter["image_proj"], "ip_adapter": dict(setup["fresh_ip"])}
-        model, ipadapter = SynCDCheckpointLoader.execute(model, "syncd.safetensors", 1.0, ipadapter).args
+        if toy_file:
+            ipadapter = SynCDToyWorldIPAdapter.execute(toy_file.name).args[0]
+            model, ipadapter = SynCDToyWorldCheckpoint.execute(model, toy_file.name, 1.0, ipadapter).args
+            clip_vision = SynCDToyWorldCLIPVision.execute(toy_file.name).args[0]
+        else:
+            ipadapter = SynCDIPAdapterLoader.execute("syncd.safetensors").args[0]
+            if ipadapter_edit == "untrained_in":
+                ipadapter = {"image_proj": ipadapter["image_proj"], "ip_adapter": dict(setup["fresh_ip"])}
+            model, ipadapter = SynCDCheckpointLoader.execute(model, "syncd.safetensors", 1.0, ipadapter).args
     if ipadapter_edit == "untrained_out":
         ipadapter = {"image_proj": ipadapter["image_proj"], "ip_adapter": dict(setup["fresh_ip"])}
     elif ipadapter_edit == "swap_kv":
@@ -166,7 +177,7 @@ def comfy_model(setup, ipadapter_edit=None, masks="given"):
                                               setup["masks"] if masks == "given" else None, 3).args[0]
     model = SynCDApplyReferences.execute(model, references, setup["reference_cond"], "noised", SEED, 0.0,
                                          1.0).args[0]
-    model = SynCDIPAdapterApply.execute(model, ipadapter, setup["clip_vision"], setup["images"][:1], 1.0, 1.0,
+    model = SynCDIPAdapterApply.execute(model, ipadapter, clip_vision, setup["images"][:1], 1.0, 1.0,
                                         references=references).args[0]
     return model, references, ipadapter
 
@@ -400,6 +411,27 @@ def test_checkpoint_loader_puts_the_trained_ip_weights_in(setup):
         torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=name)
     expected, raw, _ = target_output(setup, result)
     torch.testing.assert_close(raw, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_the_toy_world_file_round_trips_too(setup, tiny_image_encoder, tmp_path):
+    """The run as one toy-world customization file (``customization.bundle_file``: what ``toyworld reproduce``
+    ships), loaded by SynCD Toy-World Checkpoint, IP-Adapter and CLIP Vision, computes what the training model
+    computes, as the three separate files do."""
+    from comfyui_syncd.toyworld import customization as C
+
+    path = C.bundle_file(setup["run"].out, tiny_image_encoder, tmp_path / "toy_syncd.safetensors", {"test": True},
+                         dtype=torch.float32)
+    states, config, info = C.read_bundle(path)
+    assert {k: bool(v) for k, v in states.items()} == {"syncd": True, "ip_adapter": True, "clip_vision": True}
+    assert config["image_size"] == 32 and info == {"test": True}
+    result = comfy_evaluate(setup, comfy_model(setup, toy_file=path)[0])
+    for name, expected, actual in reference_features(setup, result):
+        torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=name)
+    expected, raw, _ = target_output(setup, result)
+    torch.testing.assert_close(raw, expected, rtol=RTOL, atol=ATOL)
+    C.bundle_file(setup["run"].out, tiny_image_encoder, tmp_path / "half.safetensors")  # fp16, as shipped
+    result = comfy_evaluate(setup, comfy_model(setup, toy_file=tmp_path / "half.safetensors")[0])
+    torch.testing.assert_close(target_output(setup, result)[1], expected, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("broken", ["lora_in_reference_pass", "ip_swap_kv", "ip_untrained", "masks_ignored"])

@@ -87,6 +87,14 @@ def test_quick_reproduce_runs_every_stage_and_resumes(tmp_path, capsys, comfy_im
     table = (out / "tables" / "customization.md").read_text()
     assert all(m in table for m in customization.METHODS)
     assert (out / "customize_eval" / "grid_3ref.png").is_file()
+    # ... its SynCD model as the one file ComfyUI loads, run through the shipped customization workflows
+    states, encoder, info = customization.read_bundle(out / "customize" / "syncd_msa" / "toy_syncd.safetensors")
+    assert all(states.values()) and info == {"model": "syncd_msa", "size": R.QUICK.size, "steps": R.QUICK.custom_steps}
+    assert trained["syncd_msa"]["file"].endswith("toy_syncd.safetensors") and "file" not in trained["jedi_msa"]
+    comfy = json.loads((out / "customize_comfy" / "done.json").read_text())
+    assert all(0 <= comfy[f"{c} ref"]["identity"] <= 1 and comfy[f"{c} ref"]["value"] > 0 for c in (1, 3))
+    assert "the shipped workflow on ComfyUI" in (out / "tables" / "customize_comfy.md").read_text()
+    assert (out / "customize_comfy" / "grid.png").is_file()
     # DCI/ICO: an ICO concept per object and reference count, sampled through the shipped λ-sweep workflow
     from comfyui_syncd.toyworld import concepts
 

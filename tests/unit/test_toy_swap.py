@@ -63,6 +63,32 @@ OBJECT_INFO = {
         "shape": [["cube", "cone"]], "colour": [["red", "blue"]], "texture": [["plain", "striped"]],
         "views": ["INT", {"default": 3}], "index": ["INT", {"default": -1}], "size": ["INT", {"default": 64}],
         "seed": ["INT", {"default": 0, "control_after_generate": False}]}, ["IMAGE", "MASK"]),
+    # the SDXL customization workflow's loaders and what the toy customization model puts in their place
+    "CheckpointLoaderSimple": node_def({"ckpt_name": [[]]}, ["MODEL", "CLIP", "VAE"]),
+    "ModelSamplingDiscrete": node_def({"model": ["MODEL"], "sampling": [["eps", "v_prediction"]],
+                                       "zsnr": ["BOOLEAN", {"default": False}]}, ["MODEL"]),
+    "SynCDCheckpointLoader": node_def({"model": ["MODEL"], "checkpoint_name": ["COMBO", {"options": []}],
+                                       "strength": ["FLOAT", {"default": 1.0}]}, ["MODEL", "IPADAPTER"],
+                                      optional={"ipadapter": ["IPADAPTER"]}),
+    "SynCDIPAdapterLoader": node_def({"ipadapter_name": ["COMBO", {"options": []}]}, ["IPADAPTER"]),
+    "CLIPVisionLoader": node_def({"clip_name": [[]]}, ["CLIP_VISION"]),
+    "SynCDIPAdapterApply": node_def({"model": ["MODEL"], "ipadapter": ["IPADAPTER"], "clip_vision": ["CLIP_VISION"],
+                                     "image": ["IMAGE"], "weight": ["FLOAT", {"default": 0.6}]}, ["MODEL"]),
+    "SynCDReferenceImages": node_def({"images": ["IMAGE"], "vae": ["VAE"]}, ["SYNCD_REFERENCES"],
+                                     optional={"masks": ["MASK"]}),
+    "SynCDApplyReferences": node_def({"model": ["MODEL"], "references": ["SYNCD_REFERENCES"],
+                                      "reference_conditioning": ["CONDITIONING"]}, ["MODEL"]),
+    "SynCDToyWorldCheckpoint": node_def({"model": ["MODEL"], "model_file": [["toy_syncd (shipped)", "mine.safetensors"]],
+                                         "strength": ["FLOAT", {"default": 1.0}]}, ["MODEL", "IPADAPTER"],
+                                        optional={"ipadapter": ["IPADAPTER"]}),
+    "SynCDToyWorldIPAdapter": node_def({"model_file": [["toy_syncd (shipped)", "mine.safetensors"]]}, ["IPADAPTER"]),
+    "SynCDToyWorldCLIPVision": node_def({"model_file": [["toy_syncd (shipped)", "mine.safetensors"]]},
+                                        ["CLIP_VISION"]),
+    "SynCDIdentityModelLoader": node_def({"model": [["dinov2-large"]]}, ["SYNCD_SCORE_MODEL"]),
+    "SynCDIdentityScore": node_def({"images": ["IMAGE"], "references": ["IMAGE"], "score_model": ["SYNCD_SCORE_MODEL"],
+                                    "metric": [["mdinov2_i", "dinov2_i", "toy_identity"]]},
+                                   ["FLOAT", "FLOAT", "STRING"]),
+    "SynCDToyWorldScoreModel": node_def({}, ["SYNCD_SCORE_MODEL"]),
 }
 
 
@@ -231,3 +257,113 @@ def test_custom_sampling_schedules_get_the_toy_models_steps():
     api = to_api(swapped, OBJECT_INFO)
     assert api["2"]["inputs"]["steps"] == 12 and api["2"]["inputs"]["scheduler"] == "ddim_uniform"
     assert "#2 BasicScheduler: steps 200 -> 12" in report
+
+
+def sdxl_customization() -> dict:
+    """The shape of the shipped SDXL customization workflow: v-prediction base, SynCD checkpoint between the base
+    model and the IP-Adapter apply, a reference image, the prompt and the reference prompt."""
+    g = UIGraph(OBJECT_INFO)
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name="terminus-xl-gamma-v1.safetensors")   # 1
+    vpred = g.add("ModelSamplingDiscrete", sampling="v_prediction", zsnr=True)              # 2
+    ip_loader = g.add("SynCDIPAdapterLoader", ipadapter_name="ip-adapter-plus_sdxl_vit-h.safetensors")  # 3
+    vision = g.add("CLIPVisionLoader", clip_name="CLIP-ViT-H-14.safetensors")              # 4
+    syncd = g.add("SynCDCheckpointLoader", checkpoint_name="sdxl_finetuned_20k.ckpt")      # 5
+    image = g.add("LoadImage", image="ref_1.png")                                           # 6
+    refs = g.add("SynCDReferenceImages")                                                    # 7
+    prompt = g.add("CLIPTextEncode", text="An action figure riding a motorcycle")           # 8
+    ref_prompt = g.add("CLIPTextEncode", text="photo of a action figure")                   # 9
+    negative = g.add("ConditioningZeroOut")                                                 # 10
+    apply_refs = g.add("SynCDApplyReferences")                                              # 11
+    apply_ip = g.add("SynCDIPAdapterApply")                                                 # 12
+    g.connect(ckpt, 0, vpred, "model")
+    g.connect(vpred, 0, syncd, "model")
+    g.connect(ip_loader, 0, syncd, "ipadapter")
+    g.connect(image, 0, refs, "images")
+    g.connect(image, 1, refs, "masks")
+    g.connect(ckpt, 2, refs, "vae")
+    for text in (prompt, ref_prompt):
+        g.connect(ckpt, 1, text, "clip")
+    g.connect(prompt, 0, negative, "conditioning")
+    g.connect(syncd, 0, apply_refs, "model")
+    g.connect(refs, 0, apply_refs, "references")
+    g.connect(ref_prompt, 0, apply_refs, "reference_conditioning")
+    g.connect(apply_refs, 0, apply_ip, "model")
+    g.connect(syncd, 1, apply_ip, "ipadapter")
+    g.connect(vision, 0, apply_ip, "clip_vision")
+    g.connect(image, 0, apply_ip, "image")
+    g.group("all", g.nodes)
+    return g.to_json()
+
+
+def test_sdxl_customization_runs_on_the_toy_customization_model():
+    from comfyui_syncd.client.toy_swap import REFERENCE_PROMPT, SCENE_PROMPTS
+
+    swapped, report = toy_swap(sdxl_customization(), OBJECT_INFO, customization_file="mine.safetensors")
+    api = to_api(swapped, OBJECT_INFO)
+    assert "2" not in api, "ModelSamplingDiscrete (v-prediction) is bypassed: the toy model is ε-prediction"
+    assert (api["5"]["class_type"], api["5"]["inputs"]) == ("SynCDToyWorldCheckpoint", {
+        "model_file": "mine.safetensors", "strength": 1.0, "model": ["1", 0], "ipadapter": ["3", 0]})
+    assert (api["3"]["class_type"], api["3"]["inputs"]) == ("SynCDToyWorldIPAdapter", {"model_file": "mine.safetensors"})
+    assert (api["4"]["class_type"], api["4"]["inputs"]) == ("SynCDToyWorldCLIPVision", {"model_file": "mine.safetensors"})
+    assert api["12"]["inputs"]["ipadapter"] == ["5", 1] and api["12"]["inputs"]["clip_vision"] == ["4", 0]
+    assert api["6"]["class_type"] == "SynCDToyWorldReferences" and api["6"]["inputs"]["shape"] == "cube"
+    assert api["9"]["inputs"]["text"] == REFERENCE_PROMPT == "photo of a cube"   # into reference_conditioning
+    assert api["8"]["inputs"]["text"] == SCENE_PROMPTS[0] and "cube" in SCENE_PROMPTS[0]
+    assert (api["10"]["class_type"], api["10"]["inputs"]) == ("CLIPTextEncode", {"text": "", "clip": ["1", 1]}), \
+        "the zeroed negative becomes the empty prompt: the toy models' unconditional (captions dropped to '')"
+    assert "#2 ModelSamplingDiscrete: bypassed (the toy model keeps its own ε-prediction schedule)" in report
+    assert "#5 SynCDToyWorldCheckpoint: was SynCDCheckpointLoader (toy-world customization model " \
+           "mine.safetensors)" in report
+    shipped, _ = toy_swap(sdxl_customization(), OBJECT_INFO)
+    assert to_api(shipped, OBJECT_INFO)["3"]["inputs"]["model_file"] == "toy_syncd (shipped)"
+    from comfyui_syncd.client.toy_swap import demo_swap
+
+    assert demo_swap(sdxl_customization(), OBJECT_INFO)[2] == "the toy-world customization model"
+
+
+def test_consistent_set_prompts_name_the_toy_subject():
+    from comfyui_syncd.client.toy_swap import SCENE_PROMPTS
+
+    info = {**OBJECT_INFO, "PrimitiveStringMultiline": node_def({"value": ["STRING", {"multiline": True}]},
+                                                                ["STRING"]),
+            "SynCDSharedAttention": node_def({"model": ["MODEL"], "images_per_subject": ["INT", {"default": 3}]},
+                                             ["MODEL"], optional={"subject_word": ["STRING", {"default": ""}]})}
+    g = UIGraph(info)
+    g.add("UNETLoader", unet_name="sd15.safetensors")                                    # 1
+    g.add("LoadImage", image="ref_1.png")                                                # 2
+    g.add("PrimitiveStringMultiline", value="a toy robot on a desk\na toy robot in a park")  # 3
+    g.add("SynCDSharedAttention", subject_word="toy robot")                              # 4
+    g.group("all", g.nodes)
+    swapped, report = toy_swap(g.to_json(), info)
+    api = to_api(swapped, info)
+    assert api["3"]["inputs"]["value"] == "\n".join(SCENE_PROMPTS[:2])   # one toy scene per line
+    assert api["4"]["inputs"]["subject_word"] == "cube"
+    without_refs = g.to_json()
+    without_refs["nodes"] = [n for n in without_refs["nodes"] if n["type"] != "LoadImage"]
+    kept = to_api(toy_swap(without_refs, info)[0], info)
+    assert kept["3"]["inputs"]["value"] == "a toy robot on a desk\na toy robot in a park", "no references: as written"
+
+
+def test_customization_needs_the_toy_customization_file():
+    info = {**OBJECT_INFO, "SynCDToyWorldCheckpoint": node_def({"model": ["MODEL"], "model_file": [[]]},
+                                                               ["MODEL", "IPADAPTER"])}
+    with pytest.raises(TinySwapError, match="needs the toy-world customization model 'toy_syncd \\(shipped\\)'"):
+        toy_swap(sdxl_customization(), info)
+
+
+def test_identity_scores_read_the_toy_identity():
+    g = UIGraph(OBJECT_INFO)
+    g.add("UNETLoader", unet_name="sd15.safetensors")                       # 1
+    loader = g.add("SynCDIdentityModelLoader", model="dinov2-large")        # 2
+    image = g.add("LoadImage", image="ref_1.png")                           # 3
+    score = g.add("SynCDIdentityScore", metric="mdinov2_i")                 # 4
+    g.connect(loader, 0, score, "score_model")
+    g.connect(image, 0, score, "images")
+    g.connect(image, 0, score, "references")
+    g.group("all", g.nodes)
+    swapped, report = toy_swap(g.to_json(), OBJECT_INFO)
+    api = to_api(swapped, OBJECT_INFO)
+    assert api["2"]["class_type"] == "SynCDToyWorldScoreModel" and api["2"]["inputs"] == {}
+    assert api["4"]["inputs"] == {"metric": "toy_identity", "score_model": ["2", 0], "images": ["3", 0],
+                                  "references": ["3", 0]}
+    assert any(line.startswith("#4 SynCDIdentityScore: metric mdinov2_i -> toy_identity") for line in report)
