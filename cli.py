@@ -245,6 +245,9 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         for path in paths:
             print(path)
+        for node_id, text in result.texts():  # what the nodes show as text (a score table, a prompt list)
+            title = prompt.get(node_id, {}).get("_meta", {}).get("title") or prompt.get(node_id, {}).get("class_type")
+            print(f"#{node_id} {title}:\n{text}")
         if not paths:
             print("the workflow finished without output files", file=sys.stderr)
         return 0

@@ -119,6 +119,12 @@ class PromptResult:
         return found
 
 
+    def texts(self) -> list[tuple[str, str]]:
+        """Every text a node showed (``ui.PreviewText``: a score table, a prompt list), as (node id, text)."""
+        return [(str(node_id), item) for node_id, output in self.outputs.items()
+                for item in output.get("text") or [] if isinstance(item, str)]
+
+
 def normalize_url(url: str) -> str:
     """``host:port`` or ``http(s)://host:port/`` -> ``http(s)://host:port``."""
     if "://" not in url:

@@ -305,6 +305,12 @@ def test_runs_with_tiny(path, comfy_server, tmp_path):
             else f"  #{loader['id']} SynCDTinyDemoModel: was {loader['type']} ({family})") in lines
     saved = sorted(out.glob("*.png"))
     assert [str(p) for p in saved] == sorted(l for l in lines if l.endswith(".png"))
+    if "SynCDIdentityScore" in pack_nodes:  # the score table the node shows is printed after the files
+        score = next(n for n in workflow["nodes"] if n["type"] == "SynCDIdentityScore")
+        metric = "toy_identity (toy attribute reader)" if toy else "dinov2_i (tiny-dinov2)"
+        table = lines[lines.index(f"#{score['id']} SynCD Identity Score:") + 1:]
+        assert table[0] == f"{metric} against 3 reference(s); masks: references", table
+        assert [l.split(":")[0] for l in table[1:5]] == ["image 0", "image 1", "image 2", "mean"], table
     maps = [p for p in saved if p.name.startswith("dci_weight_maps")]  # one per step in DCI's window
     assert len(saved) == count if not (toy and maps) else (len(saved) - len(maps) == count - 1 and len(maps) >= 1)
     for png in saved:
