@@ -74,6 +74,13 @@ CONDITIONS = {
 MASK_NODES = ("SynCDAutomaticMasks", "MaskToImage")
 
 
+def _one(workflow: dict, kind: str) -> dict:
+    found = [n for n in workflow["nodes"] if n.get("type") == kind]
+    if len(found) != 1:
+        raise ValueError(f"expected one {kind} node, found {len(found)}")
+    return found[0]
+
+
 def condition_workflow(workflow: dict, condition: str, object_info: dict) -> dict:
     """A copy of a data-generation editor workflow (one SynCD Masked Shared Attention node) set to ``condition``.
     Without mask estimation (``msa_no_masks``) the mask outputs are muted."""
@@ -85,10 +92,7 @@ def condition_workflow(workflow: dict, condition: str, object_info: dict) -> dic
     if condition not in CONDITIONS:
         raise ValueError(f"condition {condition!r}: expected one of {', '.join(CONDITIONS)}")
     workflow = copy.deepcopy(workflow)
-    shared = [n for n in workflow["nodes"] if n.get("type") == "SynCDSharedAttention"]
-    if len(shared) != 1:
-        raise ValueError(f"expected one SynCDSharedAttention node, found {len(shared)}")
-    node, node_def = shared[0], object_info["SynCDSharedAttention"]
+    node, node_def = _one(workflow, "SynCDSharedAttention"), object_info["SynCDSharedAttention"]
     if condition == "msa_off":
         set_widget(node, node_def, "images_per_subject", 1)
     elif condition == "msa_no_masks":
@@ -112,13 +116,6 @@ RIGID_CONDITIONS = {
                             "others while σ̂ > 0.8 (SynCD's rigid pipeline, as shipped)",
 }
 WARP_NODE, SOLID_NODE = "SynCDFeatureWarp", "SynCDToyWorldMeshViews"
-
-
-def _one(workflow: dict, kind: str) -> dict:
-    found = [n for n in workflow["nodes"] if n.get("type") == kind]
-    if len(found) != 1:
-        raise ValueError(f"expected one {kind} node, found {len(found)}")
-    return found[0]
 
 
 def rigid_condition_workflow(workflow: dict, condition: str, object_info: dict) -> dict:

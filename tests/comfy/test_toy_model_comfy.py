@@ -177,3 +177,13 @@ def test_the_swap_names_the_shipped_files_as_the_node_lists_them():
     assert toy_swap.SHIPPED_CHOICE == toy_model.SHIPPED_CHOICE
     assert toy_swap.SHIPPED_DEPTH_CHOICE == toy_model.SHIPPED_DEPTH_CHOICE
     assert toy_model.SHIPPED_FILES[toy_model.SHIPPED_DEPTH_CHOICE].parent == toy_model.SHIPPED.parent
+
+
+def test_customization_nodes_refuse_a_base_model_file(toy_file):
+    """A toy base model given to the toy customization nodes: the error names the file and what to give."""
+    from comfyui_syncd.demo import toy_customization
+
+    with pytest.raises(ValueError, match=r"toy\.safetensors is not a toy-world customization file .*stage customize"):
+        toy_customization.read(toy_file)
+    with pytest.raises(FileNotFoundError, match="does not exist; train one"):
+        toy_customization.read(toy_file.with_name("missing.safetensors"))

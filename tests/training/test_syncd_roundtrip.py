@@ -40,7 +40,6 @@ the reference masks ignored (v by 1e-2-3e-2, the features unchanged).
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -85,24 +84,17 @@ def train_tiny(base, image_encoder, dataset, output_dir):
 
 # --- the ComfyUI side ----------------------------------------------------------------------------------------
 
-def comfy_clip_vision(image_encoder_folder, tmp):
+def comfy_clip_vision(image_encoder_folder):
     """ComfyUI's CLIP_VISION (``comfy.clip_vision.ClipVisionModel``, what Load CLIP Vision returns) holding the
-    training's transformers image encoder, in float32 (as Load CLIP Vision with ``--fp32-text-enc``)."""
-    import comfy.clip_vision
+    training's transformers image encoder, in float32 (as Load CLIP Vision with ``--fp32-text-enc``), built as SynCD
+    Toy-World CLIP Vision builds it."""
     from transformers import CLIPVisionModelWithProjection
 
+    from comfyui_syncd.demo.toy_customization import clip_vision
+
     hf = CLIPVisionModelWithProjection.from_pretrained(image_encoder_folder)
-    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-            "patch_size", "projection_dim", "hidden_act", "layer_norm_eps", "num_channels")
-    cfg = {k: getattr(hf.config, k) for k in keys} | {"model_type": "clip_vision_model"}
-    path = tmp / "comfy_clip_vision.json"
-    path.write_text(json.dumps(cfg))
-    clip = comfy.clip_vision.ClipVisionModel(str(path))
-    clip.model.to(torch.float32)  # ComfyUI stores CLIP vision weights in fp16 unless --fp32-text-enc: compare fp32
-    clip.dtype = torch.float32
-    missing, unexpected = clip.load_sd(hf.state_dict())
-    assert not missing and not [k for k in unexpected if "position_ids" not in k], (missing, unexpected)
-    return clip
+    return clip_vision({k: v for k, v in hf.state_dict().items() if not k.endswith("position_ids")},
+                       hf.config.to_dict())
 
 
 def comfy_base_model(family, diffusers_unet):
@@ -310,7 +302,7 @@ def setup(request, tiny_image_encoder, tiny_dataset, tmp_path_factory, comfy_imp
         context, pooled = models.encode_text(run.parts, [PROMPT, REFERENCE_PROMPT])
     setup = {"family": family, "run": run, "base": patcher, "mapping": mapping, "images": images, "masks": masks,
              "vae": tiny_models.build_vae(family, seed=1),
-             "clip_vision": comfy_clip_vision(tiny_image_encoder, run.out),
+             "clip_vision": comfy_clip_vision(tiny_image_encoder),
              "target_cond": conditioning(context[:1], pooled[:1] if sdxl else None),
              "reference_cond": conditioning(context[1:], pooled[1:] if sdxl else None), "fresh_ip": fresh_ip}
     model, references, ipadapter = comfy_model(setup)

@@ -120,6 +120,9 @@ def test_condition_workflows_set_the_shared_attention():
     assert widget_values(shared, spec)["images_per_subject"] == 3  # the input workflow is untouched
     with pytest.raises(ValueError, match="condition"):
         sets.condition_workflow(workflow, "msa_sometimes", object_info)
+    unshared = {**workflow, "nodes": [n for n in workflow["nodes"] if n["type"] != "SynCDSharedAttention"]}
+    with pytest.raises(ValueError, match="expected one SynCDSharedAttention node, found 0"):
+        sets.condition_workflow(unshared, "msa_masks", object_info)
 
 
 def test_self_attention_probe_shares_and_removes_attn1():
@@ -202,6 +205,9 @@ def test_rigid_condition_workflows_set_shared_attention_and_warping():
                    "depth_msa_masks": (3, "foreground_masks", 4), "depth_msa_masks_warp": (3, "foreground_masks", 0)}
     with pytest.raises(ValueError, match="condition"):
         sets.rigid_condition_workflow(workflow, "msa_off", object_info)
+    unwarped = {**workflow, "nodes": [n for n in workflow["nodes"] if n["type"] != "SynCDFeatureWarp"]}
+    with pytest.raises(ValueError, match="expected one SynCDFeatureWarp node, found 0"):
+        sets.rigid_condition_workflow(unwarped, "depth_only", object_info)
     # a toy solid per object: the rigid workflow's mesh node swapped for the toy one, then given the object's shape
     toy = json.loads(json.dumps(workflow))
     mesh = next(n for n in toy["nodes"] if n["type"] == "SynCDMeshViews")
