@@ -44,13 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "124 (default: no limit)")
     run.add_argument("--tiny", action="store_true",
                      help="run on the pack's tiny demo models and demo images instead of the real loaders' files "
-                          "(editor-format workflows only): any machine, no downloads. SD-style workflows (text-to-"
-                          "image, depth, SDXL customization and identity score) run on the shipped toy-world models "
-                          "(128 px toy objects, 25 steps, cfg 5; a rendered toy object as the reference); Flux "
-                          "customization and Qwen-Image, or all with --random-tiny, on random-weight tiny models "
-                          "(noise-like images, 64 px, at most 4 steps)")
+                          "(editor-format workflows only): any machine, no downloads. The shipped workflows run "
+                          "on the shipped toy-world models (small UNets: 128 px toy objects, 25 steps, cfg 5; a "
+                          "rendered toy object as the reference; a Flux or Qwen-Image graph's flow shift and "
+                          "FluxGuidance are bypassed); with --random-tiny, on random-weight tiny models of the "
+                          "workflow's own architecture (noise-like images, 64 px, at most 4 steps)")
     run.add_argument("--random-tiny", action="store_true",
-                     help="with --tiny: always the random-weight tiny models, never the toy-world model")
+                     help="with --tiny: always the random-weight tiny models of the workflow's architecture, never "
+                          "the toy-world model")
     for name, module in DELEGATED.items():
         commands.add_parser(name, add_help=False, help=f"see python -m comfyui_syncd.{module} --help")
     return parser

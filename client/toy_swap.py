@@ -33,8 +33,14 @@ references' subject (a cube): upstream's reference prompt "photo of a cube", toy
 Masked Shared Attention's ``subject_word``. SynCD Identity Model Loader becomes ``SynCDToyWorldScoreModel`` (the
 attribute reader) and SynCD Identity Score's metric ``toy_identity``: the share of shape, colour and texture read alike.
 
-Nodes that need what the toy world does not have (depth conditioning without ``depth``, Flux's or Qwen-Image's
-schedules, JeDi checkpoints) are refused with the reason. Pure: no ComfyUI import.
+The Flux customization and Qwen-Image consistent-set workflows run on the same toy models (there is no toy DiT):
+their flow shifts (``ModelSamplingFlux`` / ``ModelSamplingAuraFlow`` / ``ModelSamplingSD3``) and ``FluxGuidance``
+are bypassed, SynCD's guidance nodes get their default scales (upstream SDXL's; Flux's 1.5/1.0 are far too weak for
+a UNet sampled with true guidance) and, with toy references, the negative prompt becomes the empty one. The Flux
+graphs have no IP-Adapter, so the toy customization model runs on its LoRA and reference attention alone.
+
+Nodes that need what the toy world does not have (depth conditioning without ``depth``, JeDi checkpoints) are
+refused with the reason. Pure: no ComfyUI import.
 """
 
 from __future__ import annotations
@@ -58,10 +64,6 @@ SCHEDULERS = ("BasicScheduler", "SynCDCustomizationSampler")  # steps only (SynC
 REFUSED = {
     "InstructPixToPixConditioning": "depth conditioning (the toy model is text-to-image only)",
     "JeDiCheckpointLoader": "a JeDi checkpoint for a real base model",
-    "ModelSamplingFlux": "Flux's sampling schedule (the toy model is an SD1.5 architecture; the toy customization "
-                         "model follows SynCD's SDXL recipe, not Flux's in-context one)",
-    "ModelSamplingAuraFlow": "Qwen-Image's flow schedule (the toy model is an ε-prediction SD1.5 architecture)",
-    "ModelSamplingSD3": "a flow schedule (the toy model is an ε-prediction SD1.5 architecture)",
 }
 CUSTOMIZATION = {  # SDXL customization loaders -> the toy customization file's nodes: old output slot -> new slot
     "SynCDCheckpointLoader": ("SynCDToyWorldCheckpoint", {0: 0, 1: 1}, ("model", "ipadapter")),
@@ -69,7 +71,20 @@ CUSTOMIZATION = {  # SDXL customization loaders -> the toy customization file's 
     "CLIPVisionLoader": ("SynCDToyWorldCLIPVision", {0: 0}, ()),
 }
 SHIPPED_CUSTOMIZATION_CHOICE = "toy_syncd (shipped)"  # demo/toy_customization.py SHIPPED_CHOICE
-BYPASSED = ("ModelSamplingDiscrete",)  # the toy model keeps its own ε-prediction schedule
+OWN_SCHEDULE = "the toy model keeps its own ε-prediction schedule"
+BYPASSED = {  # node -> why it is bypassed on the toy model
+    "ModelSamplingDiscrete": OWN_SCHEDULE,
+    "ModelSamplingFlux": f"Flux's flow shift; {OWN_SCHEDULE}",
+    "ModelSamplingAuraFlow": f"Qwen-Image's flow shift; {OWN_SCHEDULE}",
+    "ModelSamplingSD3": f"a flow shift; {OWN_SCHEDULE}",
+    "FluxGuidance": "Flux's distilled-guidance embedding; the toy model has none",
+}
+FLOW_SCHEDULES = ("ModelSamplingFlux", "ModelSamplingAuraFlow", "ModelSamplingSD3")
+# SynCD's guidance nodes: a flow model's scales (Flux 1.5/1.0, Qwen-Image 2.5/1.0) go to the node defaults, upstream
+# SDXL's, which the toy models (UNets sampled with true guidance, the customization model SynCD's SDXL recipe) follow
+GUIDANCE_NODES = ("SynCDNormalizedGuider", "SynCDCustomizationSampler")
+GUIDANCE_SCALES = ("text_scale", "image_scale_start", "image_scale_end")
+NEGATIVE_PASS_THROUGH = ("FluxGuidance",)  # conditioning nodes between a negative prompt and its guider
 # The subject of the toy references (SynCDToyWorldReferences' default: a red striped cube) in the prompts of a
 # workflow that gets them: upstream's reference prompt "photo of a <category>", a toy scene for the new image(s)
 TOY_SUBJECT = "cube"
@@ -146,9 +161,12 @@ def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE
         toy_kind, slots, keep = CUSTOMIZATION[kind]
         g.replace(node, toy_kind, slots, keep_inputs=keep, model_file=customization_file)
         report.append(f"{g.describe(node)}: was {kind} (toy-world customization model {customization_file})")
+    flow = bool(g.of_type(*FLOW_SCHEDULES))
     for node in g.of_type(*BYPASSED):
         node["mode"] = 4
-        report.append(f"{g.describe(node)}: bypassed (the toy model keeps its own ε-prediction schedule)")
+        report.append(f"{g.describe(node)}: bypassed ({BYPASSED[node['type']]})")
+    for node in g.of_type(*GUIDANCE_NODES) if flow else []:
+        _default_scales(g, node, report)
     if g.of_type(TOY_REFERENCES):
         _toy_subject_prompts(g, object_info, report)
     for node in g.of_type(SCORE_LOADER):
@@ -199,11 +217,40 @@ def toy_swap(workflow: dict, object_info: dict, model_file: str = SHIPPED_CHOICE
     return swapped, report
 
 
+def _default_scales(g, node: dict, report: list[str]) -> None:
+    """A SynCD guidance node's text and image scales -> the node's defaults (upstream SDXL's: a flow model's scales
+    are far too weak for the toy UNets)."""
+    node_def = g.node_def(node["type"])
+    values = widget_values(node, node_def)
+    defaults = {d.name: d.options.get("default") for d in input_defs(node_def) if d.name in GUIDANCE_SCALES}
+    changed = {k: (values.get(k), v) for k, v in defaults.items() if v is not None and values.get(k) != v}
+    for name, (_, new) in changed.items():
+        set_widget(node, node_def, name, new)
+    if changed:
+        report.append(f"{g.describe(node)}: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+                      + " (the node's defaults, upstream SynCD SDXL's; the flow model's scales are too weak for "
+                        "the toy model)")
+
+
+def _negative_prompts(g) -> set[tuple[int, int]]:
+    """(node id, slot) of the conditioning every ``negative`` input reads, through :data:`NEGATIVE_PASS_THROUGH`."""
+    found = set()
+    for node in g.nodes.values():
+        source = g.source_of(node, "negative") if node.get("mode", 0) == 0 else None
+        while source is not None:
+            found.add(source)
+            origin = g.nodes[source[0]]
+            source = g.source_of(origin, "conditioning") if origin["type"] in NEGATIVE_PASS_THROUGH else None
+    return found
+
+
 def _toy_subject_prompts(g, object_info: dict, report: list[str]) -> None:
     """Prompts about the toy references' subject: the reference prompt (the text into SynCD Apply References'
-    ``reference_conditioning``) -> :data:`REFERENCE_PROMPT`, every other non-empty prompt -> a toy scene (one line
-    per line it had), and SynCD Masked Shared Attention's subject word -> :data:`TOY_SUBJECT`."""
+    ``reference_conditioning``) -> :data:`REFERENCE_PROMPT`, a negative prompt -> the empty one (the toy models'
+    unconditional: they learned it from empty captions, and know no style words), every other non-empty prompt -> a
+    toy scene (one line per line it had), and SynCD Masked Shared Attention's subject word -> :data:`TOY_SUBJECT`."""
     reference = {g.source_of(n, "reference_conditioning") for n in g.of_type(APPLY_REFERENCES)}
+    negative = _negative_prompts(g)
     for node in g.of_type(*TEXT_NODES):
         node_def = object_info.get(node["type"])
         name = "text" if node["type"] == "CLIPTextEncode" else "value"
@@ -211,11 +258,12 @@ def _toy_subject_prompts(g, object_info: dict, report: list[str]) -> None:
         if not isinstance(text, str) or not text.strip() or g.source_of(node, name):  # empty, or fed by a link
             continue
         lines = [line for line in text.splitlines() if line.strip()]
-        new = REFERENCE_PROMPT if (node["id"], 0) in reference else "\n".join(
+        new = REFERENCE_PROMPT if (node["id"], 0) in reference else "" if (node["id"], 0) in negative else "\n".join(
             SCENE_PROMPTS[i % len(SCENE_PROMPTS)] for i in range(len(lines)))
         if new != text:
             set_widget(node, node_def, name, new)
-            report.append(f"{g.describe(node)}: prompt {text!r} -> {new!r} (the toy references' subject)")
+            why = "the toy models' unconditional" if not new else "the toy references' subject"
+            report.append(f"{g.describe(node)}: prompt {text!r} -> {new!r} ({why})")
     for node in g.of_type(SHARED_ATTENTION):
         node_def = object_info.get(SHARED_ATTENTION)
         subject = widget_values(node, node_def).get("subject_word") if node_def else None

@@ -102,7 +102,8 @@ class SynCDToyWorldCheckpoint(io.ComfyNode):
                 io.Combo.Input("model_file", options=file_choices(), tooltip=FILE_TOOLTIP),
                 io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.05,
                                tooltip="LoRA strength (1 = as trained)."),
-                IPAdapter.Input("ipadapter", optional=True, tooltip="Passed through (SynCD Toy-World IP-Adapter)."),
+                IPAdapter.Input("ipadapter", optional=True,
+                                tooltip="SynCD Toy-World IP-Adapter; unconnected: the file's own (the same one)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), IPAdapter.Output(display_name="IPADAPTER")],
         )
@@ -115,6 +116,8 @@ class SynCDToyWorldCheckpoint(io.ComfyNode):
     def execute(cls, model, model_file: str, strength: float, ipadapter=None) -> io.NodeOutput:
         path = resolve(model_file)
         states, _, _ = read(path)
+        if ipadapter is None:  # the checkpoint's to_k_ip/to_v_ip go into the IP-Adapter it was trained from
+            ipadapter = ip_adapter(states["ip_adapter"])
         patched, ipadapter, _ = apply_syncd_checkpoint(model, states["syncd"], path.name, strength, ipadapter)
         return io.NodeOutput(patched, ipadapter)
 

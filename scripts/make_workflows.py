@@ -82,17 +82,26 @@ TOY_CUSTOMIZATION_HINT = ("Try it without any download, on the pack's toy-world 
                           "Masked Shared Attention; a rendered red striped cube is the reference; any CPU, "
                           "seconds):\n"
                           "  python -m comfyui_syncd run workflows/{name} --tiny")
+TOY_FLOW_HINT = ("\nThe toy world has no {model}: its models are small UNets, so --tiny bypasses the flow shift{flux} "
+                 "and gives SynCD's guidance its default (SDXL) scales. To run the graph as it is, on tiny "
+                 "{model} models with random weights, add --random-tiny.")
 
 
 def with_try_hint(workflow: dict, object_info: dict, name: str) -> dict:
-    """The Note's --tiny hint says what --tiny runs the workflow on: the toy-world model where it can."""
-    from comfyui_syncd.client.toy_swap import demo_swap
+    """The Note's --tiny hint says what --tiny runs the workflow on: the toy-world model where it can (for a flow
+    model's graph, what changes on the toy UNet)."""
+    from comfyui_syncd.client.toy_swap import FLOW_SCHEDULES, demo_swap
 
     _, _, which = demo_swap(workflow, object_info)
     hint = {"the toy-world model": TOY_HINT, "the depth-conditioned toy-world model": TOY_DEPTH_HINT,
             "the toy-world customization model": TOY_CUSTOMIZATION_HINT}.get(which)
     if hint is None:
         return workflow
+    kinds = {n["type"] for n in workflow["nodes"]}
+    if kinds & set(FLOW_SCHEDULES):
+        flux = "ModelSamplingFlux" in kinds
+        hint += TOY_FLOW_HINT.format(model="Flux" if flux else "Qwen-Image",
+                                     flux=" and FluxGuidance" if "FluxGuidance" in kinds else "")
     for node in workflow["nodes"]:
         if node["type"] == "Note":
             node["widgets_values"][0] = node["widgets_values"][0].replace(TINY_HINT.format(name=name),

@@ -220,7 +220,8 @@ def score(images: torch.Tensor, cases: list[EvalCase]) -> dict[str, float]:
     return out
 
 
-COMFY_WORKFLOWS = {1: "syncd_customization_sdxl_1ref.json", 3: "syncd_customization_sdxl_3ref.json"}
+COMFY_WORKFLOWS = {("SDXL", 1): "syncd_customization_sdxl_1ref.json", ("SDXL", 3): "syncd_customization_sdxl_3ref.json",
+                   ("Flux", 1): "syncd_customization_flux_1ref.json", ("Flux", 3): "syncd_customization_flux_3ref.json"}
 
 
 def comfy_case_graph(api: dict, case: EvalCase, seed: int, reference_prompt: str) -> dict:

@@ -33,7 +33,10 @@ the unfinished one from its last checkpoint):
    on the MSA sets, by the pack's training scripts (:mod:`comfyui_syncd.toyworld.customization`).
 13. ``customize_eval`` — held-out objects with 1 and 3 rendered references: identity, prompt following and
    overexposure per method (:data:`customization.METHODS`); ``tables/customization.md`` and a grid.
-14. ``dci`` — DCI/ICO: an ICO concept per held-out object and reference count (the pack's ICO script), then the
+14. ``customize_comfy`` — the shipped SDXL and Flux customization workflows, toy-swapped onto the run's model and
+    its SynCD model on MSA sets (one file, ``customize/syncd_msa/toy_syncd.safetensors``), on an embedded ComfyUI
+    for ``customize_eval``'s cases; ``tables/customize_comfy.md`` and a grid.
+15. ``dci`` — DCI/ICO: an ICO concept per held-out object and reference count (the pack's ICO script), then the
     shipped DCI λ-sweep workflow, toy-swapped, on an embedded ComfyUI (:mod:`comfyui_syncd.toyworld.concepts`);
     ``tables/dci.md`` and a grid.
 
@@ -569,8 +572,9 @@ def customization_table(results: dict) -> list[str]:
 
 
 def stage_customize_comfy(st: Stages) -> dict:
-    """The shipped SDXL customization workflows (1 and 3 references), toy-swapped onto the run's model and its SynCD
-    model on MSA sets (the one file ComfyUI loads), run on ComfyUI for ``customize_eval``'s cases and scored alike."""
+    """The shipped SDXL and Flux customization workflows (1 and 3 references), toy-swapped onto the run's model and
+    its SynCD model on MSA sets (the one file ComfyUI loads), run on ComfyUI for ``customize_eval``'s cases and scored
+    alike (figures by workflow name)."""
     from ..client.api import ComfyClient
     from ..client.toy_swap import REFERENCE_PROMPT, toy_swap
     from ..client.workflow_format import to_api
@@ -590,7 +594,7 @@ def stage_customize_comfy(st: Stages) -> dict:
     with run_model_server(st, folder, models) as server:
         client = ComfyClient(server.url)
         object_info = client.object_info()
-        for count, workflow in C.COMFY_WORKFLOWS.items():
+        for (family, count), workflow in C.COMFY_WORKFLOWS.items():
             swapped, _ = toy_swap(json.loads((WORKFLOWS / workflow).read_text()), object_info,
                                   model_file=st.model.name, steps=s.sample_steps, size=s.size,
                                   customization_file="toy_syncd.safetensors")
@@ -598,18 +602,20 @@ def stage_customize_comfy(st: Stages) -> dict:
             images = torch.cat([concepts.run_image(client, C.comfy_case_graph(api, c, C.EVAL_SEED + i,
                                                                               REFERENCE_PROMPT))
                                 for i, c in enumerate(cases)])
-            results[count] = {k: round(v, 4) for k, v in C.score(images, cases).items()}
-            grids[count] = images[:8]
-            print(f"[customize_comfy] {workflow}: {results[count]}", flush=True)
+            results[family, count] = {k: round(v, 4) for k, v in C.score(images, cases).items()}
+            grids[family, count] = images[:8]
+            print(f"[customize_comfy] {workflow}: {results[family, count]}", flush=True)
     refs = torch.stack([c.references.image[0] for c in cases[:8]])
-    S.contact_sheet(torch.cat([refs, grids[1], grids[3]]), columns=len(refs)).save(folder / "grid.png")
-    method = "SynCD on MSA sets, normalized guidance: the shipped workflow on ComfyUI"
+    S.contact_sheet(torch.cat([refs, *grids.values()]), columns=len(refs)).save(folder / "grid.png")
+    rows = ", ".join(f"{family} {count} ref" for family, count in C.COMFY_WORKFLOWS)
     st.write_table("customize_comfy", (
-        f"The shipped SDXL customization workflows ({', '.join(C.COMFY_WORKFLOWS.values())}) toy-swapped onto "
-        f"the run's model and its SynCD model trained on MSA sets, on ComfyUI, for the {len(cases)} cases of "
-        f"customize_eval (grid: customize_comfy/grid.png — first row a reference, then 1 and 3 references)."),
-        customization_table({(method, count): r for count, r in results.items()}))
-    return {f"{count} ref": r for count, r in results.items()}
+        f"The shipped customization workflows ({', '.join(C.COMFY_WORKFLOWS.values())}) toy-swapped onto the run's "
+        f"model and its SynCD model trained on MSA sets, on ComfyUI, for the {len(cases)} cases of customize_eval; "
+        f"the Flux ones with their flow shift and FluxGuidance bypassed, no IP-Adapter applied (they have none) and "
+        f"the guider's default (SDXL) scales (grid: customize_comfy/grid.png — first row a reference, then {rows})."),
+        customization_table({(f"SynCD on MSA sets, normalized guidance: the shipped {family} workflow on ComfyUI",
+                              count): r for (family, count), r in results.items()}))
+    return {pathlib.Path(C.COMFY_WORKFLOWS[key]).stem: r for key, r in results.items()}
 
 
 def stage_customize_eval(st: Stages) -> dict:

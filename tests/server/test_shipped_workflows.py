@@ -56,7 +56,8 @@ LOADER_FILES = {"CheckpointLoaderSimple": {0: "checkpoints"}, "UNETLoader": {0: 
 ON_TOY_MODEL = {"syncd_datagen_deformable_flux", "jedi_coupled_attention_sd15", "jedi_inpainting_sd15",
                 "dci_lambda_sweep_sd15", "dci_lambda_sweep_sdxl", "syncd_datagen_rigid_flux",
                 "syncd_customization_sdxl_1ref", "syncd_customization_sdxl_3ref", "syncd_consistent_set_sdxl_3ref",
-                "syncd_identity_score_sdxl_3ref"}
+                "syncd_identity_score_sdxl_3ref", "syncd_customization_flux_1ref", "syncd_customization_flux_3ref",
+                "syncd_consistent_set_qwen_image"}
 TOY_FILES = {"syncd_datagen_rigid_flux": TS.SHIPPED_DEPTH_CHOICE}  # the others: TS.SHIPPED_CHOICE
 SWAPPED_BY_TOY = {"SynCDMeshViews": "SynCDToyWorldMeshViews", "SynCDCheckpointLoader": "SynCDToyWorldCheckpoint",
                   "SynCDIPAdapterLoader": "SynCDToyWorldIPAdapter"}  # pack node -> what runs in its place
@@ -282,18 +283,26 @@ def test_real_workflow_without_models_is_refused(comfy_client):
         comfy_client.run(api, timeout=60)
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_runs_with_tiny(path, comfy_server, tmp_path):
-    """``python -m comfyui_syncd run WORKFLOW --tiny``: loaders swapped, the server runs it, images come back."""
+# --tiny runs every workflow (on the toy model where it can); --random-tiny too those of another architecture than
+# the toy model's SD1.5, so their graphs also run as they are on their own (tiny, random-weight) architecture
+TINY_RUNS = [(p, False) for p in WORKFLOWS] + [(p, True) for p in WORKFLOWS
+                                              if p.stem in ON_TOY_MODEL and EXPECTED[p.name][0] != "sd15"]
+
+
+@pytest.mark.parametrize("path,random_tiny", TINY_RUNS,
+                         ids=[p.stem + ("-random" if r else "") for p, r in TINY_RUNS])
+def test_runs_with_tiny(path, random_tiny, comfy_server, tmp_path):
+    """``python -m comfyui_syncd run WORKFLOW --tiny [--random-tiny]``: loaders swapped, the server runs it,
+    images come back."""
     family, pack_nodes, count = EXPECTED[path.name]
     out = tmp_path / "out"
-    toy = path.stem in ON_TOY_MODEL
+    toy = path.stem in ON_TOY_MODEL and not random_tiny
     stepped = ("KSampler", "KSamplerAdvanced", "BasicScheduler", "SynCDCustomizationSampler")
     fewer_steps = [arg for n in json.loads(path.read_text())["nodes"] if toy and n["type"] in stepped
                    for arg in ("--set", f"{n['id']}.steps=6")]  # the toy model's 25 steps, cut for CI time
     done = subprocess.run([sys.executable, "-m", "comfyui_syncd", "run", str(path), "--tiny", "--server",
-                           comfy_server.url, "--out", str(out), *fewer_steps], capture_output=True, text=True,
-                          timeout=600)
+                           comfy_server.url, "--out", str(out), *fewer_steps] + ["--random-tiny"] * random_tiny,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
     which = "(depth-conditioned )?toy-world (customization )?model" if toy else "tiny demo models"

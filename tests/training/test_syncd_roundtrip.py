@@ -126,12 +126,13 @@ def conditioning(context, pooled):
     return [[context, extra]]
 
 
-def comfy_model(setup, ipadapter_edit=None, masks="given", toy_file=None):
+def comfy_model(setup, ipadapter_edit=None, masks="given", toy_file=None, toy_ipadapter=True):
     """The user's graph up to the sampler's MODEL, from the exported files: (MODEL, REFERENCES, IPADAPTER).
     ``ipadapter_edit``: ``"untrained_in"`` connects the IP-Adapter with its layers as before training (the
     checkpoint loader must put the trained ones in); broken round trips: ``"untrained_out"`` (the loader's
     IPADAPTER with the untrained layers put back), ``"swap_kv"`` (to_k_ip and to_v_ip swapped). ``toy_file``: the
-    run as one toy-world customization file, loaded by the toy-world nodes (checkpoint, IP-Adapter, CLIP vision)."""
+    run as one toy-world customization file, loaded by the toy-world nodes (checkpoint, IP-Adapter, CLIP vision;
+    ``toy_ipadapter=False``: the checkpoint node's ``ipadapter`` left unconnected, so it takes the file's own)."""
     import folder_paths
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
@@ -150,7 +151,7 @@ def comfy_model(setup, ipadapter_edit=None, masks="given", toy_file=None):
                    ([str(toy_file.parent if toy_file else out)], {".safetensors"}))
         (model,) = ModelSamplingDiscrete().patch(setup["base"], "v_prediction", True)
         if toy_file:
-            ipadapter = SynCDToyWorldIPAdapter.execute(toy_file.name).args[0]
+            ipadapter = SynCDToyWorldIPAdapter.execute(toy_file.name).args[0] if toy_ipadapter else None
             model, ipadapter = SynCDToyWorldCheckpoint.execute(model, toy_file.name, 1.0, ipadapter).args
             clip_vision = SynCDToyWorldCLIPVision.execute(toy_file.name).args[0]
         else:
@@ -421,6 +422,10 @@ def test_the_toy_world_file_round_trips_too(setup, tiny_image_encoder, tmp_path)
         torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=name)
     expected, raw, _ = target_output(setup, result)
     torch.testing.assert_close(raw, expected, rtol=RTOL, atol=ATOL)
+    # the checkpoint node with its ipadapter unconnected (the Flux graphs on the toy world) takes the file's own: the
+    # trained IP-Adapter (an untrained one misses the comparison: test_a_broken_round_trip_fails_the_comparison)
+    own = comfy_model(setup, toy_file=path, toy_ipadapter=False)
+    torch.testing.assert_close(target_output(setup, comfy_evaluate(setup, own[0]))[1], expected, rtol=RTOL, atol=ATOL)
     C.bundle_file(setup["run"].out, tiny_image_encoder, tmp_path / "half.safetensors")  # fp16, as shipped
     result = comfy_evaluate(setup, comfy_model(setup, toy_file=tmp_path / "half.safetensors")[0])
     torch.testing.assert_close(target_output(setup, result)[1], expected, rtol=1e-2, atol=1e-2)

@@ -92,8 +92,10 @@ def test_quick_reproduce_runs_every_stage_and_resumes(tmp_path, capsys, comfy_im
     assert all(states.values()) and info == {"model": "syncd_msa", "size": R.QUICK.size, "steps": R.QUICK.custom_steps}
     assert trained["syncd_msa"]["file"].endswith("toy_syncd.safetensors") and "file" not in trained["jedi_msa"]
     comfy = json.loads((out / "customize_comfy" / "done.json").read_text())
-    assert all(0 <= comfy[f"{c} ref"]["identity"] <= 1 and comfy[f"{c} ref"]["value"] > 0 for c in (1, 3))
-    assert "the shipped workflow on ComfyUI" in (out / "tables" / "customize_comfy.md").read_text()
+    names = [f"syncd_customization_{family}_{c}ref" for family in ("sdxl", "flux") for c in (1, 3)]
+    assert set(comfy) - {"seconds"} == set(names) and all(0 <= comfy[n]["identity"] <= 1 and comfy[n]["value"] > 0 for n in names)
+    table = (out / "tables" / "customize_comfy.md").read_text()
+    assert "the shipped SDXL workflow on ComfyUI" in table and "the shipped Flux workflow on ComfyUI" in table
     assert (out / "customize_comfy" / "grid.png").is_file()
     # DCI/ICO: an ICO concept per object and reference count, sampled through the shipped λ-sweep workflow
     from comfyui_syncd.toyworld import concepts

@@ -1,6 +1,6 @@
 """``client/toy_swap.py`` on a hand-made Flux data-generation graph: loaders become one toy-world model, the
 text encoders stay on its CLIP, the zeroed negative becomes the empty prompt, sizes/steps/cfg follow the toy
-model, and what the toy model cannot run is refused."""
+model, flow shifts are bypassed, and what the toy model cannot run is refused."""
 
 from __future__ import annotations
 
@@ -59,6 +59,11 @@ OBJECT_INFO = {
                                 "steps": ["INT", {"default": 20}], "denoise": ["FLOAT", {"default": 1.0}]},
                                ["SIGMAS"]),
     "ModelSamplingAuraFlow": node_def({"model": ["MODEL"], "shift": ["FLOAT", {"default": 3.1}]}, ["MODEL"]),
+    "ModelSamplingFlux": node_def({"model": ["MODEL"], "max_shift": ["FLOAT", {"default": 1.15}]}, ["MODEL"]),
+    "SynCDNormalizedGuider": node_def({"model": ["MODEL"], "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
+                                       "text_scale": ["FLOAT", {"default": 7.5}],
+                                       "image_scale_start": ["FLOAT", {"default": 8.0}],
+                                       "image_scale_end": ["FLOAT", {"default": 13.0}]}, ["GUIDER"]),
     "SynCDToyWorldReferences": node_def({
         "shape": [["cube", "cone"]], "colour": [["red", "blue"]], "texture": [["plain", "striped"]],
         "views": ["INT", {"default": 3}], "index": ["INT", {"default": -1}], "size": ["INT", {"default": 64}],
@@ -237,14 +242,84 @@ def test_image_loaders_become_views_of_one_rendered_toy_object():
     assert sum("rendered toy object" in line for line in report) == 3
 
 
-def test_flow_schedules_are_refused():
+def flux_customization(references: bool = True) -> dict:
+    """The shape of the shipped Flux customization workflow: SynCD checkpoint on the UNet (no IP-Adapter), the
+    flow shift after SynCD Apply References, FluxGuidance on both prompts, a style negative, upstream's Flux scales."""
+    g = UIGraph(OBJECT_INFO)
+    unet = g.add("UNETLoader", unet_name="flux1-dev.safetensors")                            # 1
+    clip = g.add("DualCLIPLoader", clip_name1="clip_l", clip_name2="t5", type="flux")         # 2
+    vae = g.add("VAELoader", vae_name="ae.safetensors")                                       # 3
+    syncd = g.add("SynCDCheckpointLoader", checkpoint_name="pytorch_model.bin")               # 4
+    shift = g.add("ModelSamplingFlux")                                                        # 5
+    image = g.add("LoadImage", image="ref_1.png") if references else g.add("VAEDecode")       # 6
+    refs = g.add("SynCDReferenceImages")                                                      # 7
+    prompt = g.add("CLIPTextEncode", text="An action figure on top of a mountain")           # 8
+    negative = g.add("CLIPTextEncode", text="3d render, cartoon, blurry")                    # 9
+    flux_pos, flux_neg = g.add("FluxGuidance"), g.add("FluxGuidance")                         # 10, 11
+    apply_refs = g.add("SynCDApplyReferences")                                                # 12
+    guider = g.add("SynCDNormalizedGuider", text_scale=1.5, image_scale_start=1.0, image_scale_end=1.0)  # 13
+    g.connect(unet, 0, syncd, "model")
+    if references:
+        g.connect(image, 0, refs, "images")
+        g.connect(image, 1, refs, "masks")
+    g.connect(vae, 0, refs, "vae")
+    for text, flux in ((prompt, flux_pos), (negative, flux_neg)):
+        g.connect(clip, 0, text, "clip")
+        g.connect(text, 0, flux, "conditioning")
+    g.connect(syncd, 0, apply_refs, "model")
+    g.connect(refs, 0, apply_refs, "references")
+    g.connect(flux_pos, 0, apply_refs, "reference_conditioning")
+    g.connect(apply_refs, 0, shift, "model")
+    g.connect(shift, 0, guider, "model")
+    g.connect(flux_pos, 0, guider, "positive")
+    g.connect(flux_neg, 0, guider, "negative")
+    g.group("all", g.nodes)
+    return g.to_json()
+
+
+def test_flux_customization_runs_on_the_toy_customization_model():
+    """No toy DiT: the flow shift and FluxGuidance are bypassed, the guider gets its default (SDXL) scales, the
+    style negative becomes the empty prompt; the toy checkpoint takes its own IP-Adapter (none is connected)."""
+    from comfyui_syncd.client.toy_swap import SCENE_PROMPTS
+
+    swapped, report = toy_swap(flux_customization(), OBJECT_INFO)
+    api = to_api(swapped, OBJECT_INFO)
+    assert not {"5", "10", "11"} & set(api), "ModelSamplingFlux and both FluxGuidance are bypassed"
+    assert api["13"]["inputs"]["model"] == ["12", 0] and api["12"]["inputs"]["model"] == ["4", 0]
+    assert api["13"]["inputs"]["positive"] == ["8", 0] and api["13"]["inputs"]["negative"] == ["9", 0]
+    assert {k: api["13"]["inputs"][k] for k in ("text_scale", "image_scale_start", "image_scale_end")} == \
+        {"text_scale": 7.5, "image_scale_start": 8.0, "image_scale_end": 13.0}
+    assert (api["4"]["class_type"], api["4"]["inputs"]) == ("SynCDToyWorldCheckpoint", {
+        "model_file": "toy_syncd (shipped)", "strength": 1.0, "model": ["1", 0]})
+    assert api["9"]["inputs"]["text"] == "" and api["8"]["inputs"]["text"] == SCENE_PROMPTS[0]
+    assert "#5 ModelSamplingFlux: bypassed (Flux's flow shift; the toy model keeps its own ε-prediction " \
+           "schedule)" in report
+    assert "#9 CLIPTextEncode: prompt '3d render, cartoon, blurry' -> '' (the toy models' unconditional)" in report
+    assert any(line.startswith("#13 SynCDNormalizedGuider: text_scale 1.5 -> 7.5, image_scale_start 1.0 -> 8.0, "
+                               "image_scale_end 1.0 -> 13.0") for line in report)
+    # without toy references no prompt is rewritten (the negative neither); an SD graph keeps its own scales
+    kept = to_api(toy_swap(flux_customization(references=False), OBJECT_INFO)[0], OBJECT_INFO)
+    assert kept["9"]["inputs"]["text"] == "3d render, cartoon, blurry"
+    sdxl = UIGraph(OBJECT_INFO)
+    sdxl.add("CheckpointLoaderSimple", ckpt_name="sdxl.safetensors")
+    sdxl.add("SynCDNormalizedGuider", text_scale=3.0)
+    sdxl.group("all", sdxl.nodes)
+    assert to_api(toy_swap(sdxl.to_json(), OBJECT_INFO)[0], OBJECT_INFO)["2"]["inputs"]["text_scale"] == 3.0
+
+
+def test_qwen_image_flow_shift_is_bypassed():
     g = UIGraph(OBJECT_INFO)
     unet = g.add("UNETLoader", unet_name="qwen_image.safetensors")
     shift = g.add("ModelSamplingAuraFlow")
+    guider = g.add("SynCDNormalizedGuider", text_scale=2.5, image_scale_start=1.0, image_scale_end=1.0)
     g.connect(unet, 0, shift, "model")
+    g.connect(shift, 0, guider, "model")
     g.group("all", g.nodes)
-    with pytest.raises(TinySwapError, match="flow schedule"):
-        toy_swap(g.to_json(), OBJECT_INFO)
+    swapped, report = toy_swap(g.to_json(), OBJECT_INFO)
+    api = to_api(swapped, OBJECT_INFO)
+    assert "2" not in api and api["3"]["inputs"]["model"] == ["1", 0] and api["3"]["inputs"]["text_scale"] == 7.5
+    assert "#2 ModelSamplingAuraFlow: bypassed (Qwen-Image's flow shift; the toy model keeps its own ε-prediction " \
+           "schedule)" in report
 
 
 def test_custom_sampling_schedules_get_the_toy_models_steps():
