@@ -333,6 +333,13 @@ def test_runs_with_tiny(path, random_tiny, comfy_server, tmp_path):
             assert running <= ran and "SynCDToyWorldModel" in ran and not ran & TINY_TYPES
             assert embedded is None or embedded["extra"]["syncd"] == {"family": "sd15", "toy": toy_file}
             assert prompt[str(loader["id"])]["inputs"] == {"model_file": toy_file}
+            if family in ("flux", "qwen_image") and "SynCDPromptBatch" not in pack_nodes:  # a flow model's graph
+                assert not ran & set(TS.BYPASSED), "the flow shift and FluxGuidance are bypassed on the toy UNet"
+                guided = [n["inputs"] for n in prompt.values() if n["class_type"] in TS.GUIDANCE_NODES]
+                assert guided and all((g["text_scale"], g["image_scale_start"], g["image_scale_end"]) == (7.5, 8.0, 13.0)
+                                      for g in guided), "the server's defaults for the guider's scales"
+                texts = [n["inputs"].get("text") for n in prompt.values() if n["class_type"] == "CLIPTextEncode"]
+                assert "3d render" not in " ".join(t for t in texts if isinstance(t, str)), "the negative is emptied"
         else:
             assert pack_nodes - set(SWAPPED_BY_TINY) <= ran
             assert {SWAPPED_BY_TINY[n] for n in pack_nodes & set(SWAPPED_BY_TINY)} - {None} <= ran
